@@ -1,0 +1,42 @@
+"""Filters: each answers keep, or drop with a reason.
+
+Adding a filter: write a module with a `Filter` subclass, add it to FILTERS below,
+add a test. The YAML names it in `filters:` with its parameters, in order.
+"""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+from filters.base import Filter, apply_chain
+from filters.caption import CaptionLength
+
+FILTERS: dict[str, type[Filter]] = {f.name: f for f in [CaptionLength]}
+
+
+class FilterConfigError(ValueError):
+    pass
+
+
+def build_chain(specs: list[dict]) -> list[Filter]:
+    """Instantiate the configured filters; errors name `filters.N.param`."""
+    chain = []
+    for i, spec in enumerate(specs):
+        params = dict(spec)
+        name = params.pop("name", None)
+        if name not in FILTERS:
+            known = ", ".join(sorted(FILTERS))
+            raise FilterConfigError(f"filters.{i}.name: unknown filter {name!r} (known: {known})")
+        try:
+            chain.append(FILTERS[name](**params))
+        except ValidationError as exc:
+            parts = []
+            for err in exc.errors():
+                where = ".".join(str(p) for p in err["loc"])
+                msg = "unknown parameter" if err["type"] == "extra_forbidden" else err["msg"]
+                parts.append(f"filters.{i}.{where}: {msg}")
+            raise FilterConfigError("; ".join(parts)) from exc
+    return chain
+
+
+__all__ = ["FILTERS", "Filter", "FilterConfigError", "apply_chain", "build_chain"]

@@ -1,0 +1,1 @@
+"""curate: LAION-style URL lists in, clean WebDataset shards out."""

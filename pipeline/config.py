@@ -1,0 +1,185 @@
+"""Run configuration: YAML validated into typed models.
+
+Config is data. Every section is a pydantic model that forbids unknown keys,
+so a typo is an error that names its path (`download.timout: unknown key`)
+instead of a setting silently ignored.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from filters import FilterConfigError, build_chain
+from pipeline.errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class InputConfig(Section):
+    """Where the URL list is and how its columns are named."""
+
+    # Local paths, globs, or fsspec URLs (s3://, hf://, https://...).
+    paths: list[str]
+    # auto: chosen per file from its suffix (.parquet, .csv, .tsv, .jsonl/.json, optionally .gz).
+    format: Literal["auto", "parquet", "csv", "tsv", "jsonl"] = "auto"
+    url_col: str = "URL"
+    caption_col: Optional[str] = "TEXT"
+    # Input columns carried into each sample's json and the shard parquet (LAION's
+    # WIDTH, HEIGHT, similarity, punsafe, pwatermark, hash, ...). Missing ones are an error.
+    extra_cols: list[str] = Field(default_factory=list)
+    rows_per_shard: int = Field(10_000, ge=1)
+    # Rows read from the input per batch; bounds the reader's memory.
+    read_batch_rows: int = Field(8_192, ge=1)
+
+    @field_validator("paths", mode="before")
+    @classmethod
+    def _one_path_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class OutputConfig(Section):
+    path: str
+    # Keep the raw download shards (work/download) after the final shards are written.
+    keep_intermediate: bool = False
+    # Final shard image encoding when an image has to be re-encoded.
+    encode_quality: int = Field(95, ge=1, le=100)
+
+
+class DownloadConfig(Section):
+    timeout: float = Field(10.0, gt=0)
+    retries: int = Field(0, ge=0)
+    # Concurrent fetches inside one shard task; fetching is I/O bound.
+    threads: int = Field(32, ge=1)
+    # Sent in the User-Agent and matched against `X-Robots-Tag: token: directive`.
+    user_agent_token: Optional[str] = "curate"
+    # X-Robots-Tag directives that opt an image out of AI training.
+    disallowed_header_directives: list[str] = Field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
+    )
+    max_bytes: int = Field(32 * 1024 * 1024, ge=1)
+    max_redirects: int = Field(5, ge=0)
+    # Off by default: URL lists come from the open web and must not reach internal
+    # services. The demo and tests turn it on to fetch from 127.0.0.1.
+    allow_private_addresses: bool = False
+
+
+class ResizeConfig(Section):
+    """Resolution normalization applied as images are downloaded."""
+
+    image_size: int = Field(512, ge=1)
+    resize_mode: Literal["keep_ratio", "center_crop", "none"] = "keep_ratio"
+    resize_only_if_bigger: bool = True
+    min_image_size: int = Field(0, ge=0)
+    max_aspect_ratio: float = Field(math.inf, gt=0)
+    # Images with more pixels are rejected from their header, before decoding
+    # (decompression bombs).
+    max_image_area: int = Field(89_478_485, ge=1)
+    encode_quality: int = Field(95, ge=1, le=100)
+
+
+class DaskConfig(Section):
+    # None → a LocalCluster on this machine (unless DASK_SCHEDULER_ADDRESS is set).
+    scheduler: Optional[str] = None
+    n_workers: Optional[int] = Field(None, ge=1)
+    threads_per_worker: int = Field(1, ge=1)
+    memory_limit: str = "auto"
+
+
+class FilterSpec(Section):
+    """One entry of the filter chain: a registered filter name and its parameters."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+
+class RunConfig(Section):
+    input: InputConfig
+    output: OutputConfig
+    download: DownloadConfig = Field(default_factory=DownloadConfig)
+    resize: ResizeConfig = Field(default_factory=ResizeConfig)
+    dask: DaskConfig = Field(default_factory=DaskConfig)
+    filters: list[FilterSpec] = Field(default_factory=list)
+
+    def filter_specs(self) -> list[dict]:
+        return [f.model_dump() for f in self.filters]
+
+
+def _format_error(err: dict) -> str:
+    path = ".".join(str(p) for p in err["loc"]) or "<root>"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"{path}: unknown key"
+    if kind == "missing":
+        return f"{path}: required key missing"
+    if kind in ("float_parsing", "float_type", "int_parsing", "int_type"):
+        return f"{path}: expected a number, got {err.get('input')!r}"
+    if kind in ("bool_parsing", "bool_type"):
+        return f"{path}: expected true or false, got {err.get('input')!r}"
+    return f"{path}: {err['msg']}"
+
+
+def validation_message(exc: ValidationError) -> str:
+    """All errors of a ValidationError on one line, each naming its key path."""
+    return "; ".join(_format_error(e) for e in exc.errors())
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one `--set a.b.c=value` to a raw config dict; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise UserError(f"--set {assignment}: expected KEY=VALUE")
+    dotted, raw = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = data
+    for key in keys[:-1]:
+        if isinstance(node, list) and key.isdigit():
+            node = node[int(key)]
+            continue
+        node = node.setdefault(key, {})
+        if not isinstance(node, (dict, list)):
+            raise UserError(f"--set {dotted}: {key} is not a section")
+    value = yaml.safe_load(raw) if raw != "" else ""
+    if isinstance(node, list) and keys[-1].isdigit():
+        node[int(keys[-1])] = value
+    else:
+        node[keys[-1]] = value
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config, apply `--set` overrides, validate. Errors are UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise UserError(f"{path}: not valid YAML{where}") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of sections at the top level")
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    try:
+        config = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(f"{path}: {validation_message(exc)}") from exc
+    try:
+        build_chain(config.filter_specs())  # a misspelled filter or parameter fails here, before any work
+    except FilterConfigError as exc:
+        raise UserError(f"{path}: {exc}") from exc
+    return config
+
+
+def dump_config(config: RunConfig) -> str:
+    """The resolved config as YAML, saved beside the output."""
+    # python mode keeps inf as inf (YAML .inf); json mode would turn it into null.
+    data = config.model_dump()
+    return yaml.safe_dump(data, sort_keys=False)

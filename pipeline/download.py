@@ -1,0 +1,128 @@
+"""The download stage: one input shard in, one raw shard out (tar + parquet of every row).
+
+One call handles one shard and is one Dask task. Inside it a thread pool fetches
+and normalizes images; results are consumed in row order through a bounded window,
+so output is deterministic and memory is bounded by the window, not the shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import RunConfig
+from pipeline.fetch import fetch
+from pipeline.image import ImageRejected, normalize_image
+from pipeline.reader import read_input_shard
+from pipeline.shards import atomic_path, clean_shard, is_done, mark_done, read_marker, sample_key, shard_name
+from pipeline.tarshard import TarShardWriter
+
+# Columns every stage's parquet carries, before the input's extra columns.
+RECORD_COLUMNS = [
+    "key", "url", "caption", "status", "reason", "error_message",
+    "width", "height", "original_width", "original_height", "sha256", "bytes",
+]
+
+
+def _process_row(row: dict, cfg: RunConfig) -> tuple[dict, bytes | None]:
+    """Fetch and normalize one row. Never raises: a failure is a rejection with a reason."""
+    record = {"status": "rejected"}
+    got = fetch(row["url"], cfg.download)
+    if not got.ok:
+        record.update(reason=got.reason, error_message=got.detail)
+        return record, None
+    record["sha256"] = hashlib.sha256(got.data).hexdigest()
+    record["bytes"] = len(got.data)
+    try:
+        img = normalize_image(got.data, cfg.resize)
+    except ImageRejected as exc:
+        record.update(reason=exc.reason, error_message=exc.detail)
+        return record, None
+    except Exception as exc:  # one strange image must never fail the shard
+        record.update(reason="decode_error", error_message=f"{type(exc).__name__}: {exc}"[:200])
+        return record, None
+    record.update(
+        status="ok", width=img.width, height=img.height,
+        original_width=img.original_width, original_height=img.original_height,
+    )
+    return record, img.data
+
+
+def sample_meta(record: dict) -> dict:
+    """The json stored beside each image: everything known about the sample except bulky bytes."""
+    return {k: v for k, v in record.items() if k not in ("status", "reason", "error_message")}
+
+
+def download_shard(input_path: str, shard_id: int, stage_dir: str, cfg: RunConfig) -> dict:
+    """Download one shard. Returns its stats; a done shard is not redone."""
+    stage_dir = Path(stage_dir)
+    if is_done(stage_dir, shard_id):
+        return read_marker(stage_dir, shard_id)
+    clean_shard(stage_dir, shard_id)
+    started = time.time()
+
+    rows = read_input_shard(Path(input_path)).to_pylist()
+    extra_cols = list(cfg.input.extra_cols)
+    records: list[dict] = []
+    reasons: Counter = Counter()
+    name = shard_name(shard_id)
+
+    with atomic_path(stage_dir / f"{name}.tar") as tar_tmp:
+        with TarShardWriter(tar_tmp) as tar, ThreadPoolExecutor(cfg.download.threads) as pool:
+            window: deque = deque()
+            todo = iter(enumerate(rows))
+            # Keep a few tasks per thread queued so threads never idle, but never the whole shard.
+            limit = cfg.download.threads * 4
+
+            def submit_next() -> None:
+                for index, row in todo:
+                    window.append((index, row, pool.submit(_process_row, row, cfg)))
+                    return
+
+            for _ in range(limit):
+                submit_next()
+            while window:
+                index, row, future = window.popleft()
+                submit_next()
+                outcome, image = future.result()
+                record = {
+                    "key": sample_key(shard_id, index),
+                    "url": row["url"],
+                    "caption": row["caption"],
+                    **outcome,
+                    **{c: row.get(c) for c in extra_cols},
+                }
+                records.append(record)
+                if image is None:
+                    reasons[record["reason"]] += 1
+                    continue
+                meta = sample_meta(record)
+                tar.write(record["key"], {"jpg": image, "json": json.dumps(meta, default=str).encode()})
+
+    with atomic_path(stage_dir / f"{name}.parquet") as pq_tmp:
+        pq.write_table(records_table(records, extra_cols), pq_tmp)
+
+    stats = {
+        "shard": shard_id,
+        "rows": len(records),
+        "ok": sum(1 for r in records if r["status"] == "ok"),
+        "rejected": dict(reasons),
+        "bytes_downloaded": sum(r.get("bytes") or 0 for r in records),
+        "seconds": round(time.time() - started, 3),
+    }
+    mark_done(stage_dir, shard_id, stats)
+    return stats
+
+
+def records_table(records: list[dict], extra_cols: list[str]) -> pa.Table:
+    """Records as a table with a stable column order (missing values are nulls)."""
+    columns = RECORD_COLUMNS + [c for c in extra_cols if c not in RECORD_COLUMNS]
+    columns += sorted({k for r in records for k in r} - set(columns))
+    return pa.Table.from_pydict({c: [r.get(c) for r in records] for c in columns})

@@ -1,0 +1,1 @@
+"""Latent-diffusion fine-tuning on curated shards."""
