@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     data = Path(args.data)
     shutil.rmtree(data, ignore_errors=True)
     (data / "images").mkdir(parents=True)
-    with DevServer(data / "images") as server:
+    with DevServer(data) as server:
         started = time.time()
         print(f"generating {args.rows} captioned images with planted faults into {data}/ ...", flush=True)
         urls = generate_dataset(data, args.rows, base_url=server.base_url, seed=0)

@@ -2,17 +2,20 @@
 
 The demo, the tests and the benchmarks need the failure modes of the real web
 (slow hosts, truncated bodies, HTML error pages, redirect chains, opt-out
-headers, dropped connections, huge responses) reproducibly and offline.  Each
-failure is a URL prefix in front of a file name, so a URL list can plant
-exactly the faults it wants:
+headers, dropped connections, huge responses) reproducibly and offline.
 
-    /images/NAME                 the file
+NAME is a path relative to ROOT, e.g. images/000001.jpg.  Plain files live at
+/images/..., and each failure is a prefix in front of a plain path, so a URL
+list can plant exactly the faults it wants by inserting one:
+http://HOST/images/000001.jpg -> http://HOST/slow/2/images/000001.jpg.
+
+    /images/...                  the file ROOT/images/...
     /status/CODE/...             that status, short body
     /slow/SECONDS/NAME           the file, after a delay
     /truncated/NAME              full Content-Length, half the body, then close
     /html/NAME                   200 with an HTML error page
     /robots/DIRECTIVE/NAME       the file with "X-Robots-Tag: DIRECTIVE"
-    /redirect/N/NAME             N redirects, then /images/NAME
+    /redirect/N/NAME             N redirects, then the plain file URL /NAME
     /redirect-to?url=URL         one redirect to URL
     /drop/NAME                   close without any response
     /big/NBYTES                  NBYTES of image/jpeg, streamed
@@ -88,7 +91,8 @@ class _Handler(BaseHTTPRequestHandler):
         route, *args = segments or [""]
         try:
             if route == "images":
-                self._serve_file(args)
+                # The plain path: the route name is also the directory name.
+                self._serve_file(["images", *args])
             elif route == "status":
                 self._status(args)
             elif route == "slow":
@@ -158,7 +162,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _redirect(self, args: list[str]) -> None:
         hops = self._parse_non_negative(args, int)
         name = "/".join(quote(s) for s in args[1:])
-        target = f"/redirect/{hops - 1}/{name}" if hops > 0 else f"/images/{name}"
+        target = f"/redirect/{hops - 1}/{name}" if hops > 0 else f"/{name}"
         self._send_text(302, "redirecting", [("Location", target)])
 
     def _redirect_to(self, query: str) -> None:

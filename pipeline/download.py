@@ -66,6 +66,7 @@ def download_shard(input_path: str, shard_id: int, stage_dir: str, cfg: RunConfi
     if is_done(stage_dir, shard_id):
         return read_marker(stage_dir, shard_id)
     clean_shard(stage_dir, shard_id)
+    stage_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
     rows = read_input_shard(Path(input_path)).to_pylist()

@@ -60,7 +60,10 @@ def _columns_of(path: str, fmt: str) -> list[str]:
             return pq.ParquetFile(f).schema_arrow.names
         if fmt in ("csv", "tsv"):
             sep = "," if fmt == "csv" else "\t"
-            return list(pd.read_csv(f, sep=sep, nrows=0, encoding_errors="replace").columns)
+            try:
+                return list(pd.read_csv(f, sep=sep, nrows=0, encoding_errors="replace").columns)
+            except pd.errors.EmptyDataError:
+                return []  # a zero-byte file: no header, no rows
         first = f.readline()
         if not first.strip():
             return []

@@ -33,6 +33,7 @@ def write_shard(shard_id: int, downloaded: dict, download_dir: str, out_dir: str
     if is_done(out_dir, shard_id):
         return read_marker(out_dir, shard_id)
     clean_shard(out_dir, shard_id)
+    out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     name = shard_name(shard_id)
 

@@ -1,0 +1,67 @@
+"""Shared fixtures: a real HTTP server on 127.0.0.1 and generated LAION-style data."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.devserver import DevServer
+from pipeline.synthetic import generate_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    """A served synthetic dataset: (server, urls.parquet path, data dir). 300 rows with planted faults."""
+    root = tmp_path_factory.mktemp("dataset")
+    (root / "images").mkdir()
+    with DevServer(root) as server:
+        urls = generate_dataset(root, 300, base_url=server.base_url, seed=1, min_side=96, max_side=320)
+        yield server, urls, root
+
+
+@pytest.fixture()
+def server(tmp_path):
+    """A server rooted at tmp_path/"www"; files placed in www/images/NAME are served at /images/NAME."""
+    www = tmp_path / "www"
+    www.mkdir()
+    with DevServer(www) as srv:
+        srv.root_dir = www
+        yield srv
+
+
+def write_config(path: Path, urls: Path | str, output: Path, **sections) -> Path:
+    """A small run config for tests: private addresses allowed (the server is 127.0.0.1)."""
+    cfg = {
+        "input": {"paths": [str(urls)], "extra_cols": ["truth"], "rows_per_shard": 100},
+        "output": {"path": str(output)},
+        "download": {"timeout": 3, "threads": 8, "allow_private_addresses": True},
+        "resize": {"image_size": 128, "min_image_size": 64, "max_aspect_ratio": 3.0},
+        "dask": {"n_workers": 2},
+    }
+    for name, values in sections.items():
+        cfg.setdefault(name, {})
+        if isinstance(values, dict):
+            cfg[name].update(values)
+        else:
+            cfg[name] = values
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def curate_command(*args: str) -> list[str]:
+    """The installed CLI, run as a user would (a fresh process)."""
+    return [sys.executable, "-m", "pipeline.cli", *args]
+
+
+@pytest.fixture()
+def clean_env():
+    """Environment for subprocesses without a Dask scheduler address leaking in."""
+    env = dict(os.environ)
+    env.pop("DASK_SCHEDULER_ADDRESS", None)
+    return env
