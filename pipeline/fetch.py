@@ -46,6 +46,26 @@ class FetchError(Exception):
         self.detail = detail or reason
 
 
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> Optional[ipaddress.IPv4Address]:
+    """The IPv4 address that an IPv6 one reaches through a translation mechanism, if any.
+
+    Mapped (::ffff:a.b.c.d), 6to4 (2002:AABB:CCDD::), NAT64 (64:ff9b::a.b.c.d) and the
+    deprecated compatible form (::a.b.c.d) all lead to an IPv4 host, which must be judged
+    as itself: otherwise 2002:7f00:1:: would be a way around the loopback rule.
+    """
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip in _NAT64 or (ip in _IPV4_COMPATIBLE and int(ip) > 1):  # :: and ::1 are IPv6's own
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
 def address_block_reason(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, allow_private: bool) -> Optional[str]:
     """Why an address must not be contacted, or None if it may be.
 
@@ -53,8 +73,12 @@ def address_block_reason(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, allo
     multicast, unspecified and reserved. Blocked unless `allow_private`: loopback
     and private ranges (the demo and tests fetch from 127.0.0.1 with it on).
     """
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(ip)
+        if embedded is not None:
+            ip = embedded
+        elif ip.is_site_local:  # deprecated fec0::/10, still routed like a private range
+            return None if allow_private else "private"
     if ip.is_link_local:
         return "link-local"
     if ip.is_multicast:
