@@ -28,6 +28,8 @@ def dask_client(cfg: DaskConfig) -> Iterator[Client]:
             client = Client(address, timeout="10s")
         except (OSError, TimeoutError) as exc:
             raise UserError(f"cannot reach the Dask scheduler at {address} ({type(exc).__name__})") from exc
+        except ValueError as exc:  # distributed's answer to a malformed address
+            raise UserError(f"not a valid Dask scheduler address: {address} ({exc})") from exc
         try:
             yield client
         finally:

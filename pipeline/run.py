@@ -54,7 +54,12 @@ def _comparable(config_dump: str) -> dict:
 
 def _prepare_output(cfg: RunConfig, layout: RunLayout, overwrite: bool) -> None:
     """Create the output folder; refuse to resume a run made with different settings."""
+    if layout.root.exists() and not layout.root.is_dir():
+        raise UserError(f"output.path {layout.root} exists and is not a folder")
     if overwrite and layout.root.exists():
+        # A mistyped output.path must not cost the user an unrelated folder.
+        if not layout.config.exists() and any(layout.root.iterdir()):
+            raise UserError(f"--overwrite: {layout.root} holds files but no curate run (no config.yaml); not deleting it")
         shutil.rmtree(layout.root)
     resolved = dump_config(cfg)
     if layout.config.exists() and _comparable(layout.config.read_text()) != _comparable(resolved):
@@ -62,8 +67,11 @@ def _prepare_output(cfg: RunConfig, layout: RunLayout, overwrite: bool) -> None:
             f"{layout.root} holds a run made with a different config; "
             "rerun with --overwrite, or choose another output.path"
         )
-    for folder in (layout.input, layout.download, layout.shards):
-        folder.mkdir(parents=True, exist_ok=True)
+    try:
+        for folder in (layout.input, layout.download, layout.shards):
+            folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # e.g. a parent is a file, or not writable
+        raise UserError(f"cannot create the output folder {layout.root}: {exc.strerror or exc}") from exc
     with atomic_path(layout.config) as tmp:
         tmp.write_text(resolved)
 

@@ -1,0 +1,211 @@
+"""`curate run` end to end, as a user runs it: the CLI in a subprocess against the served
+synthetic dataset, then every output read back and checked against the input."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from conftest import curate_command, write_config
+from pipeline.config import load_config
+
+IMAGE_SIZE = 128
+MIN_WORDS = 9  # splits the synthetic captions (7 to 13 words) into kept and dropped
+CAPTION_REASON = f"caption_too_short: <{MIN_WORDS} words"
+
+
+def run_curate(args: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the CLI in its own process group; whatever it spawned dies with it."""
+    proc = subprocess.Popen(curate_command(*args), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def served_sha256(url: str) -> str:
+    no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # straight to 127.0.0.1
+    with no_proxy.open(url, timeout=10) as resp:
+        return hashlib.sha256(resp.read()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def finished(dataset, tmp_path_factory):
+    """One run of a small config, reused by every assertion below."""
+    server, urls, _ = dataset
+    tmp = tmp_path_factory.mktemp("run")
+    out = tmp / "out"
+    config = write_config(
+        tmp / "config.yaml", urls, out,
+        input={"extra_cols": ["truth", "WIDTH", "HEIGHT"]},
+        download={"timeout": 10},  # a loaded CI machine must not turn a good row into a timeout
+        resize={"image_size": IMAGE_SIZE},
+        filters=[{"name": "caption_length", "min_words": MIN_WORDS}],
+    )
+    env = {k: v for k, v in os.environ.items() if k != "DASK_SCHEDULER_ADDRESS"}
+    result = run_curate(["run", str(config), "--no-progress"], env)
+    inputs = pd.read_parquet(urls)
+    return {"result": result, "out": out, "config": config, "inputs": inputs, "env": env, "urls": urls}
+
+
+def shard_paths(out: Path, ext: str) -> list[Path]:
+    return sorted((out / "shards").glob(f"*.{ext}"))
+
+
+def samples(out: Path) -> list[dict]:
+    tars = [str(p) for p in shard_paths(out, "tar")]
+    return list(wds.WebDataset(tars, shardshuffle=False))
+
+
+def rows(out: Path) -> pd.DataFrame:
+    return pd.concat([pq.read_table(p).to_pandas() for p in shard_paths(out, "parquet")], ignore_index=True)
+
+
+def test_exit_code_and_summary(finished):
+    result = finished["result"]
+    assert result.returncode == 0, result.stderr
+    assert "rows in" in result.stdout and "300" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_layout(finished):
+    out = finished["out"]
+    n_shards = 3  # 300 rows, 100 per shard
+    for ext in ("tar", "parquet", "done.json"):
+        assert [p.name.split(".")[0] for p in shard_paths(out, ext)] == [f"{i:05d}" for i in range(n_shards)]
+    assert not list(out.rglob("*.tmp-*"))
+
+
+def test_samples_read_back_with_webdataset(finished):
+    out, inputs = finished["out"], finished["inputs"].set_index("URL")
+    got = samples(out)
+    assert len(got) == json.loads((out / "stats.json").read_text())["written"] > 100
+    for sample in got:
+        assert {"jpg", "txt", "json"} <= set(sample), sample.keys()
+        meta = json.loads(sample["json"])
+        for field in ("url", "caption", "width", "height", "original_width", "original_height", "sha256"):
+            assert field in meta, (sample["__key__"], field)
+        source = inputs.loc[meta["url"]]
+        assert sample["txt"].decode() == meta["caption"] == source["TEXT"]
+        assert (meta["original_width"], meta["original_height"]) == (source["WIDTH"], source["HEIGHT"])
+
+        with Image.open(io.BytesIO(sample["jpg"])) as im:
+            im.load()
+            assert im.mode == "RGB"
+            assert im.size == (meta["width"], meta["height"])
+        short_in = min(meta["original_width"], meta["original_height"])
+        assert min(im.size) == min(IMAGE_SIZE, short_in)
+        if short_in <= IMAGE_SIZE:  # not resized: passed through unchanged
+            assert im.size == (meta["original_width"], meta["original_height"])
+            assert hashlib.sha256(sample["jpg"]).hexdigest() == meta["sha256"]
+
+
+def test_sha256_is_the_hash_of_the_served_bytes(finished):
+    for sample in samples(finished["out"])[::7]:
+        meta = json.loads(sample["json"])
+        assert meta["sha256"] == served_sha256(meta["url"])
+
+
+def test_stats_account_for_every_row(finished):
+    stats = json.loads((finished["out"] / "stats.json").read_text())
+    assert stats["rows_in"] == len(finished["inputs"]) == 300
+    assert stats["written"] + stats["rejected"] == stats["rows_in"]
+    assert sum(stats["rejected_by_reason"].values()) == stats["rejected"]
+    assert stats["shards"] == 3
+    table = rows(finished["out"])
+    assert (table["status"] == "ok").sum() == stats["written"]
+    assert table.loc[table["status"] == "rejected", "reason"].value_counts().to_dict() == stats["rejected_by_reason"]
+
+
+def test_every_input_row_appears_exactly_once(finished):
+    table = rows(finished["out"])
+    inputs = finished["inputs"]
+    assert len(table) == len(inputs)
+    assert table["key"].is_unique
+    assert sorted(zip(table["url"], table["caption"], table["truth"])) == sorted(
+        zip(inputs["URL"], inputs["TEXT"], inputs["truth"])
+    )
+    assert set(table["status"]) == {"ok", "rejected"}
+    rejected = table[table["status"] == "rejected"]
+    assert rejected["reason"].notna().all() and (rejected["reason"] != "").all()
+    assert table.loc[table["status"] == "ok", "reason"].isna().all()
+    # The written samples are exactly the rows marked ok.
+    assert sorted(s["__key__"] for s in samples(finished["out"])) == sorted(table.loc[table["status"] == "ok", "key"])
+
+
+def test_planted_faults_get_their_reasons(finished):
+    table = rows(finished["out"])
+    by_truth = table.groupby("truth")["reason"]
+    assert set(table["truth"]) == {"ok", "wrong_caption", "broken_url", "too_small", "extreme_aspect"}
+    assert by_truth.get_group("broken_url").eq("failed_to_download: HTTP 404").all()
+    assert by_truth.get_group("too_small").eq("image_too_small").all()
+    assert by_truth.get_group("extreme_aspect").eq("aspect_ratio_too_large").all()
+    fine = table[table["truth"].isin(["ok", "wrong_caption"])]
+    short = fine["caption"].str.split().str.len() < MIN_WORDS
+    assert (fine.loc[~short, "status"] == "ok").all()
+    assert (fine.loc[short, "reason"] == CAPTION_REASON).all()
+    assert short.any() and (~short).any()  # the filter really splits the data
+
+
+def test_caption_filter_counts_in_stats(finished):
+    stats = json.loads((finished["out"] / "stats.json").read_text())
+    table = rows(finished["out"])
+    dropped = int((table["reason"] == CAPTION_REASON).sum())
+    assert dropped > 0
+    assert stats["rejected_by_reason"][CAPTION_REASON] == dropped
+    # The filter sees only downloaded, normalized samples: kept ones are the written ones.
+    assert stats["filters"]["caption_length"] == {"kept": stats["written"], f"dropped: {CAPTION_REASON}": dropped}
+
+
+def test_saved_config_loads_back(finished):
+    saved = load_config(finished["out"] / "config.yaml")
+    assert saved == load_config(finished["config"])
+    assert saved.resize.image_size == IMAGE_SIZE
+    assert saved.filters[0].name == "caption_length"
+
+
+def test_intermediates_removed(finished):
+    download = finished["out"] / "work" / "download"
+    assert download.is_dir() and not list(download.iterdir())
+
+
+def test_keep_intermediate_keeps_download_shards(finished, tmp_path):
+    inputs = finished["inputs"].iloc[:40]
+    small = tmp_path / "small.parquet"
+    inputs.to_parquet(small, index=False)
+    out = tmp_path / "kept"
+    result = run_curate([
+        "run", str(finished["config"]), "--no-progress",
+        "--set", "output.keep_intermediate=true",
+        "--set", f"output.path={out}",
+        "--set", f"input.paths=[{small}]",
+        "--set", "input.rows_per_shard=20",
+        "--set", "dask.n_workers=1",
+    ], finished["env"])
+    assert result.returncode == 0, result.stderr
+    download = out / "work" / "download"
+    names = sorted(p.name for p in download.iterdir())
+    assert names == [f"0000{i}.{ext}" for i in range(2) for ext in ("done.json", "parquet", "tar")]
+    # The raw shard holds every row too; the final one agrees with it on what was downloaded.
+    raw = pd.concat([pq.read_table(download / f"0000{i}.parquet").to_pandas() for i in range(2)])
+    final = rows(out)
+    assert len(raw) == len(final) == 40
+    assert set(final.loc[final["status"] == "ok", "key"]) <= set(raw.loc[raw["status"] == "ok", "key"])
