@@ -10,8 +10,9 @@ from pydantic import ValidationError
 
 from filters.base import Filter, apply_chain
 from filters.caption import CaptionLength
+from filters.clip import ClipSimilarity
 
-FILTERS: dict[str, type[Filter]] = {f.name: f for f in [CaptionLength]}
+FILTERS: dict[str, type[Filter]] = {f.name: f for f in [CaptionLength, ClipSimilarity]}
 
 
 class FilterConfigError(ValueError):

@@ -85,6 +85,22 @@ class ResizeConfig(Section):
     encode_quality: int = Field(95, ge=1, le=100)
 
 
+class ClipConfig(Section):
+    """The score stage: open_clip image-text similarity (see pipeline/clip_model.py for model forms)."""
+
+    enabled: bool = False
+    # An open_clip architecture name, or `hf-hub:ORG/REPO`, or `local-dir:PATH`.
+    model: str = "ViT-B-32"
+    # A pretrained tag (fetched by open_clip, needs internet) or a local checkpoint path;
+    # ignored for hf-hub: and local-dir: models.
+    pretrained: Optional[str] = "openai"
+    device: str = "auto"  # auto → cuda when available, else cpu
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto → bf16 on GPU, fp32 on CPU
+    batch_size: int = Field(512, ge=1)
+    # Decode JPEGs with nvJPEG on the GPU (falls back to the CPU decoder per image).
+    gpu_decode: bool = True
+
+
 class DaskConfig(Section):
     # None → a LocalCluster on this machine (unless DASK_SCHEDULER_ADDRESS is set).
     scheduler: Optional[str] = None
@@ -105,6 +121,7 @@ class RunConfig(Section):
     output: OutputConfig
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     resize: ResizeConfig = Field(default_factory=ResizeConfig)
+    clip: ClipConfig = Field(default_factory=ClipConfig)
     dask: DaskConfig = Field(default_factory=DaskConfig)
     filters: list[FilterSpec] = Field(default_factory=list)
 
@@ -138,16 +155,25 @@ def apply_override(data: dict, assignment: str) -> None:
     dotted, raw = assignment.split("=", 1)
     keys = dotted.strip().split(".")
     node = data
+
+    def list_index(items: list, key: str) -> int:
+        if not key.isdigit() or int(key) >= len(items):
+            raise UserError(f"--set {dotted}: {key} is not an index of a {len(items)}-item list")
+        return int(key)
+
     for key in keys[:-1]:
-        if isinstance(node, list) and key.isdigit():
-            node = node[int(key)]
-            continue
-        node = node.setdefault(key, {})
+        if isinstance(node, list):
+            node = node[list_index(node, key)]
+        else:
+            node = node.setdefault(key, {})
         if not isinstance(node, (dict, list)):
             raise UserError(f"--set {dotted}: {key} is not a section")
-    value = yaml.safe_load(raw) if raw != "" else ""
-    if isinstance(node, list) and keys[-1].isdigit():
-        node[int(keys[-1])] = value
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise UserError(f"--set {dotted}: value {raw!r} is not valid YAML") from exc
+    if isinstance(node, list):
+        node[list_index(node, keys[-1])] = value
     else:
         node[keys[-1]] = value
 
@@ -159,6 +185,8 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raise UserError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not valid YAML (not UTF-8 text at byte {exc.start})") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""

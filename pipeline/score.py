@@ -1,0 +1,313 @@
+"""The score stage: CLIP image and text embeddings and their cosine similarity, per shard.
+
+Reads a raw download shard, embeds every image and caption with open_clip, and
+writes, row-aligned (the layout clip-retrieval users know):
+
+    embeddings/img_emb/img_emb_NNNNN.npy     float16 [n, dim], L2-normalized
+    embeddings/text_emb/text_emb_NNNNN.npy   float16 [n, dim], L2-normalized
+    embeddings/metadata/metadata_NNNNN.parquet  key, clip_similarity, clip_model, status, reason
+
+so that later filters (safety heads, aesthetic, dedup) reuse the embeddings.
+
+Two image paths that give the same scores (within 0.01):
+- CPU: PIL decode and the model's own open_clip preprocess transform.
+- GPU: batched nvJPEG decode (`torchvision.io.decode_jpeg(device="cuda")`), then
+  center crop, bicubic antialiased resize and normalization on the GPU. An image the
+  GPU decoder rejects is retried on the CPU decoder; if that fails too the sample is
+  rejected as `decode_error`. One bad image never fails a shard.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.clip_model import LoadedClip, load_clip
+from pipeline.config import ClipConfig
+from pipeline.shards import atomic_path, is_done, mark_done, read_marker, shard_name
+from pipeline.tarshard import iter_tar_samples
+
+# Fixed bins over [-1, 1] for similarity histograms: merged across shards, they give
+# the dataset-wide quantile for `top_fraction` without holding any scores in memory.
+HIST_BINS = 20_000
+
+
+def histogram(similarities: np.ndarray) -> dict[str, int]:
+    """Sparse histogram {bin index: count}, small enough for a shard's done-marker."""
+    counts, _ = np.histogram(similarities, bins=HIST_BINS, range=(-1.0, 1.0))
+    return {str(i): int(counts[i]) for i in np.flatnonzero(counts)}
+
+
+def merge_histograms(sparse: list[dict[str, int]]) -> np.ndarray:
+    total = np.zeros(HIST_BINS, dtype=np.int64)
+    for h in sparse:
+        for i, c in h.items():
+            total[int(i)] += c
+    return total
+
+
+def threshold_for_top_fraction(hist: np.ndarray, fraction: float) -> float:
+    """The similarity above which `fraction` of all scored samples lie (bin resolution 1e-4)."""
+    total = int(hist.sum())
+    if total == 0:
+        return 1.0
+    keep = fraction * total
+    above = np.cumsum(hist[::-1])  # samples in this bin or higher, from the top bin down
+    top_bin = int(np.searchsorted(above, keep))  # first bin (from the top) reaching the fraction
+    edges = np.linspace(-1.0, 1.0, HIST_BINS + 1)
+    return float(edges[HIST_BINS - 1 - min(top_bin, HIST_BINS - 1)])
+
+
+@dataclass
+class Batch:
+    keys: list[str]
+    jpgs: list[bytes]
+    captions: list[str]
+
+
+def _batches(tar_path: Path, batch_size: int) -> Iterator[Batch]:
+    keys, jpgs, captions = [], [], []
+    for key, fields in iter_tar_samples(tar_path):
+        meta = json.loads(fields["json"])
+        keys.append(key)
+        jpgs.append(fields["jpg"])
+        captions.append(meta.get("caption") or "")
+        if len(keys) == batch_size:
+            yield Batch(keys, jpgs, captions)
+            keys, jpgs, captions = [], [], []
+    if keys:
+        yield Batch(keys, jpgs, captions)
+
+
+def _prefetched(batches: Iterator[Batch], depth: int = 2) -> Iterator[Batch]:
+    """Read the next batches from the tar in a thread while the model computes."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def produce():
+        try:
+            for b in batches:
+                q.put(b)
+        except BaseException as exc:  # surfaced in the consumer
+            q.put(exc)
+        q.put(done)
+
+    threading.Thread(target=produce, daemon=True).start()
+    while True:
+        item = q.get()
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def _decode_cpu(jpg: bytes):
+    from PIL import Image
+
+    with Image.open(io.BytesIO(jpg)) as im:
+        return im.convert("RGB")
+
+
+class ClipScorer:
+    """Embeds batches of (jpg bytes, caption). The model loads on first use, once per process."""
+
+    def __init__(self, cfg: ClipConfig):
+        self.cfg = cfg
+        self._clip: Optional[LoadedClip] = None
+
+    @property
+    def clip(self) -> LoadedClip:
+        if self._clip is None:
+            self._clip = load_clip(self.cfg.model, self.cfg.pretrained, self.cfg.device, self.cfg.precision)
+        return self._clip
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.clip.device.startswith("cuda")
+
+    def embed(self, batch: Batch) -> tuple[np.ndarray, np.ndarray, list[Optional[str]]]:
+        """(image embeddings, text embeddings, per-sample decode error or None); rows of failed
+        images are zeros."""
+        import torch
+
+        clip = self.clip
+        with torch.inference_mode():
+            if self.on_gpu and self.cfg.gpu_decode:
+                pixels, errors = self._pixels_gpu(batch.jpgs)
+            else:
+                pixels, errors = self._pixels_cpu(batch.jpgs)
+            ok = [i for i, e in enumerate(errors) if e is None]
+            tokens = clip.tokenizer(batch.captions).to(clip.device, non_blocking=True)
+            text = clip.model.encode_text(tokens, normalize=True).float()
+            dim = text.shape[1]
+            image = torch.zeros((len(batch.jpgs), dim), device=clip.device)
+            if ok:
+                image[ok] = clip.model.encode_image(pixels.to(clip.dtype), normalize=True).float()
+        return image.cpu().numpy(), text.cpu().numpy(), errors
+
+    def _pixels_cpu(self, jpgs: list[bytes]):
+        import torch
+
+        tensors, errors = [], []
+        for jpg in jpgs:
+            try:
+                tensors.append(self.clip.preprocess(_decode_cpu(jpg)))
+                errors.append(None)
+            except Exception as exc:
+                errors.append(f"{type(exc).__name__}: {exc}"[:200])
+        pixels = torch.stack(tensors).to(self.clip.device) if tensors else None
+        return pixels, errors
+
+    def _pixels_gpu(self, jpgs: list[bytes]):
+        import torch
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        datas = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpgs]
+        try:
+            images = decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.clip.device)
+            errors: list[Optional[str]] = [None] * len(jpgs)
+        except Exception:
+            images, errors = [], []
+            for data, jpg in zip(datas, jpgs):
+                try:
+                    images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.clip.device))
+                    errors.append(None)
+                except Exception:
+                    try:  # the CPU decoder accepts some files nvJPEG refuses
+                        im = np.asarray(_decode_cpu(jpg))
+                        images.append(torch.from_numpy(im).permute(2, 0, 1).to(self.clip.device))
+                        errors.append(None)
+                    except Exception as exc:
+                        images.append(None)
+                        errors.append(f"{type(exc).__name__}: {exc}"[:200])
+        good = [im for im in images if im is not None]
+        pixels = gpu_preprocess(good, self.clip) if good else None
+        return pixels, errors
+
+
+def gpu_preprocess(images: list, clip: LoadedClip):
+    """open_clip's eval transform on the GPU: center square crop, bicubic antialiased resize
+    to the model's input size, [0, 1] scaling, mean/std normalization.
+
+    Cropping the square first and resizing second (open_clip resizes, then crops) lets every
+    image with the same short side share one batched resize; curate's normalized images mostly
+    share their short side, so a batch is a handful of resize calls, not one per image.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    size = clip.image_size
+    cfg = clip.model.visual.preprocess_cfg
+    mean = torch.tensor(cfg["mean"], device=images[0].device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg["std"], device=images[0].device).view(1, 3, 1, 1)
+    out = torch.empty((len(images), 3, size, size), device=images[0].device)
+    groups: dict[int, list[int]] = {}
+    squares = []
+    for i, im in enumerate(images):
+        _, h, w = im.shape
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        squares.append(im[:, top:top + side, left:left + side])
+        groups.setdefault(side, []).append(i)
+    for side, idx in groups.items():
+        batch = torch.stack([squares[i] for i in idx]).float()
+        if side != size:
+            batch = F.interpolate(batch, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+        out[idx] = batch.clamp_(0, 255)
+    return (out / 255.0 - mean) / std
+
+
+def _clean_score_outputs(folder: Path, shard_id: int) -> None:
+    name = shard_name(shard_id)
+    for sub, prefix in (("img_emb", "img_emb"), ("text_emb", "text_emb"), ("metadata", "metadata")):
+        for leftover in (folder / sub).glob(f"{prefix}_{name}.*"):
+            leftover.unlink(missing_ok=True)
+
+
+def score_outputs(folder: Path, shard_id: int) -> dict[str, Path]:
+    name = shard_name(shard_id)
+    return {
+        "img_emb": folder / "img_emb" / f"img_emb_{name}.npy",
+        "text_emb": folder / "text_emb" / f"text_emb_{name}.npy",
+        "metadata": folder / "metadata" / f"metadata_{name}.parquet",
+    }
+
+
+_scorers: dict[tuple, ClipScorer] = {}
+
+
+def score_shard(shard_id: int, downloaded: dict, download_dir: str, emb_dir: str, marker_dir: str, cfg: ClipConfig) -> dict:
+    """Score one downloaded shard. Returns its stats (with a similarity histogram); done shards
+    are not redone. `downloaded` orders this task after the shard's download."""
+    emb_dir, marker_dir = Path(emb_dir), Path(marker_dir)
+    if is_done(marker_dir, shard_id):
+        return read_marker(marker_dir, shard_id)
+    _clean_score_outputs(emb_dir, shard_id)
+    marker_dir.mkdir(parents=True, exist_ok=True)
+    for sub in ("img_emb", "text_emb", "metadata"):
+        (emb_dir / sub).mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    key = (cfg.model, cfg.pretrained, cfg.device, cfg.precision, cfg.gpu_decode)
+    scorer = _scorers.setdefault(key, ClipScorer(cfg))
+    keys, sims, img_parts, txt_parts, statuses, reasons = [], [], [], [], [], []
+    tar_path = Path(download_dir) / f"{shard_name(shard_id)}.tar"
+    for batch in _prefetched(_batches(tar_path, cfg.batch_size)):
+        img, txt, errors = scorer.embed(batch)
+        sim = (img * txt).sum(axis=1)
+        for k, s, e in zip(batch.keys, sim, errors):
+            keys.append(k)
+            sims.append(None if e else float(s))
+            statuses.append("rejected" if e else "ok")
+            reasons.append("decode_error" if e else None)
+        img_parts.append(img.astype(np.float16))
+        txt_parts.append(txt.astype(np.float16))
+
+    out = score_outputs(emb_dir, shard_id)
+    dim = img_parts[0].shape[1] if img_parts else 0
+    for name, parts in (("img_emb", img_parts), ("text_emb", txt_parts)):
+        with atomic_path(out[name]) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, np.concatenate(parts) if parts else np.zeros((0, dim), np.float16))
+    table = pa.table({
+        "key": pa.array(keys, pa.string()),
+        "clip_similarity": pa.array(sims, pa.float32()),
+        "clip_model": pa.array([scorer.clip.name] * len(keys), pa.string()),
+        "status": pa.array(statuses, pa.string()),
+        "reason": pa.array(reasons, pa.string()),
+    })
+    with atomic_path(out["metadata"]) as tmp:
+        pq.write_table(table, tmp)
+
+    scored = np.array([s for s in sims if s is not None], dtype=np.float32)
+    stats = {
+        "shard": shard_id,
+        "scored": int(len(scored)),
+        "decode_errors": int(len(sims) - len(scored)),
+        "histogram": histogram(scored),
+        "model": scorer.clip.name,
+        "device": scorer.clip.device,
+        "seconds": round(time.time() - started, 3),
+    }
+    mark_done(marker_dir, shard_id, stats)
+    return stats
+
+
+def read_scores(emb_dir: Path, shard_id: int) -> dict[str, tuple[Optional[float], str, Optional[str]]]:
+    """key → (clip_similarity, clip_model, rejection reason or None) for one scored shard."""
+    table = pq.read_table(score_outputs(Path(emb_dir), shard_id)["metadata"])
+    return {
+        r["key"]: (r["clip_similarity"], r["clip_model"], r["reason"])
+        for r in table.to_pylist()
+    }
