@@ -9,6 +9,9 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	# This exact torch pair is on the local disk of these machines (see shared/GUIDE.md §4):
+	# asking for it first keeps the install offline and avoids a multi-GB download.
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 

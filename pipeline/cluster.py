@@ -7,7 +7,7 @@ import logging
 import os
 from typing import Iterator
 
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
 
 from pipeline.config import DaskConfig
 from pipeline.errors import UserError
@@ -17,11 +17,51 @@ def scheduler_address(cfg: DaskConfig) -> str | None:
     return cfg.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
 
 
+def local_gpu_count() -> int:
+    """CUDA devices on this machine (0 without torch or without a GPU)."""
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count()
+
+
+def gpu_resources(client: Client) -> dict | None:
+    """Dask resources for GPU tasks: {"GPU": 1} when some worker offers a GPU (started with
+    `dask worker --resources GPU=1`, or the GPU workers of the local cluster), else None so
+    that the CPU path runs anywhere."""
+    workers = client.scheduler_info().get("workers", {}).values()
+    return {"GPU": 1} if any(w.get("resources", {}).get("GPU") for w in workers) else None
+
+
+def _local_cluster(cfg: DaskConfig, gpus: int):
+    common = dict(silence_logs=logging.ERROR)
+    if not gpus:
+        return LocalCluster(
+            n_workers=cfg.n_workers or os.cpu_count() or 1,
+            threads_per_worker=cfg.threads_per_worker,
+            memory_limit=cfg.memory_limit,
+            processes=True,
+            dashboard_address="127.0.0.1:0",
+            **common,
+        )
+    # CPU workers for download and write, plus one worker per GPU that only it sees:
+    # GPU tasks ask for resources={"GPU": 1}, so exactly one runs per device at a time.
+    worker = {"nthreads": cfg.threads_per_worker, "memory_limit": cfg.memory_limit}
+    workers = {f"cpu-{i}": {"cls": Nanny, "options": dict(worker)} for i in range(cfg.n_workers or os.cpu_count() or 1)}
+    for j in range(gpus):
+        workers[f"gpu-{j}"] = {"cls": Nanny, "options": {
+            **worker, "nthreads": 1, "resources": {"GPU": 1}, "env": {"CUDA_VISIBLE_DEVICES": str(j)},
+        }}
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": "127.0.0.1:0"}}
+    return SpecCluster(workers=workers, scheduler=scheduler, **common)
+
+
 @contextlib.contextmanager
-def dask_client(cfg: DaskConfig) -> Iterator[Client]:
-    """A connected client. No scheduler configured → the embedded default, a LocalCluster
+def dask_client(cfg: DaskConfig, gpus: int = 0) -> Iterator[Client]:
+    """A connected client. No scheduler configured → the embedded default, a local cluster
     with one single-threaded worker process per core (the download stage runs its own
-    I/O threads inside each task)."""
+    I/O threads inside each task), plus one worker per GPU when `gpus` > 0."""
     address = scheduler_address(cfg)
     if address:
         try:
@@ -35,14 +75,7 @@ def dask_client(cfg: DaskConfig) -> Iterator[Client]:
         finally:
             client.close()
         return
-    cluster = LocalCluster(
-        n_workers=cfg.n_workers or os.cpu_count() or 1,
-        threads_per_worker=cfg.threads_per_worker,
-        memory_limit=cfg.memory_limit,
-        processes=True,
-        dashboard_address="127.0.0.1:0",
-        silence_logs=logging.ERROR,
-    )
+    cluster = _local_cluster(cfg, gpus)
     client = Client(cluster)
     try:
         yield client

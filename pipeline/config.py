@@ -100,6 +100,14 @@ class ClipConfig(Section):
     # Decode JPEGs with nvJPEG on the GPU (falls back to the CPU decoder per image).
     gpu_decode: bool = True
 
+    @field_validator("model")
+    @classmethod
+    def _absolute_local_dir(cls, value: str) -> str:
+        # Workers may run elsewhere: a relative local-dir: is made absolute where the config is read.
+        if value.startswith("local-dir:"):
+            return "local-dir:" + os.path.abspath(value[len("local-dir:"):])
+        return value
+
 
 class DaskConfig(Section):
     # None → a LocalCluster on this machine (unless DASK_SCHEDULER_ADDRESS is set).
@@ -199,6 +207,9 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         config = RunConfig.model_validate(data)
     except ValidationError as exc:
         raise UserError(f"{path}: {validation_message(exc)}") from exc
+    for i, spec in enumerate(config.filter_specs()):
+        if spec["name"] == "clip_similarity" and not config.clip.enabled:
+            raise UserError(f"{path}: filters.{i}: clip_similarity needs clip.enabled: true")
     try:
         build_chain(config.filter_specs())  # a misspelled filter or parameter fails here, before any work
     except FilterConfigError as exc:

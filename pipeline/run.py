@@ -1,14 +1,11 @@
 """`curate run`: the stages wired together, one Dask task per shard and stage.
 
-Layout of an output folder:
+    download_shard ─► score_shard (if clip.enabled; GPU workers when there are any) ─► write_shard
 
-    config.yaml            the resolved config of the run
-    work/input/            input shards (NNNNN.parquet) cut from the URL lists
-    work/download/         raw shards (removed once written, unless output.keep_intermediate)
-    shards/NNNNN.tar       final WebDataset shards
-    shards/NNNNN.parquet   every row of the shard, kept or rejected, with its reason
-    shards/NNNNN.done.json the shard's stats, written last
-    stats.json             the run's totals: rows in = written + rejected, per reason
+Without a dataset-wide filter the stages pipeline per shard (downloading shard i+1
+overlaps scoring shard i). A CLIP `top_fraction` needs every shard scored first: the
+writes then wait for the merged similarity histogram. See pipeline/layout.py for the
+output folder.
 """
 
 from __future__ import annotations
@@ -25,24 +22,17 @@ import yaml
 from distributed import as_completed
 from tqdm import tqdm
 
-from pipeline.cluster import dask_client
+from pipeline.clip_model import check_model_source
+from pipeline.cluster import dask_client, gpu_resources, local_gpu_count
 from pipeline.config import RunConfig, dump_config
 from pipeline.download import download_shard
 from pipeline.errors import UserError
 from pipeline.reader import check_inputs, write_input_shards
+from pipeline.layout import RunLayout
+from pipeline.score import merge_histograms, score_shard, threshold_for_top_fraction
 from pipeline.shards import atomic_path, is_done, read_marker, remove_shard, shard_name
 from pipeline.write import write_shard
 
-
-
-class RunLayout:
-    def __init__(self, root: Path):
-        self.root = root
-        self.config = root / "config.yaml"
-        self.input = root / "work" / "input"
-        self.download = root / "work" / "download"
-        self.shards = root / "shards"
-        self.stats = root / "stats.json"
 
 
 def _comparable(config_dump: str) -> dict:
@@ -113,62 +103,115 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=prin
     started = time.time()
     files = check_inputs(cfg.input)  # bad input fails here, before anything is written
     layout = RunLayout(Path(cfg.output.path))
-    with dask_client(cfg.dask) as client:  # an unreachable scheduler fails here, too
+    if cfg.clip.enabled:
+        check_model_source(cfg.clip.model, cfg.clip.pretrained)  # a missing model fails before any work
+    gpus = local_gpu_count() if cfg.clip.enabled and cfg.clip.device in ("auto", "cuda") else 0
+    with dask_client(cfg.dask, gpus) as client:  # an unreachable scheduler fails here, too
         _prepare_output(cfg, layout, overwrite)
         if client.dashboard_link:
             log(f"dask dashboard: {client.dashboard_link}")
         try:
             inputs = write_input_shards(cfg.input, files, layout.input)
-            shard_stats = _run_shards(client, cfg, layout, inputs["shards"], progress)
+            shard_stats, resolved = _run_shards(client, cfg, layout, inputs["shards"], progress)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise UserError(f"no space left on the device holding {layout.root}; free some and rerun to resume") from exc
             raise
         stats = merge_stats(shard_stats, inputs["rows"], time.time() - started)
+        if resolved:
+            stats["resolved_thresholds"] = resolved
     with atomic_path(layout.stats) as tmp:
         tmp.write_text(json.dumps(stats, indent=1))
     return stats
 
 
-def _run_shards(client, cfg: RunConfig, layout: RunLayout, n_shards: int, progress: bool) -> list[dict]:
-    token = uuid.uuid4().hex[:8]  # task keys unique per run, so runs can share a cluster
-    done: dict[int, dict] = {}
-    futures = []
-    for i in range(n_shards):
-        if is_done(layout.shards, i):
-            done[i] = read_marker(layout.shards, i)
-            if not cfg.output.keep_intermediate:
-                remove_shard(layout.download, i)  # left behind if a run died right after writing
-            continue
-        input_path = str(layout.input / f"{shard_name(i)}.parquet")
-        downloaded = client.submit(
-            download_shard, input_path, i, str(layout.download), cfg, key=f"download-{token}-{i}"
-        )
-        written = client.submit(
-            write_shard, i, downloaded, str(layout.download), str(layout.shards), cfg, key=f"write-{token}-{i}"
-        )
-        futures += [downloaded, written]
+def resolve_filter_specs(cfg: RunConfig, score_stats: list[dict]) -> tuple[list[dict], dict]:
+    """The filter chain with each CLIP top_fraction turned into a threshold for this dataset."""
+    specs, resolved = [], {}
+    for spec in cfg.filter_specs():
+        if spec["name"] == "clip_similarity" and spec.get("top_fraction") is not None:
+            hist = merge_histograms([s["histogram"] for s in score_stats])
+            threshold = threshold_for_top_fraction(hist, spec["top_fraction"])
+            resolved["clip_similarity"] = {"top_fraction": spec["top_fraction"], "min_similarity": threshold}
+            spec = {**spec, "top_fraction": None, "min_similarity": threshold}
+        specs.append(spec)
+    return specs, resolved
 
+
+def needs_all_scores(cfg: RunConfig) -> bool:
+    return any(f["name"] == "clip_similarity" and f.get("top_fraction") is not None for f in cfg.filter_specs())
+
+
+def _run_shards(client, cfg: RunConfig, layout: RunLayout, n_shards: int, progress: bool) -> tuple[list[dict], dict]:
+    token = uuid.uuid4().hex[:8]  # task keys unique per run, so runs can share a cluster
+    stages = ["download"] + (["score"] if cfg.clip.enabled else []) + ["write"]
     bars = {
-        stage: tqdm(total=n_shards, initial=len(done), desc=f"{stage:8s}", unit="shard", disable=not progress)
-        for stage in ("download", "write")
+        stage: tqdm(total=n_shards, desc=f"{stage:8s}", unit="shard", disable=not progress)
+        for stage in stages
     }
+    written: dict[int, dict] = {}
+    upstream: dict[int, dict] = {}  # shard → {"download": future or stats, "score": ...}
+    futures = []
+    seen: set = set()  # keys of finished tasks already counted
+    score_options = {"resources": gpu_resources(client)} if cfg.clip.enabled else {}
+
+    def submit(stage, fn, i, *args, **options):
+        future = client.submit(fn, *args, key=f"{stage}-{token}-{i}", **options)
+        futures.append(future)
+        return future
+
     try:
-        for future in as_completed(futures):
-            stage, _, shard = future.key.partition(f"-{token}-")
-            try:
-                result = future.result()
-            except UserError:
-                raise
-            except OSError:
-                raise
-            except Exception as exc:
-                raise RuntimeError(f"{stage} of shard {shard_name(int(shard))} failed: {type(exc).__name__}: {exc}") from exc
-            bars[stage].update(1)
+        for i in range(n_shards):
+            if is_done(layout.shards, i):
+                written[i] = read_marker(layout.shards, i)
+                for bar in bars.values():
+                    bar.update(1)
+                if not cfg.output.keep_intermediate:
+                    remove_shard(layout.download, i)  # left behind if a run died right after writing
+                if cfg.clip.enabled:
+                    upstream[i] = {"score": read_marker(layout.score, i)}
+                continue
+            input_path = str(layout.input / f"{shard_name(i)}.parquet")
+            downloaded = submit("download", download_shard, i, input_path, i, str(layout.download), cfg)
+            upstream[i] = {"download": downloaded, "score": None}
+            if cfg.clip.enabled:
+                upstream[i]["score"] = submit(
+                    "score", score_shard, i, i, downloaded, str(layout.download), str(layout.embeddings),
+                    str(layout.score), cfg.clip, **score_options,
+                )
+
+        resolved: dict = {}
+        specs = cfg.filter_specs()
+        if needs_all_scores(cfg):
+            # The barrier: every shard's score before the threshold, the threshold before any write.
+            for _ in _wait(futures, seen, bars, token):
+                pass
+            score_stats = [u["score"] if isinstance(u["score"], dict) else u["score"].result() for u in upstream.values()]
+            specs, resolved = resolve_filter_specs(cfg, score_stats)
+        for i, up in sorted(upstream.items()):
+            if i not in written:
+                submit("write", write_shard, i, i, up, str(layout.root), cfg, specs)
+        for stage, i, result in _wait(futures, seen, bars, token):
             if stage == "write":
-                done[int(shard)] = result
+                written[i] = result
     finally:
         for bar in bars.values():
             bar.close()
         client.cancel(futures)
-    return [done[i] for i in range(n_shards)]
+    return [written[i] for i in range(n_shards)], resolved
+
+
+def _wait(futures: list, seen: set, bars: dict, token: str):
+    """Yield (stage, shard, result) as tasks not yet seen finish; a failed task fails the
+    run with its shard named."""
+    for future in as_completed([f for f in futures if f.key not in seen]):
+        seen.add(future.key)
+        stage, _, shard = future.key.partition(f"-{token}-")
+        try:
+            result = future.result()
+        except (UserError, OSError):
+            raise
+        except Exception as exc:
+            raise RuntimeError(f"{stage} of shard {shard_name(int(shard))} failed: {type(exc).__name__}: {exc}") from exc
+        bars[stage].update(1)
+        yield stage, int(shard), result

@@ -197,32 +197,37 @@ class ClipScorer:
 
 
 def gpu_preprocess(images: list, clip: LoadedClip):
-    """open_clip's eval transform on the GPU: center square crop, bicubic antialiased resize
-    to the model's input size, [0, 1] scaling, mean/std normalization.
+    """open_clip's eval transform on the GPU: bicubic antialiased resize to the model's input
+    size (after a center square crop for resize_mode "shortest", the default; the whole image
+    for "squash"), [0, 1] scaling, mean/std normalization.
 
-    Cropping the square first and resizing second (open_clip resizes, then crops) lets every
-    image with the same short side share one batched resize; curate's normalized images mostly
-    share their short side, so a batch is a handful of resize calls, not one per image.
+    For "shortest", cropping the square first and resizing second (open_clip resizes, then
+    crops) lets every image with the same short side share one batched resize; curate's
+    normalized images mostly share their short side, so a batch is a handful of resize calls.
     """
     import torch
     import torch.nn.functional as F
 
     size = clip.image_size
     cfg = clip.model.visual.preprocess_cfg
-    mean = torch.tensor(cfg["mean"], device=images[0].device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg["std"], device=images[0].device).view(1, 3, 1, 1)
-    out = torch.empty((len(images), 3, size, size), device=images[0].device)
-    groups: dict[int, list[int]] = {}
-    squares = []
+    squash = cfg.get("resize_mode") == "squash"
+    device = images[0].device
+    mean = torch.tensor(cfg["mean"], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg["std"], device=device).view(1, 3, 1, 1)
+    out = torch.empty((len(images), 3, size, size), device=device)
+    groups: dict[tuple[int, int], list[int]] = {}
+    crops = []
     for i, im in enumerate(images):
         _, h, w = im.shape
-        side = min(h, w)
-        top, left = (h - side) // 2, (w - side) // 2
-        squares.append(im[:, top:top + side, left:left + side])
-        groups.setdefault(side, []).append(i)
-    for side, idx in groups.items():
-        batch = torch.stack([squares[i] for i in idx]).float()
-        if side != size:
+        if not squash:
+            side = min(h, w)
+            top, left = (h - side) // 2, (w - side) // 2
+            im = im[:, top:top + side, left:left + side]
+        crops.append(im)
+        groups.setdefault(tuple(im.shape[1:]), []).append(i)
+    for shape, idx in groups.items():
+        batch = torch.stack([crops[i] for i in idx]).float()
+        if shape != (size, size):
             batch = F.interpolate(batch, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
         out[idx] = batch.clamp_(0, 255)
     return (out / 255.0 - mean) / std

@@ -19,17 +19,23 @@ from filters import build_chain
 from filters.base import apply_chain
 from pipeline.config import RunConfig
 from pipeline.download import records_table, sample_meta
+from pipeline.layout import RunLayout
+from pipeline.score import read_scores
 from pipeline.shards import atomic_path, clean_shard, is_done, mark_done, read_marker, remove_shard, shard_name
 from pipeline.tarshard import TarShardWriter, iter_tar_samples
 
 
-def write_shard(shard_id: int, downloaded: dict, download_dir: str, out_dir: str, cfg: RunConfig) -> dict:
+def write_shard(shard_id: int, upstream: dict, root: str, cfg: RunConfig, filter_specs: list[dict]) -> dict:
     """Filter and write one final shard. Returns its stats; a done shard is not redone.
 
-    `downloaded` is the download stage's stats for this shard; taking it as an argument
-    is also what makes Dask run this task after that one.
+    `upstream` holds this shard's earlier results ({"download": stats, "score": stats or
+    None}); taking them as an argument is also what makes Dask run this task after those.
+    `filter_specs` is the config's filter chain with any dataset-wide value (a CLIP
+    top_fraction) already resolved to a threshold.
     """
-    download_dir, out_dir = Path(download_dir), Path(out_dir)
+    layout = RunLayout(root)
+    download_dir, out_dir = layout.download, layout.shards
+    downloaded, scored = upstream["download"], upstream.get("score")
     if is_done(out_dir, shard_id):
         return read_marker(out_dir, shard_id)
     clean_shard(out_dir, shard_id)
@@ -38,7 +44,8 @@ def write_shard(shard_id: int, downloaded: dict, download_dir: str, out_dir: str
     name = shard_name(shard_id)
 
     records = pq.read_table(download_dir / f"{name}.parquet").to_pylist()
-    chain = build_chain(cfg.filter_specs())
+    chain = build_chain(filter_specs)
+    scores = read_scores(layout.embeddings, shard_id) if scored is not None else {}
     raw_samples = iter_tar_samples(download_dir / f"{name}.tar")
     reasons: Counter = Counter()
 
@@ -52,13 +59,22 @@ def write_shard(shard_id: int, downloaded: dict, download_dir: str, out_dir: str
                 if key != record["key"]:
                     raise RuntimeError(f"shard {name}: tar and parquet out of step at {key} / {record['key']}")
                 meta = json.loads(fields["json"])
+                if scored is not None:
+                    similarity, model, failure = scores[key]
+                    if failure:  # the image did not decode for CLIP either: never write it
+                        record.update(status="rejected", reason=failure, error_message=None)
+                        reasons[failure] += 1
+                        continue
+                    meta.update(clip_similarity=round(similarity, 5), clip_model=model)
                 sample = {"key": key, "jpg": fields["jpg"], "caption": record["caption"], "meta": meta}
                 reason = apply_chain(chain, sample)
+                # Scores land in the parquet for dropped rows too: they are what a user
+                # looks at to tune a threshold.
+                record.update({k: v for k, v in meta.items() if k not in record})
                 if reason is not None:
                     record.update(status="rejected", reason=reason, error_message=None)
                     reasons[reason] += 1
                     continue
-                record.update({k: v for k, v in meta.items() if k not in record})
                 tar.write(key, {
                     "jpg": sample["jpg"],
                     "txt": (record["caption"] or "").encode(),
@@ -76,7 +92,11 @@ def write_shard(shard_id: int, downloaded: dict, download_dir: str, out_dir: str
         "rejected": dict(reasons),
         "filters": {f.name: f.counts for f in chain},
         "bytes_downloaded": downloaded.get("bytes_downloaded", 0),
-        "seconds": {"download": downloaded.get("seconds", 0.0), "write": round(time.time() - started, 3)},
+        "seconds": {
+            "download": downloaded.get("seconds", 0.0),
+            **({"score": scored.get("seconds", 0.0)} if scored else {}),
+            "write": round(time.time() - started, 3),
+        },
     }
     mark_done(out_dir, shard_id, stats)
     if not cfg.output.keep_intermediate:
