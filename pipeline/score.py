@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -73,20 +73,25 @@ class Batch:
     keys: list[str]
     jpgs: list[bytes]
     captions: list[str]
+    tokens: Any = None  # token ids, made beside the tar reading (open_clip's tokenizer is pure Python)
 
 
-def _batches(tar_path: Path, batch_size: int) -> Iterator[Batch]:
+def _batches(tar_path: Path, batch_size: int, tokenizer=None) -> Iterator[Batch]:
     keys, jpgs, captions = [], [], []
+
+    def batch() -> Batch:
+        return Batch(keys, jpgs, captions, tokenizer(captions) if tokenizer else None)
+
     for key, fields in iter_tar_samples(tar_path):
         meta = json.loads(fields["json"])
         keys.append(key)
         jpgs.append(fields["jpg"])
         captions.append(meta.get("caption") or "")
         if len(keys) == batch_size:
-            yield Batch(keys, jpgs, captions)
+            yield batch()
             keys, jpgs, captions = [], [], []
     if keys:
-        yield Batch(keys, jpgs, captions)
+        yield batch()
 
 
 def _prefetched(batches: Iterator[Batch], depth: int = 2) -> Iterator[Batch]:
@@ -148,7 +153,8 @@ class ClipScorer:
             else:
                 pixels, errors = self._pixels_cpu(batch.jpgs)
             ok = [i for i, e in enumerate(errors) if e is None]
-            tokens = clip.tokenizer(batch.captions).to(clip.device, non_blocking=True)
+            tokens = batch.tokens if batch.tokens is not None else clip.tokenizer(batch.captions)
+            tokens = tokens.to(clip.device, non_blocking=True)
             text = clip.model.encode_text(tokens, normalize=True).float()
             dim = text.shape[1]
             image = torch.zeros((len(batch.jpgs), dim), device=clip.device)
@@ -268,7 +274,8 @@ def score_shard(shard_id: int, downloaded: dict, download_dir: str, emb_dir: str
     scorer = _scorers.setdefault(key, ClipScorer(cfg))
     keys, sims, img_parts, txt_parts, statuses, reasons = [], [], [], [], [], []
     tar_path = Path(download_dir) / f"{shard_name(shard_id)}.tar"
-    for batch in _prefetched(_batches(tar_path, cfg.batch_size)):
+    # Reading the tar and tokenizing run in the prefetch thread while the model computes.
+    for batch in _prefetched(_batches(tar_path, cfg.batch_size, scorer.clip.tokenizer)):
         img, txt, errors = scorer.embed(batch)
         sim = (img * txt).sum(axis=1)
         for k, s, e in zip(batch.keys, sim, errors):
