@@ -50,6 +50,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.download import cpu_name  # noqa: E402
 from pipeline.shards import sample_key, shard_name  # noqa: E402
 from pipeline.synthetic import photo_like_jpeg  # noqa: E402
 from pipeline.tarshard import TarShardWriter, iter_tar_samples  # noqa: E402
@@ -483,18 +484,6 @@ def _gpu_path_on_cpu(clip, tar_path: Path, model: str) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------- main
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
 
 
 def _version(package: str) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -57,6 +59,26 @@ def write_config(path: Path, urls: Path | str, output: Path, **sections) -> Path
 def curate_command(*args: str) -> list[str]:
     """The installed CLI, run as a user would (a fresh process)."""
     return [sys.executable, "-m", "pipeline.cli", *args]
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """Kill a process started with start_new_session=True and everything it spawned."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
+
+
+def run_curate(args: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the CLI in its own process group; whatever it spawned dies with it."""
+    proc = subprocess.Popen(curate_command(*args), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        kill_group(proc)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @pytest.fixture()

@@ -8,7 +8,6 @@ afterwards, so the slow one (waiting for an unreachable scheduler) overlaps the 
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import curate_command, write_config
+from conftest import curate_command, kill_group, write_config
 
 INSTALLED = Path(sys.executable).parent / "curate"
 
@@ -125,11 +124,7 @@ def finish(proc: subprocess.Popen, timeout: float = 90) -> subprocess.CompletedP
     try:
         out, err = proc.communicate(timeout=timeout)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=10)
+        kill_group(proc)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 from distributed import Client
 
-from conftest import curate_command, write_config
+from conftest import kill_group, run_curate, write_config
 from pipeline.tarshard import iter_tar_samples
 
 DASK = str(Path(sys.executable).parent / "dask")
@@ -26,24 +25,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=10)
-
-
-def run_curate(args: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(curate_command(*args), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        kill_group(proc)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def written_samples(out: Path) -> dict[str, str]:

@@ -15,29 +15,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import curate_command, write_config
+from conftest import curate_command, kill_group, run_curate, write_config
 
 ROWS, ROWS_PER_SHARD = 300, 50
 N_SHARDS = ROWS // ROWS_PER_SHARD
 TIMING_KEYS = {"duration_seconds", "rows_per_second", "images_per_second", "task_seconds_by_stage"}
-
-
-def run_curate(args: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(curate_command(*args), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        kill_group(proc)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=10)
 
 
 def live_members(pgid: int) -> list[int]:

@@ -7,8 +7,6 @@ import hashlib
 import io
 import json
 import os
-import signal
-import subprocess
 import urllib.request
 from pathlib import Path
 
@@ -18,27 +16,12 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from conftest import curate_command, write_config
+from conftest import run_curate, write_config
 from pipeline.config import load_config
 
 IMAGE_SIZE = 128
 MIN_WORDS = 9  # splits the synthetic captions (7 to 13 words) into kept and dropped
 CAPTION_REASON = f"caption_too_short: <{MIN_WORDS} words"
-
-
-def run_curate(args: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run the CLI in its own process group; whatever it spawned dies with it."""
-    proc = subprocess.Popen(curate_command(*args), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=10)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def served_sha256(url: str) -> str:

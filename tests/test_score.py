@@ -10,7 +10,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from PIL import Image
 
 from pipeline.clip_model import TINY_CLIP, TINY_CLIP_DIR
 from pipeline.config import ClipConfig
@@ -26,7 +25,7 @@ from pipeline.score import (
 from pipeline.shards import sample_key
 from pipeline.synthetic import caption, random_scene, render, wrong_caption
 from pipeline.tarshard import TarShardWriter
-from tests.conftest import curate_command, write_config
+from conftest import curate_command, write_config
 
 pytestmark = pytest.mark.skipif(not (TINY_CLIP_DIR / "open_clip_config.json").exists(), reason="tiny CLIP not built")
 
