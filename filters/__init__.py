@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from filters.base import Filter, apply_chain
+from filters.base import STAGES, Filter, apply_chain, chain_counts, is_safety_reason
 from filters.caption import CaptionLength
 from filters.clip import ClipSimilarity
 
@@ -40,4 +40,17 @@ def build_chain(specs: list[dict]) -> list[Filter]:
     return chain
 
 
-__all__ = ["FILTERS", "Filter", "FilterConfigError", "apply_chain", "build_chain"]
+def build_stage_chain(specs: list[dict], stage: str, context: dict | None = None) -> list[Filter]:
+    """The configured filters that run at `stage` ("row", "bytes" or "sample"), in YAML
+    order, each set up with `context` (see Filter.setup)."""
+    assert stage in STAGES, stage
+    chain = [f for f in build_chain(specs) if f.stage == stage]
+    for f in chain:
+        f.setup(context or {})
+    return chain
+
+
+__all__ = [
+    "FILTERS", "Filter", "FilterConfigError", "apply_chain", "build_chain", "build_stage_chain",
+    "chain_counts", "is_safety_reason",
+]

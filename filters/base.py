@@ -5,18 +5,45 @@ parameter in the YAML is an error naming it), and `keep(sample)` answers True or
 (False, reason). Calling the filter counts kept and dropped-per-reason by itself,
 so every filter's effect shows up in the shard's stats without any code of its own.
 
-A sample is a dict: `key`, `jpg` (bytes of the normalized image), `caption`, and
-`meta` (the json written beside the image; filters may add scores to it).
+When a filter runs is its `stage`, chosen by what it needs to look at:
+
+- "row":    only the input row (`key`, `url`, `caption`, `meta` = the input's extra
+            columns). Runs in the download stage BEFORE the image is fetched, so a
+            dropped row costs no bandwidth (caption rules, URL and keyword blocklists,
+            LAION's punsafe / pwatermark columns).
+- "bytes":  also `data`, the original image bytes as fetched, and their `sha256`. Runs
+            in the download stage before anything is stored (the image hash blocklist:
+            a matched image is never written anywhere).
+- "sample": the normalized image (`jpg` bytes), `meta` (the json written beside it,
+            with sizes, sha256 and scores), and, when the score stage ran, `img_emb` /
+            `text_emb` (L2-normalized float32 CLIP embeddings). Runs in the write stage.
+
+Within a stage filters run in the order of the YAML list; the stages run in the order
+above. A filter may also change the sample (clean the caption, resize the image, add
+a score to `meta`, or add tar members to `sample["extra"]` as {extension: bytes}).
+
+Reasons of safety filters start with "unsafe:" (see `is_safety_reason`): the report
+never shows the images of such rows.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr
 
 Decision = Union[bool, tuple[bool, str]]
+Stage = Literal["row", "bytes", "sample"]
+STAGES: tuple[str, ...] = ("row", "bytes", "sample")
+
+SAFETY_PREFIX = "unsafe"
+
+
+def is_safety_reason(reason: Optional[str]) -> bool:
+    """True for rejections made for safety (their images are never shown or stored)."""
+    return bool(reason) and reason.startswith(SAFETY_PREFIX)
 
 
 class Filter(BaseModel):
@@ -24,8 +51,19 @@ class Filter(BaseModel):
 
     # The name used in the YAML `filters:` list.
     name: ClassVar[str]
+    # When it runs: see the module docstring.
+    stage: ClassVar[Stage] = "sample"
+    # Needs the score stage (CLIP scores or embeddings): the config then requires clip.enabled.
+    needs_clip: ClassVar[bool] = False
 
     _counts: Counter = PrivateAttr(default_factory=Counter)
+    # "bytes" filters run in the download threads; the counts must not race.
+    _lock: Any = PrivateAttr(default_factory=threading.Lock)
+
+    def setup(self, context: dict[str, Any]) -> None:
+        """Called once before a shard is filtered. `context` holds `clip` (the run's
+        ClipConfig) and `root` (the run folder). Load models lazily here, cached per
+        process, never per sample."""
 
     def keep(self, sample: dict[str, Any]) -> Decision:
         raise NotImplementedError
@@ -34,10 +72,12 @@ class Filter(BaseModel):
         """Apply the filter; returns None to keep, or the drop reason."""
         decision = self.keep(sample)
         if decision is True or decision == (True, ""):
-            self._counts["kept"] += 1
-            return None
-        reason = decision[1] if isinstance(decision, tuple) else self.name
-        self._counts[f"dropped: {reason}"] += 1
+            reason, label = None, "kept"
+        else:
+            reason = decision[1] if isinstance(decision, tuple) else self.name
+            label = f"dropped: {reason}"
+        with self._lock:
+            self._counts[label] += 1
         return reason
 
     @property
@@ -52,3 +92,8 @@ def apply_chain(chain: list[Filter], sample: dict[str, Any]) -> Optional[str]:
         if reason is not None:
             return reason
     return None
+
+
+def chain_counts(chain: list[Filter]) -> dict[str, dict[str, int]]:
+    """Per-filter counts of a chain, for a shard's stats."""
+    return {f.name: f.counts for f in chain}

@@ -13,6 +13,7 @@ class CaptionLength(Filter):
     """Drop captions with too few or too many words or characters."""
 
     name = "caption_length"
+    stage = "row"  # needs no image: rows it drops are never downloaded
     min_words: int = Field(0, ge=0)
     max_words: Optional[int] = Field(None, ge=1)
     min_chars: int = Field(0, ge=0)

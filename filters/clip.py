@@ -19,6 +19,7 @@ class ClipSimilarity(Filter):
     """
 
     name = "clip_similarity"
+    needs_clip = True
     min_similarity: Optional[float] = Field(None, ge=-1, le=1)
     top_fraction: Optional[float] = Field(None, gt=0, le=1)
 

@@ -15,7 +15,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from filters import FilterConfigError, build_chain
+from filters import FILTERS, FilterConfigError, build_chain
 from pipeline.errors import UserError
 
 
@@ -207,13 +207,13 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         config = RunConfig.model_validate(data)
     except ValidationError as exc:
         raise UserError(f"{path}: {validation_message(exc)}") from exc
-    for i, spec in enumerate(config.filter_specs()):
-        if spec["name"] == "clip_similarity" and not config.clip.enabled:
-            raise UserError(f"{path}: filters.{i}: clip_similarity needs clip.enabled: true")
     try:
         build_chain(config.filter_specs())  # a misspelled filter or parameter fails here, before any work
     except FilterConfigError as exc:
         raise UserError(f"{path}: {exc}") from exc
+    for i, spec in enumerate(config.filter_specs()):
+        if FILTERS[spec["name"]].needs_clip and not config.clip.enabled:
+            raise UserError(f"{path}: filters.{i}: {spec['name']} needs clip.enabled: true")
     return config
 
 

@@ -11,12 +11,14 @@ import hashlib
 import json
 import time
 from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from filters import apply_chain, build_stage_chain, chain_counts
+from filters.base import Filter
 from pipeline.config import RunConfig
 from pipeline.fetch import fetch
 from pipeline.image import ImageRejected, normalize_image
@@ -31,8 +33,8 @@ RECORD_COLUMNS = [
 ]
 
 
-def _process_row(row: dict, cfg: RunConfig) -> tuple[dict, bytes | None]:
-    """Fetch and normalize one row. Never raises: a failure is a rejection with a reason."""
+def _process_row(row: dict, cfg: RunConfig, bytes_chain: list[Filter]) -> tuple[dict, bytes | None]:
+    """Fetch, check and normalize one row. Never raises: a failure is a rejection with a reason."""
     record = {"status": "rejected"}
     got = fetch(row["url"], cfg.download)
     if not got.ok:
@@ -40,6 +42,13 @@ def _process_row(row: dict, cfg: RunConfig) -> tuple[dict, bytes | None]:
         return record, None
     record["sha256"] = hashlib.sha256(got.data).hexdigest()
     record["bytes"] = len(got.data)
+    if bytes_chain:
+        # Before anything is stored: an image these filters drop is never written anywhere.
+        sample = {**row, "data": got.data, "sha256": record["sha256"]}
+        reason = apply_chain(bytes_chain, sample)
+        if reason is not None:
+            record.update(reason=reason, error_message=None)
+            return record, None
     try:
         img = normalize_image(got.data, cfg.resize)
     except ImageRejected as exc:
@@ -71,6 +80,9 @@ def download_shard(input_path: str, shard_id: int, stage_dir: str, cfg: RunConfi
 
     rows = read_input_shard(Path(input_path)).to_pylist()
     extra_cols = list(cfg.input.extra_cols)
+    context = {"clip": cfg.clip, "root": str(stage_dir)}
+    row_chain = build_stage_chain(cfg.filter_specs(), "row", context)
+    bytes_chain = build_stage_chain(cfg.filter_specs(), "bytes", context)
     records: list[dict] = []
     reasons: Counter = Counter()
     name = shard_name(shard_id)
@@ -84,7 +96,18 @@ def download_shard(input_path: str, shard_id: int, stage_dir: str, cfg: RunConfi
 
             def submit_next() -> None:
                 for index, row in todo:
-                    window.append((index, row, pool.submit(_process_row, row, cfg)))
+                    sample = {
+                        "key": sample_key(shard_id, index), "url": row["url"], "caption": row["caption"],
+                        "meta": {c: row.get(c) for c in extra_cols},
+                    }
+                    # Rows the row filters drop are never fetched.
+                    reason = apply_chain(row_chain, sample) if row_chain else None
+                    if reason is not None:
+                        done = Future()
+                        done.set_result(({"status": "rejected", "reason": reason, "error_message": None}, None))
+                        window.append((index, sample, done))
+                        continue
+                    window.append((index, sample, pool.submit(_process_row, sample, cfg, bytes_chain)))
                     return
 
             for _ in range(limit):
@@ -94,11 +117,11 @@ def download_shard(input_path: str, shard_id: int, stage_dir: str, cfg: RunConfi
                 submit_next()
                 outcome, image = future.result()
                 record = {
-                    "key": sample_key(shard_id, index),
+                    "key": row["key"],
                     "url": row["url"],
-                    "caption": row["caption"],
+                    "caption": row["caption"],  # as the row filters left it (e.g. cleaned)
                     **outcome,
-                    **{c: row.get(c) for c in extra_cols},
+                    **row["meta"],
                 }
                 records.append(record)
                 if image is None:
@@ -116,6 +139,7 @@ def download_shard(input_path: str, shard_id: int, stage_dir: str, cfg: RunConfi
         "ok": sum(1 for r in records if r["status"] == "ok"),
         "rejected": dict(reasons),
         "bytes_downloaded": sum(r.get("bytes") or 0 for r in records),
+        "filters": {**chain_counts(row_chain), **chain_counts(bytes_chain)},
         "seconds": round(time.time() - started, 3),
     }
     mark_done(stage_dir, shard_id, stats)

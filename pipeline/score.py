@@ -316,6 +316,15 @@ def score_shard(shard_id: int, downloaded: dict, download_dir: str, emb_dir: str
     return stats
 
 
+def read_embeddings(emb_dir: Path, shard_id: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """key → (image embedding, text embedding), float32 and L2-normalized, for one scored shard."""
+    out = score_outputs(Path(emb_dir), shard_id)
+    keys = pq.read_table(out["metadata"], columns=["key"]).column("key").to_pylist()
+    img = np.load(out["img_emb"]).astype(np.float32)
+    txt = np.load(out["text_emb"]).astype(np.float32)
+    return {k: (img[i], txt[i]) for i, k in enumerate(keys)}
+
+
 def read_scores(emb_dir: Path, shard_id: int) -> dict[str, tuple[Optional[float], str, Optional[str]]]:
     """key → (clip_similarity, clip_model, rejection reason or None) for one scored shard."""
     table = pq.read_table(score_outputs(Path(emb_dir), shard_id)["metadata"])

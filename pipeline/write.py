@@ -14,12 +14,11 @@ from collections import Counter
 
 import pyarrow.parquet as pq
 
-from filters import build_chain
-from filters.base import apply_chain
+from filters import apply_chain, build_stage_chain, chain_counts
 from pipeline.config import RunConfig
 from pipeline.download import records_table, sample_meta
 from pipeline.layout import RunLayout
-from pipeline.score import read_scores
+from pipeline.score import read_embeddings, read_scores
 from pipeline.shards import atomic_path, clean_shard, is_done, mark_done, read_marker, remove_shard, shard_name
 from pipeline.tarshard import TarShardWriter, iter_tar_samples
 
@@ -43,8 +42,10 @@ def write_shard(shard_id: int, upstream: dict, root: str, cfg: RunConfig, filter
     name = shard_name(shard_id)
 
     records = pq.read_table(download_dir / f"{name}.parquet").to_pylist()
-    chain = build_chain(filter_specs)
+    chain = build_stage_chain(filter_specs, "sample", {"clip": cfg.clip, "root": str(layout.root)})
     scores = read_scores(layout.embeddings, shard_id) if scored is not None else {}
+    # Row-aligned CLIP embeddings, for filters that reuse them (safety and aesthetic heads, dedup).
+    embeddings = read_embeddings(layout.embeddings, shard_id) if scored is not None else {}
     raw_samples = iter_tar_samples(download_dir / f"{name}.tar")
     reasons: Counter = Counter()
 
@@ -65,11 +66,14 @@ def write_shard(shard_id: int, upstream: dict, root: str, cfg: RunConfig, filter
                         reasons[failure] += 1
                         continue
                     meta.update(clip_similarity=round(similarity, 5), clip_model=model)
-                sample = {"key": key, "jpg": fields["jpg"], "caption": record["caption"], "meta": meta}
+                sample = {"key": key, "jpg": fields["jpg"], "caption": record["caption"], "meta": meta, "extra": {}}
+                if key in embeddings:
+                    sample["img_emb"], sample["text_emb"] = embeddings[key]
                 reason = apply_chain(chain, sample)
                 # Scores land in the parquet for dropped rows too: they are what a user
-                # looks at to tune a threshold.
-                record.update({k: v for k, v in meta.items() if k not in record})
+                # looks at to tune a threshold. Filters may have changed sizes or the caption.
+                record.update(sample["meta"])
+                record["caption"] = sample["caption"]
                 if reason is not None:
                     record.update(status="rejected", reason=reason, error_message=None)
                     reasons[reason] += 1
@@ -78,6 +82,7 @@ def write_shard(shard_id: int, upstream: dict, root: str, cfg: RunConfig, filter
                     "jpg": sample["jpg"],
                     "txt": (record["caption"] or "").encode(),
                     "json": json.dumps(sample_meta(record), default=str, sort_keys=True).encode(),
+                    **sample["extra"],
                 })
 
     with atomic_path(out_dir / f"{name}.parquet") as pq_tmp:
@@ -89,7 +94,8 @@ def write_shard(shard_id: int, upstream: dict, root: str, cfg: RunConfig, filter
         "rows": len(records),
         "written": written,
         "rejected": dict(reasons),
-        "filters": {f.name: f.counts for f in chain},
+        # Download-stage filters (row, bytes) first, then this stage's: the chain's order.
+        "filters": {**downloaded.get("filters", {}), **chain_counts(chain)},
         "bytes_downloaded": downloaded.get("bytes_downloaded", 0),
         "seconds": {
             "download": downloaded.get("seconds", 0.0),
