@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from pipeline.clip_text import can_trim_text, fast_tokenizer
 from pipeline.errors import UserError
 
 TINY_CLIP_DIR = Path(__file__).resolve().parent / "assets" / "tiny-clip"
@@ -32,15 +33,28 @@ _lock = threading.Lock()
 class LoadedClip:
     model: Any  # open_clip.CLIP, in eval mode on `device`
     preprocess: Any  # the model's own eval transform (PIL image → tensor)
-    tokenizer: Any
+    tokenizer: Any  # open_clip's tokenizer, or a faster one giving the same ids (pipeline/clip_text.py)
     device: str
     dtype: Any  # torch dtype of the forward pass
     name: str  # recorded beside each score
+    trim_text: bool = False  # padding can be cut from the text tower's input (same result)
 
     @property
     def image_size(self) -> int:
         size = self.model.visual.image_size
         return size[0] if isinstance(size, (tuple, list)) else int(size)
+
+    def encode_text(self, tokens):
+        """L2-normalized text embeddings of token ids already on `device`."""
+        from pipeline.clip_text import encode_text_trimmed, trim_tokens
+
+        if self.trim_text:
+            return encode_text_trimmed(self.model, trim_tokens(tokens))
+        return self.model.encode_text(tokens, normalize=True)
+
+    def encode_image(self, pixels):
+        """L2-normalized image embeddings of preprocessed pixels on `device`."""
+        return self.model.encode_image(pixels.to(self.dtype), normalize=True)
 
 
 def resolve_device(device: str) -> str:
@@ -81,6 +95,25 @@ def check_model_source(model: str, pretrained: Optional[str]) -> None:
         raise UserError(f"clip.pretrained: {model} has no pretrained tag {pretrained!r}")
 
 
+def embedding_dim(model: str) -> Optional[int]:
+    """The model's embedding size, read from its config without loading it; None where that
+    needs a download (hf-hub:) or the model is unknown."""
+    import json
+
+    if model.startswith("local-dir:"):
+        config = Path(model[len("local-dir:"):]) / "open_clip_config.json"
+        try:
+            return int(json.loads(config.read_text())["model_cfg"]["embed_dim"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    if model.startswith("hf-hub:"):
+        return None
+    import open_clip
+
+    config = open_clip.get_model_config(model)
+    return int(config["embed_dim"]) if config else None
+
+
 def load_clip(model: str, pretrained: Optional[str] = None, device: str = "auto", precision: str = "auto") -> LoadedClip:
     """The model for these settings, loaded at most once per process (thread-safe)."""
     device = resolve_device(device)
@@ -104,6 +137,6 @@ def _load(model: str, pretrained: Optional[str], device: str, precision: str) ->
     dtype = resolve_dtype(precision, device)
     if dtype != torch.float32:
         clip = clip.to(dtype)
-    tokenizer = open_clip.get_tokenizer(model)
+    tokenizer = fast_tokenizer(open_clip.get_tokenizer(model))
     name = model if has_schema or not pretrained else f"{model}/{Path(pretrained).name}"
-    return LoadedClip(clip, preprocess, tokenizer, device, dtype, name)
+    return LoadedClip(clip, preprocess, tokenizer, device, dtype, name, trim_text=can_trim_text(clip))

@@ -142,25 +142,72 @@ class ClipScorer:
         return self.clip.device.startswith("cuda")
 
     def embed(self, batch: Batch) -> tuple[np.ndarray, np.ndarray, list[Optional[str]]]:
-        """(image embeddings, text embeddings, per-sample decode error or None); rows of failed
-        images are zeros."""
+        """(image embeddings, text embeddings, per-sample decode error or None) of one batch;
+        rows of failed images are zeros."""
+        import torch
+
+        with torch.inference_mode():
+            pixels, tokens, errors = self._inputs(batch)
+            image, text = self._forward(pixels, tokens, errors)
+        return image.float().cpu().numpy(), text.float().cpu().numpy(), errors
+
+    def embed_all(self, batches: Iterator[Batch]) -> Iterator[tuple[Batch, np.ndarray, np.ndarray, list[Optional[str]]]]:
+        """`embed` over many batches, in order. On a GPU, decoding and preprocessing run in a
+        thread on their own CUDA stream while the model computes the previous batch, and
+        results stay on the GPU until the end, so nothing waits for a copy per batch."""
+        if not self.on_gpu:
+            for batch in batches:
+                yield (batch, *self.embed(batch))
+            return
+        import torch
+
+        device = self.clip.device
+        side_stream = torch.cuda.Stream(device=device)
+
+        def prepare(batch: Batch):  # runs in the prefetch thread
+            with torch.cuda.stream(side_stream), torch.inference_mode():
+                pixels, tokens, errors = self._inputs(batch)
+                ready = torch.cuda.Event()
+                ready.record(side_stream)
+            return batch, pixels, tokens, errors, ready
+
+        pending = []
+        main = torch.cuda.current_stream(device)
+        for batch, pixels, tokens, errors, ready in _prefetched(map(prepare, batches)):
+            main.wait_event(ready)
+            for t in (pixels, tokens):
+                if t is not None:
+                    t.record_stream(main)  # memory made on the side stream, used on this one
+            with torch.inference_mode():
+                image, text = self._forward(pixels, tokens, errors)
+            pending.append((batch, image, text, errors))
+        for batch, image, text, errors in pending:
+            yield batch, image.float().cpu().numpy(), text.float().cpu().numpy(), errors
+
+    def _inputs(self, batch: Batch):
+        """(pixels on device or None, token ids on device, per-image decode errors)."""
+        clip = self.clip
+        if self.on_gpu and self.cfg.gpu_decode:
+            pixels, errors = self._pixels_gpu(batch.jpgs)
+        else:
+            pixels, errors = self._pixels_cpu(batch.jpgs)
+        if pixels is not None:
+            pixels = pixels.to(clip.dtype)
+        tokens = batch.tokens if batch.tokens is not None else clip.tokenizer(batch.captions)
+        if clip.device.startswith("cuda"):
+            tokens = tokens.pin_memory()
+        return pixels, tokens.to(clip.device, non_blocking=True), errors
+
+    def _forward(self, pixels, tokens, errors):
         import torch
 
         clip = self.clip
-        with torch.inference_mode():
-            if self.on_gpu and self.cfg.gpu_decode:
-                pixels, errors = self._pixels_gpu(batch.jpgs)
-            else:
-                pixels, errors = self._pixels_cpu(batch.jpgs)
-            ok = [i for i, e in enumerate(errors) if e is None]
-            tokens = batch.tokens if batch.tokens is not None else clip.tokenizer(batch.captions)
-            tokens = tokens.to(clip.device, non_blocking=True)
-            text = clip.model.encode_text(tokens, normalize=True).float()
-            dim = text.shape[1]
-            image = torch.zeros((len(batch.jpgs), dim), device=clip.device)
-            if ok:
-                image[ok] = clip.model.encode_image(pixels.to(clip.dtype), normalize=True).float()
-        return image.cpu().numpy(), text.cpu().numpy(), errors
+        text = clip.encode_text(tokens).float()
+        image = torch.zeros((len(errors), text.shape[1]), device=clip.device)
+        ok = [i for i, e in enumerate(errors) if e is None]
+        if ok:
+            image[ok] = clip.encode_image(pixels).float()
+        return image, text
 
     def _pixels_cpu(self, jpgs: list[bytes]):
         import torch
@@ -275,8 +322,7 @@ def score_shard(shard_id: int, downloaded: dict, download_dir: str, emb_dir: str
     keys, sims, img_parts, txt_parts, statuses, reasons = [], [], [], [], [], []
     tar_path = Path(download_dir) / f"{shard_name(shard_id)}.tar"
     # Reading the tar and tokenizing run in the prefetch thread while the model computes.
-    for batch in _prefetched(_batches(tar_path, cfg.batch_size, scorer.clip.tokenizer)):
-        img, txt, errors = scorer.embed(batch)
+    for batch, img, txt, errors in scorer.embed_all(_prefetched(_batches(tar_path, cfg.batch_size, scorer.clip.tokenizer))):
         sim = (img * txt).sum(axis=1)
         for k, s, e in zip(batch.keys, sim, errors):
             keys.append(k)

@@ -40,16 +40,67 @@ class TarShardWriter:
 def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield (key, {ext: bytes}) in file order, the way webdataset groups members."""
     key, fields = None, {}
-    with tarfile.open(path, "r") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            base = member.name.rsplit("/", 1)[-1]
-            member_key, _, ext = base.partition(".")
-            if member_key != key:
-                if key is not None:
-                    yield key, fields
-                key, fields = member_key, {}
-            fields[ext] = tar.extractfile(member).read()
+    for name, data in _iter_members(path):
+        base = name.rsplit("/", 1)[-1]
+        member_key, _, ext = base.partition(".")
+        if member_key != key:
+            if key is not None:
+                yield key, fields
+            key, fields = member_key, {}
+        fields[ext] = data
     if key is not None:
         yield key, fields
+
+
+def _iter_members(path: Path) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each regular file member.
+
+    Plain ustar file headers (what TarShardWriter writes) are parsed here directly, several
+    times faster than `tarfile`, which matters when the score stage reads tens of thousands
+    of samples a second. At the first header of any other kind (pax, GNU long names, links,
+    base-256 sizes) the rest of the file is handed to `tarfile`.
+    """
+    with open(path, "rb") as f:
+        while True:
+            header = f.read(BLOCK)
+            if len(header) < BLOCK or header == _ZERO_BLOCK:
+                return
+            parsed = _plain_file_header(header)
+            if parsed is None:
+                f.seek(-BLOCK, io.SEEK_CUR)
+                with tarfile.open(fileobj=f, mode="r|") as tar:
+                    for member in tar:
+                        if member.isfile():
+                            yield member.name, tar.extractfile(member).read()
+                return
+            name, size = parsed
+            data = f.read(size)
+            if len(data) < size:
+                raise tarfile.ReadError(f"{path}: truncated member {name}")
+            f.seek(-size % BLOCK, io.SEEK_CUR)
+            yield name, data
+
+
+BLOCK = 512
+_ZERO_BLOCK = bytes(BLOCK)
+
+
+def _plain_file_header(header: bytes) -> tuple[str, int] | None:
+    """(name, size) of a ustar regular-file header with a valid checksum, else None."""
+    if header[156:157] not in (b"0", b"\0") or header[257:262] != b"ustar":
+        return None
+    size_field, checksum_field = header[124:136], header[148:156]
+    if size_field[:1] in (b"\x80", b"\xff"):  # base-256 size: leave it to tarfile
+        return None
+    try:
+        size = int(size_field.split(b"\0", 1)[0].strip() or b"0", 8)
+        checksum = int(checksum_field.split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        return None
+    if checksum != sum(header[:148]) + 8 * 32 + sum(header[156:]):
+        return None
+    name = header[:100].split(b"\0", 1)[0]
+    prefix = header[345:500].split(b"\0", 1)[0]
+    if prefix:
+        name = prefix + b"/" + name
+    return name.decode("utf-8", "surrogateescape"), size
