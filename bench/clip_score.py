@@ -627,8 +627,8 @@ def render(rows: list[dict], args, info: dict, device: str, device_name: str, to
     lines.append("")
     stages = [r for r in rows if "stages" in r]
     if stages:
-        lines.append("curate's stages, each alone on shard 0 in one process (images/s; in score.py three threads "
-                     "overlap: tar reading + tokenizing, decoding + preprocessing on a side CUDA stream, and the "
+        lines.append("curate's stages, each alone on shard 0 in one process (images/s; in score.py these overlap: "
+                     "tar reading + tokenizing in one thread, decoding + preprocessing in two threads on side CUDA streams, and the "
                      "model): "
                      + "; ".join(f"{r['model']}: tar read + json {fmt_rate(r['stages']['read'])}, tokenizer "
                                  f"{fmt_rate(r['stages']['tokenize'])}, {r['stages']['decode_what']} "

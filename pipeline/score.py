@@ -20,10 +20,13 @@ Two image paths that give the same scores (within 0.01):
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import queue
 import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -36,6 +39,11 @@ from pipeline.clip_model import LoadedClip, load_clip
 from pipeline.config import ClipConfig
 from pipeline.shards import atomic_path, is_done, mark_done, read_marker, shard_name
 from pipeline.tarshard import iter_tar_samples
+
+# Threads decoding and preprocessing batches on the GPU while the model runs: nvJPEG's
+# CPU-side Huffman decoding is the slow part, and two threads decode ~1.35x faster than one
+# (H200 host: 16,700 → 22,300 images/s; four threads are no faster).
+PREPARE_THREADS = 2
 
 # Fixed bins over [-1, 1] for similarity histograms: merged across shards, they give
 # the dataset-wide quantile for `top_fraction` without holding any scores in memory.
@@ -152,9 +160,10 @@ class ClipScorer:
         return image.float().cpu().numpy(), text.float().cpu().numpy(), errors
 
     def embed_all(self, batches: Iterator[Batch]) -> Iterator[tuple[Batch, np.ndarray, np.ndarray, list[Optional[str]]]]:
-        """`embed` over many batches, in order. On a GPU, decoding and preprocessing run in a
-        thread on their own CUDA stream while the model computes the previous batch, and
-        results stay on the GPU until the end, so nothing waits for a copy per batch."""
+        """`embed` over many batches, in order. On a GPU, decoding and preprocessing run in
+        PREPARE_THREADS threads, each on its own CUDA stream, while the model computes the
+        previous batch; results stay on the GPU until the end, so nothing waits for a copy
+        per batch."""
         if not self.on_gpu:
             for batch in batches:
                 yield (batch, *self.embed(batch))
@@ -162,26 +171,37 @@ class ClipScorer:
         import torch
 
         device = self.clip.device
-        side_stream = torch.cuda.Stream(device=device)
+        local = threading.local()
 
-        def prepare(batch: Batch):  # runs in the prefetch thread
-            with torch.cuda.stream(side_stream), torch.inference_mode():
+        def prepare(batch: Batch):  # runs in a pool thread, on that thread's own CUDA stream
+            stream = getattr(local, "stream", None)
+            if stream is None:
+                stream = local.stream = torch.cuda.Stream(device=device)
+            with torch.cuda.stream(stream), torch.inference_mode():
                 pixels, tokens, errors = self._inputs(batch)
                 ready = torch.cuda.Event()
-                ready.record(side_stream)
+                ready.record(stream)
             return batch, pixels, tokens, errors, ready
 
-        pending = []
+        results = []
         main = torch.cuda.current_stream(device)
-        for batch, pixels, tokens, errors, ready in _prefetched(map(prepare, batches)):
-            main.wait_event(ready)
-            for t in (pixels, tokens):
-                if t is not None:
-                    t.record_stream(main)  # memory made on the side stream, used on this one
-            with torch.inference_mode():
-                image, text = self._forward(pixels, tokens, errors)
-            pending.append((batch, image, text, errors))
-        for batch, image, text, errors in pending:
+        source = iter(batches)
+        with ThreadPoolExecutor(PREPARE_THREADS) as pool:
+            # In order, a few batches ahead: the model never waits for a decode it could overlap.
+            window = deque(pool.submit(prepare, b) for b in itertools.islice(source, PREPARE_THREADS + 1))
+            while window:
+                batch, pixels, tokens, errors, ready = window.popleft().result()
+                following = next(source, None)
+                if following is not None:
+                    window.append(pool.submit(prepare, following))
+                main.wait_event(ready)
+                for t in (pixels, tokens):
+                    if t is not None:
+                        t.record_stream(main)  # memory made on a side stream, used on this one
+                with torch.inference_mode():
+                    image, text = self._forward(pixels, tokens, errors)
+                results.append((batch, image, text, errors))
+        for batch, image, text, errors in results:
             yield batch, image.float().cpu().numpy(), text.float().cpu().numpy(), errors
 
     def _inputs(self, batch: Batch):
