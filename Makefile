@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench-download clean
+.PHONY: venv demo train-demo test bench-download clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,15 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m pipeline.demo
 
+# Fine-tunes curate's tiny latent diffusion model on the demo's shards (CPU, a few minutes).
+train-demo: $(STAMP)
+	@test -d demo-output/shards || $(MAKE) demo
+	$(BIN)/python -m pipeline.cli train configs/train-demo.yaml
+
 test: $(STAMP)
+	# tests/test_report.py opens the run report in Debian's headless Chromium.
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; fi
 	$(BIN)/python -m pytest -q
 
 bench-download: $(STAMP)

@@ -248,7 +248,8 @@ def run_baseline(model_name: str, tars: list[Path], device: str, workers: int, b
     import webdataset as wds
 
     started = time.perf_counter()
-    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None, device=device)
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        model_name, pretrained=None, device=device, weights_only=True)
     model.eval()
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     model = model.to(dtype)

@@ -9,10 +9,34 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 from filters.base import STAGES, Filter, apply_chain, chain_counts, is_safety_reason
-from filters.caption import CaptionLength
+from filters.blocklist import CaptionBlocklist, UrlBlocklist
+from filters.caption import CaptionBoilerplate, CaptionClean, CaptionLanguage, CaptionLength
 from filters.clip import ClipSimilarity
+from filters.concepts import ConceptFilter
+from filters.dedup import Dedup
+from filters.hashes import HashBlocklist
+from filters.heads import AestheticHead, NsfwHead
+from filters.laion import LaionColumns
+from filters.latents import VaeLatents
+from filters.resolution import Resize, Resolution
 
-FILTERS: dict[str, type[Filter]] = {f.name: f for f in [CaptionLength, ClipSimilarity]}
+FILTERS: dict[str, type[Filter]] = {f.name: f for f in [
+    CaptionLength, ClipSimilarity,
+    Dedup,
+    CaptionClean,
+    CaptionBoilerplate,
+    CaptionLanguage,
+    CaptionBlocklist,
+    UrlBlocklist,
+    LaionColumns,
+    Resolution,
+    Resize,
+    VaeLatents,
+    NsfwHead,
+    AestheticHead,
+    ConceptFilter,
+    HashBlocklist,
+]}
 
 
 class FilterConfigError(ValueError):

@@ -62,8 +62,18 @@ class Filter(BaseModel):
 
     def setup(self, context: dict[str, Any]) -> None:
         """Called once before a shard is filtered. `context` holds `clip` (the run's
-        ClipConfig) and `root` (the run folder). Load models lazily here, cached per
-        process, never per sample."""
+        ClipConfig), `root` (the run folder) and, in the write stage, `shard` (its id).
+        Load models lazily here, cached per process, never per sample."""
+
+    def input_columns(self) -> list[str]:
+        """Input columns this filter reads from `sample["meta"]`: the config must list them
+        in `input.extra_cols` (checked before any work starts)."""
+        return []
+
+    def check(self, context: dict[str, Any]) -> None:
+        """Called when the config is read, before any work, with `clip` (the run's
+        ClipConfig): raise ValueError for a parameter that does not fit the rest of the
+        config (a head's input size vs the CLIP model's). Must be cheap: load no model."""
 
     def keep(self, sample: dict[str, Any]) -> Decision:
         raise NotImplementedError

@@ -1,6 +1,10 @@
 """The `curate` command line.
 
     curate run CONFIG [--set key.path=value ...] [--overwrite]
+    curate stats OUTPUT_DIR          the funnel of a finished run, as a table
+    curate report OUTPUT_DIR         rebuild OUTPUT_DIR/report.html
+    curate inspect SHARD.tar [-n N]  the first N samples of a shard
+    curate train CONFIG [--set ...]  fine-tune a latent diffusion model on the shards (train/)
 
 Problems the user can fix end as one line on stderr and exit code 2; a traceback
 only with --debug.
@@ -23,6 +27,7 @@ def _print_summary(stats: dict, output: str) -> None:
     print(f"duration     {stats['duration_seconds']:>10.1f} s")
     print(f"throughput   {stats['rows_per_second'] or 0:>10.1f} rows/s, {stats['images_per_second'] or 0:.1f} images/s")
     print(f"output       {output}/shards  (stats: {output}/stats.json)")
+    print(f"report       {output}/report.html")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -32,6 +37,45 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     stats = run(cfg, overwrite=args.overwrite, progress=not args.no_progress)
     _print_summary(stats, cfg.output.path)
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from pipeline.report import format_funnel, open_run, read_config, read_stats
+
+    layout = open_run(args.output)
+    print(format_funnel(read_stats(layout), read_config(layout)))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.report import build_report
+
+    print(build_report(args.output))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from pipeline.report import describe_samples
+
+    print(describe_samples(args.shard, args.n))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import os
+
+    from train.config import load_train_config
+    from train.loop import train
+
+    cfg = load_train_config(args.config, args.set)
+    summary = train(cfg, overwrite=args.overwrite, until_step=args.until_step, progress=not args.no_progress)
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, one summary
+        rate = summary["images_per_second"]
+        print(f"\nsteps        {summary['step']:>10}" + ("" if summary["finished"] else "  (stopped; rerun to resume)"))
+        print(f"last loss    {summary['loss'] if summary['loss'] is not None else float('nan'):>10.4f}")
+        print(f"throughput   {rate or 0:>10.1f} images/s")
+        print(f"output       {summary['output']}" + ("/pipeline  (StableDiffusionPipeline.from_pretrained)" if summary["finished"] else ""))
     return 0
 
 
@@ -47,6 +91,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="delete the output folder and start over")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
+
+    stats = sub.add_parser("stats", help="print a finished run's funnel: rows in, per step and reason, written")
+    stats.add_argument("output", metavar="OUTPUT_DIR")
+    stats.set_defaults(func=cmd_stats)
+    report = sub.add_parser("report", help="rebuild OUTPUT_DIR/report.html (curate run writes it too)")
+    report.add_argument("output", metavar="OUTPUT_DIR")
+    report.set_defaults(func=cmd_report)
+    inspect = sub.add_parser("inspect", help="print the first samples of a WebDataset shard: key, caption, json")
+    inspect.add_argument("shard", metavar="SHARD.tar")
+    inspect.add_argument("-n", type=int, default=3, help="how many samples (default 3)")
+    inspect.set_defaults(func=cmd_inspect)
+
+    train = sub.add_parser("train", help="fine-tune a latent diffusion model (diffusers) on the shards; "
+                                         "several GPUs: torchrun --nproc-per-node N -m pipeline.cli train ...")
+    train.add_argument("config", help="YAML train config (see configs/train-*.yaml)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set training.steps=2000")
+    train.add_argument("--overwrite", action="store_true", help="delete the output folder and start over")
+    train.add_argument("--until-step", type=int, default=None, metavar="N",
+                       help="stop after step N with a checkpoint (a time-limited job); rerun to resume")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=cmd_train)
     return parser
 
 

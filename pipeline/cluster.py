@@ -35,7 +35,9 @@ def gpu_resources(client: Client) -> dict | None:
 
 
 def _local_cluster(cfg: DaskConfig, gpus: int):
-    common = dict(silence_logs=logging.ERROR)
+    # CRITICAL: a failed task reaches the client, which reports it once (one line for a
+    # full disk); the workers' own "Compute Failed" logs would repeat it with tracebacks.
+    common = dict(silence_logs=logging.CRITICAL)
     if not gpus:
         return LocalCluster(
             n_workers=cfg.n_workers or os.cpu_count() or 1,

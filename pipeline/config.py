@@ -208,12 +208,22 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     except ValidationError as exc:
         raise UserError(f"{path}: {validation_message(exc)}") from exc
     try:
-        build_chain(config.filter_specs())  # a misspelled filter or parameter fails here, before any work
+        chain = build_chain(config.filter_specs())  # a misspelled filter or parameter fails here, before any work
     except FilterConfigError as exc:
         raise UserError(f"{path}: {exc}") from exc
+    for i, f in enumerate(chain):
+        missing = [c for c in f.input_columns() if c not in config.input.extra_cols]
+        if missing:
+            raise UserError(f"{path}: filters.{i}: {f.name} reads input column(s) {', '.join(missing)}: "
+                            f"add them to input.extra_cols")
     for i, spec in enumerate(config.filter_specs()):
         if FILTERS[spec["name"]].needs_clip and not config.clip.enabled:
             raise UserError(f"{path}: filters.{i}: {spec['name']} needs clip.enabled: true")
+    for i, f in enumerate(chain):
+        try:
+            f.check({"clip": config.clip})  # e.g. a head's input size vs the CLIP model's
+        except ValueError as exc:
+            raise UserError(f"{path}: filters.{i}: {f.name}: {exc}") from exc
     return config
 
 

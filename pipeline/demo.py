@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         print("  final WebDataset shards and per-shard parquet:  demo-output/shards/")
         print("  totals per rejection reason:                    demo-output/stats.json")
         print("  the resolved config:                            demo-output/config.yaml")
+        # Last, so it is the line the user sees: the report is where thresholds get tuned.
+        print(f"\nThe run report (open it in a browser): {Path('demo-output', 'report.html').resolve()}")
     return code
 
 

@@ -36,6 +36,7 @@ import socketserver
 import sys
 import threading
 import time
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
@@ -83,7 +84,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         dev = self.server.dev
-        dev._count_request()
+        dev._count_request(self.path)
         url = urlsplit(self.path)
         # Split before unquoting, so that an encoded "/" inside a segment
         # (e.g. in a robots directive) cannot change the route's structure.
@@ -264,6 +265,9 @@ class DevServer:
         # Unbounded: the synthetic data sets it serves are small.
         self._cache: dict[str, bytes] = {}
         self._requests = 0
+        # GETs per request path, so a test can tell which URLs were fetched (bounded by the
+        # number of distinct paths, like the file cache).
+        self._path_requests: Counter[str] = Counter()
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -272,6 +276,12 @@ class DevServer:
         """Number of GET requests received so far (every route, every outcome)."""
         with self._lock:
             return self._requests
+
+    @property
+    def path_requests(self) -> Counter[str]:
+        """A copy of the number of GET requests per path (e.g. "/images/000001.jpg")."""
+        with self._lock:
+            return Counter(self._path_requests)
 
     @property
     def base_url(self) -> str:
@@ -311,9 +321,10 @@ class DevServer:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    def _count_request(self) -> None:
+    def _count_request(self, path: str) -> None:
         with self._lock:
             self._requests += 1
+            self._path_requests[path] += 1
 
     def _read(self, name: list[str]) -> bytes | None:
         """The bytes of root/NAME, or None if missing or outside root."""

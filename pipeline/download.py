@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from filters import apply_chain, build_stage_chain, chain_counts
 from filters.base import Filter
 from pipeline.config import RunConfig
+from pipeline.dedup import needs_phash, phash_hex
 from pipeline.fetch import fetch
 from pipeline.image import ImageRejected, normalize_image
 from pipeline.reader import read_input_shard
@@ -33,7 +34,7 @@ RECORD_COLUMNS = [
 ]
 
 
-def _process_row(row: dict, cfg: RunConfig, bytes_chain: list[Filter]) -> tuple[dict, bytes | None]:
+def _process_row(row: dict, cfg: RunConfig, bytes_chain: list[Filter], phash: bool = False) -> tuple[dict, bytes | None]:
     """Fetch, check and normalize one row. Never raises: a failure is a rejection with a reason."""
     record = {"status": "rejected"}
     got = fetch(row["url"], cfg.download)
@@ -51,6 +52,8 @@ def _process_row(row: dict, cfg: RunConfig, bytes_chain: list[Filter]) -> tuple[
             return record, None
     try:
         img = normalize_image(got.data, cfg.resize)
+        # For the dedup filter's near-duplicate pass: the hash of the image as it is stored.
+        perceptual = phash_hex(img.data) if phash else None
     except ImageRejected as exc:
         record.update(reason=exc.reason, error_message=exc.detail)
         return record, None
@@ -61,6 +64,8 @@ def _process_row(row: dict, cfg: RunConfig, bytes_chain: list[Filter]) -> tuple[
         status="ok", width=img.width, height=img.height,
         original_width=img.original_width, original_height=img.original_height,
     )
+    if perceptual is not None:
+        record["phash"] = perceptual
     return record, img.data
 
 
@@ -83,6 +88,7 @@ def download_shard(input_path: str, shard_id: int, stage_dir: str, cfg: RunConfi
     context = {"clip": cfg.clip, "root": str(stage_dir)}
     row_chain = build_stage_chain(cfg.filter_specs(), "row", context)
     bytes_chain = build_stage_chain(cfg.filter_specs(), "bytes", context)
+    phash = needs_phash(cfg.filter_specs())  # ~1 ms an image: only when dedup uses it
     records: list[dict] = []
     reasons: Counter = Counter()
     name = shard_name(shard_id)
@@ -107,7 +113,7 @@ def download_shard(input_path: str, shard_id: int, stage_dir: str, cfg: RunConfi
                         done.set_result(({"status": "rejected", "reason": reason, "error_message": None}, None))
                         window.append((index, sample, done))
                         continue
-                    window.append((index, sample, pool.submit(_process_row, sample, cfg, bytes_chain)))
+                    window.append((index, sample, pool.submit(_process_row, sample, cfg, bytes_chain, phash)))
                     return
 
             for _ in range(limit):

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import http.client
 import ipaddress
+import re
 import socket
 import ssl
 import time
 from dataclasses import dataclass
 from typing import Optional
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
 from pipeline.config import DownloadConfig
 
@@ -26,6 +27,8 @@ _REDIRECTS = {301, 302, 303, 307, 308}
 _CHUNK = 64 * 1024
 _BROWSER_UA = "Mozilla/5.0 (X11; Linux x86_64; rv:120.0) Gecko/20100101 Firefox/120.0"
 _SSL_CONTEXT = ssl.create_default_context()
+# What an ASCII DNS name or IP literal (IPv6 without brackets) can hold once lowercased.
+_HOST_CHARS = re.compile(r"[a-z0-9._:-]+")
 
 
 @dataclass
@@ -124,20 +127,41 @@ def _connector(allow_private: bool):
     return create_connection
 
 
+def _split(url: str):
+    try:
+        return urlsplit(url)
+    except ValueError as exc:  # e.g. "http://[::1/x": an unclosed IPv6 bracket
+        raise FetchError("invalid_url: bad host", f"{type(exc).__name__}: {exc}"[:200]) from exc
+
+
+def _ascii_host(hostname: str) -> str:
+    """The host as DNS sees it (IDNA for Unicode names), or FetchError for a host that no DNS
+    name or IP literal can be: spaces, control characters or percent signs must never reach
+    the resolver as a query."""
+    try:
+        host = hostname.encode("idna").decode("ascii")
+    except UnicodeError as exc:
+        raise FetchError("invalid_url: bad host", str(exc)[:200]) from exc
+    if not _HOST_CHARS.fullmatch(host):
+        raise FetchError("invalid_url: bad host", repr(hostname)[:200])
+    return host
+
+
 def _open_connection(url: str, cfg: DownloadConfig, timeout: float) -> tuple[http.client.HTTPConnection, str]:
-    parts = urlsplit(url)
+    parts = _split(url)
     if parts.scheme not in ("http", "https"):
         raise FetchError("invalid_url: unsupported scheme", f"scheme {parts.scheme or '(none)'!r}")
     if not parts.hostname:
         raise FetchError("invalid_url: no host", url)
+    host = _ascii_host(parts.hostname)
     try:
         port = parts.port
     except ValueError as exc:
         raise FetchError("invalid_url: bad port", str(exc)) from exc
     if parts.scheme == "https":
-        conn = http.client.HTTPSConnection(parts.hostname, port, timeout=timeout, context=_SSL_CONTEXT)
+        conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=_SSL_CONTEXT)
     else:
-        conn = http.client.HTTPConnection(parts.hostname, port, timeout=timeout)
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
     conn._create_connection = _connector(cfg.allow_private_addresses)  # checked before every connect
     target = parts.path or "/"
     if parts.query:
@@ -173,8 +197,13 @@ def robots_disallowed(headers: http.client.HTTPMessage, cfg: DownloadConfig) -> 
 
 
 def _quote_unsafe(url: str) -> str:
-    """Percent-encode spaces and non-ASCII characters, as browsers do."""
-    return quote(url, safe=":/?#[]@!$&'()*+,;=%~")
+    """Percent-encode spaces and non-ASCII characters in path, query and fragment, as browsers
+    do. The host is left alone: a Unicode name is IDNA-encoded when connecting, and a host
+    that needs quoting is not a host (`_ascii_host` refuses it)."""
+    parts = _split(url)
+    safe = ":/?#[]@!$&'()*+,;=%~"
+    return urlunsplit((parts.scheme, parts.netloc, quote(parts.path, safe=safe),
+                       quote(parts.query, safe=safe), quote(parts.fragment, safe=safe)))
 
 
 def fetch_once(url: str, cfg: DownloadConfig) -> bytes:
@@ -191,7 +220,10 @@ def fetch_once(url: str, cfg: DownloadConfig) -> bytes:
                 location = resp.getheader("Location")
                 if not location:
                     raise FetchError("failed_to_download: redirect without location", f"HTTP {resp.status}")
-                url = _quote_unsafe(urljoin(url, location))
+                try:
+                    url = _quote_unsafe(urljoin(url, location))
+                except ValueError as exc:
+                    raise FetchError("invalid_url: bad redirect", f"Location {location!r}"[:200]) from exc
                 continue
             if resp.status != 200:
                 raise FetchError(f"failed_to_download: HTTP {resp.status}", f"HTTP {resp.status} {resp.reason}")
@@ -228,7 +260,10 @@ def fetch(url: Optional[str], cfg: DownloadConfig) -> FetchResult:
     """Fetch with retries. Never raises: failures come back as a reason."""
     if url is None or not str(url).strip():
         return FetchResult(None, "invalid_url: missing", "empty URL")
-    url = _quote_unsafe(str(url).strip())
+    try:
+        url = _quote_unsafe(str(url).strip())
+    except FetchError as exc:
+        return FetchResult(None, exc.reason, exc.detail)
     result = FetchResult(None, "failed_to_download: not attempted")
     for _attempt in range(cfg.retries + 1):
         try:
@@ -247,4 +282,6 @@ def fetch(url: Optional[str], cfg: DownloadConfig) -> FetchResult:
             result = FetchResult(None, "failed_to_download: connection error", f"{type(exc).__name__}: {exc}"[:200])
         except UnicodeError as exc:
             return FetchResult(None, "invalid_url: bad host", str(exc)[:200])
+        except Exception as exc:  # one row's surprise must not fail its shard; still counted by name
+            return FetchResult(None, "failed_to_download: unexpected error", f"{type(exc).__name__}: {exc}"[:200])
     return result

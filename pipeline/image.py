@@ -3,7 +3,10 @@
 Differences from img2dataset's OpenCV resizer, each for a reason:
 - EXIF orientation is applied, so every written image is upright.
 - The size and aspect checks read the header only, so a decompression bomb is
-  rejected before a single pixel is decoded.
+  rejected before a single pixel is decoded (PNG too: PIL would decode a whole PNG to
+  look for its EXIF, so a PNG's orientation is read after the checks).
+- The pixels decoded at once in a worker process are capped (`DECODE_BUDGET`), so many
+  threads each holding a large but allowed image cannot exhaust memory together.
 - JPEGs are decoded at reduced size (libjpeg's DCT scaling via PIL's `draft`) when
   they will be shrunk anyway: several times less decoding work for large photos.
 - An upright RGB JPEG that needs no resize is passed through byte for byte after a
@@ -13,8 +16,11 @@ Differences from img2dataset's OpenCV resizer, each for a reason:
 
 from __future__ import annotations
 
+import contextlib
 import io
+import threading
 from dataclasses import dataclass
+from typing import Iterator
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -22,6 +28,48 @@ from pipeline.config import ResizeConfig
 
 _ORIENTATION_TAG = 0x0112
 _SWAPS_SIDES = {5, 6, 7, 8}
+# Modes that resize as they are; the others (palette, CMYK, 16-bit ...) become RGB first.
+_RESIZABLE_MODES = {"RGB", "RGBA", "L", "LA"}
+
+
+class PixelBudget:
+    """Caps the pixels being decoded at once in this process.
+
+    Every image passes the area check alone, but a download task decodes with many threads:
+    32 legal 9000x9000 PNGs of 80 KB each would together need over 10 GB. Decoding waits
+    until its pixels fit in the budget, so a worker's decode memory stays near one budget's
+    worth however hostile a shard is. An image larger than the whole budget runs alone.
+    """
+
+    def __init__(self, pixels: int):
+        self.pixels = pixels
+        self.in_use = 0
+        # What the tests read back from a worker: the most pixels ever held at once, and
+        # how many decodes had to wait for the budget.
+        self.peak = 0
+        self.waits = 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        pixels = min(pixels, self.pixels)
+        with self._cond:
+            if self.in_use + pixels > self.pixels:
+                self.waits += 1
+            while self.in_use + pixels > self.pixels:
+                self._cond.wait()
+            self.in_use += pixels
+            self.peak = max(self.peak, self.in_use)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.in_use -= pixels
+                self._cond.notify_all()
+
+
+# About one and a half images of the default max_image_area: small images never wait.
+DECODE_BUDGET = PixelBudget(128 * 1024 * 1024)
 
 
 class ImageRejected(Exception):
@@ -98,14 +146,34 @@ def normalize_image(data: bytes, cfg: ResizeConfig) -> NormalizedImage:
         im.close()
 
 
+def orientation_of(im: Image.Image, decoded: bool = False) -> int | None:
+    """The EXIF orientation, or None when it cannot be known without decoding the pixels: PIL
+    decodes a whole PNG to look for an eXIf chunk after the image data, which must not happen
+    before the size checks (a bomb would be decoded to be rejected)."""
+    if im.format == "PNG" and "exif" not in im.info and not decoded:
+        return None
+    try:
+        return im.getexif().get(_ORIENTATION_TAG, 1)
+    except Exception:  # a broken EXIF block is not worth losing the image for
+        return 1
+
+
+def _plan(width: int, height: int, cfg: ResizeConfig) -> tuple[tuple[int, int] | None, bool]:
+    """(size to resize to or None, whether to center-crop) for an upright width x height."""
+    resize_to = target_size(width, height, cfg)
+    sized_w, sized_h = resize_to or (width, height)
+    # An image left smaller than image_size (resize_only_if_bigger) is not cropped.
+    crop = cfg.resize_mode == "center_crop" and min(sized_w, sized_h) >= cfg.image_size and sized_w != sized_h
+    return resize_to, crop
+
+
 def _normalize_opened(im: Image.Image, data: bytes, cfg: ResizeConfig) -> NormalizedImage:
     stored_w, stored_h = im.size  # from the header; nothing decoded yet
-    try:
-        orientation = im.getexif().get(_ORIENTATION_TAG, 1)
-    except Exception:  # a broken EXIF block is not worth losing the image for
-        orientation = 1
+    orientation = orientation_of(im)
     width, height = (stored_h, stored_w) if orientation in _SWAPS_SIDES else (stored_w, stored_h)
 
+    # Area, shortest side and aspect ratio do not depend on the orientation: checked from the
+    # header even when the orientation is known only after decoding.
     if width * height > cfg.max_image_area:
         raise ImageRejected("image_area_too_large", f"{width}x{height} > {cfg.max_image_area} pixels")
     if min(width, height) < cfg.min_image_size:
@@ -113,26 +181,37 @@ def _normalize_opened(im: Image.Image, data: bytes, cfg: ResizeConfig) -> Normal
     if max(width, height) / max(1, min(width, height)) > cfg.max_aspect_ratio:
         raise ImageRejected("aspect_ratio_too_large", f"{width}x{height} > {cfg.max_aspect_ratio}")
 
-    resize_to = target_size(width, height, cfg)
-    sized_w, sized_h = resize_to or (width, height)
-    # An image left smaller than image_size (resize_only_if_bigger) is not cropped.
-    crop = cfg.resize_mode == "center_crop" and min(sized_w, sized_h) >= cfg.image_size and sized_w != sized_h
-
+    resize_to, crop = _plan(width, height, cfg)
     if resize_to is None and not crop and im.format == "JPEG" and im.mode == "RGB" and orientation == 1:
         # Decoding at 1/8 scale still reads every entropy-coded byte, so a truncated or
         # corrupt file is caught at a fraction of the cost of a full decode.
         im.draft("RGB", (max(1, stored_w // 8), max(1, stored_h // 8)))
-        im.load()
+        with DECODE_BUDGET.hold(im.width * im.height):
+            im.load()
         return NormalizedImage(data, width, height, width, height, reencoded=False)
 
     if resize_to is not None and im.format == "JPEG":
         # draft() keeps the decoded image at least this large, so quality is unaffected.
         want = (resize_to[1], resize_to[0]) if orientation in _SWAPS_SIDES else resize_to
         im.draft("RGB", want)
+    with DECODE_BUDGET.hold(im.width * im.height):  # after draft(): the size actually decoded
+        return _decode_and_resize(im, orientation, (stored_w, stored_h), cfg)
+
+
+def _decode_and_resize(im: Image.Image, orientation: int | None, stored: tuple[int, int],
+                       cfg: ResizeConfig) -> NormalizedImage:
     im.load()
+    if orientation is None:  # a PNG: its eXIf chunk, if any, has been read with the pixels
+        orientation = orientation_of(im, decoded=True)
+    width, height = (stored[1], stored[0]) if orientation in _SWAPS_SIDES else stored
+    resize_to, crop = _plan(width, height, cfg)
     if orientation != 1:
         im = ImageOps.exif_transpose(im)
-    im = _to_rgb(im)
+    if im.mode not in _RESIZABLE_MODES:
+        im = _to_rgb(im)
+    # Otherwise resize first, then make RGB: a large greyscale or RGBA image is never
+    # held as a full-size RGB copy too (resizing RGBA premultiplies alpha, so the
+    # composite on white comes out the same either way).
     if resize_to is not None:
         # Shrinking: BOX averages each output pixel's footprint, i.e. img2dataset's
         # default "area" interpolation, and is several times cheaper than LANCZOS.
@@ -144,4 +223,5 @@ def _normalize_opened(im: Image.Image, data: bytes, cfg: ResizeConfig) -> Normal
         left = (im.width - side) // 2
         top = (im.height - side) // 2
         im = im.crop((left, top, left + side, top + side))
+    im = _to_rgb(im)
     return NormalizedImage(_encode_jpeg(im, cfg.encode_quality), im.width, im.height, width, height, reencoded=True)

@@ -8,7 +8,9 @@ then the configured extra columns under their input names.
 
 from __future__ import annotations
 
+import io
 import json
+import math
 from pathlib import Path
 from typing import Iterator
 
@@ -67,11 +69,21 @@ def _columns_of(path: str, fmt: str) -> list[str]:
         first = f.readline()
         if not first.strip():
             return []
-        return list(json.loads(first))
+        return list(json.loads(first.decode("utf-8", errors="replace")))
 
 
 def check_inputs(cfg: InputConfig) -> list[str]:
     """Fail before any work if a file is missing, unreadable or lacks a configured column."""
+    from pipeline.download import RECORD_COLUMNS  # here: download imports this module
+
+    clashing = [c for c in cfg.extra_cols if c in RECORD_COLUMNS]
+    if clashing:
+        # An input column named `key` or `status` would overwrite what curate records about the
+        # row (a `key` from the input would even become a file name in the tar).
+        raise UserError(
+            f"input.extra_cols: {', '.join(clashing)} clash(es) with columns curate writes itself "
+            f"({', '.join(RECORD_COLUMNS)}); drop them from extra_cols"
+        )
     files = resolve_inputs(cfg)
     wanted = [cfg.url_col] + ([cfg.caption_col] if cfg.caption_col else []) + list(cfg.extra_cols)
     for path in files:
@@ -110,16 +122,26 @@ def _read_batches(path: str, fmt: str, cfg: InputConfig) -> Iterator[pd.DataFram
                 return
             yield from reader
         else:
-            for chunk in pd.read_json(f, lines=True, chunksize=cfg.read_batch_rows, dtype=False):
+            text = io.TextIOWrapper(f, encoding="utf-8", errors="replace")
+            for chunk in pd.read_json(text, lines=True, chunksize=cfg.read_batch_rows, dtype=False):
                 yield chunk.reindex(columns=cols)
+
+
+def _text(column: pd.Series) -> pd.Series:
+    """A column as nullable strings; bytes (a parquet binary column) are decoded as UTF-8 with
+    invalid bytes replaced, as the csv and jsonl readers do."""
+    column = column.reset_index(drop=True)
+    if column.dtype == object:
+        column = column.map(lambda v: v.decode("utf-8", errors="replace") if isinstance(v, bytes) else v)
+    return column.astype("string")
 
 
 def _canonical(frame: pd.DataFrame, cfg: InputConfig) -> pd.DataFrame:
     """Rename to canonical columns; url and caption become nullable strings."""
     out = pd.DataFrame(index=range(len(frame)))
-    out["url"] = frame[cfg.url_col].reset_index(drop=True).astype("string")
+    out["url"] = _text(frame[cfg.url_col])
     if cfg.caption_col:
-        out["caption"] = frame[cfg.caption_col].reset_index(drop=True).astype("string")
+        out["caption"] = _text(frame[cfg.caption_col])
     else:
         out["caption"] = pd.Series([None] * len(frame), dtype="string")
     for col in cfg.extra_cols:
@@ -127,9 +149,53 @@ def _canonical(frame: pd.DataFrame, cfg: InputConfig) -> pd.DataFrame:
     return out
 
 
+def _missing(value) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
+
+
+def _as_text(values) -> pa.Array:
+    """Values as text, nulls kept: strings as they are, anything else as JSON (3, 1.5, [1, 2])."""
+    return pa.array([None if _missing(v) else v if isinstance(v, str) else json.dumps(v, default=str)
+                     for v in values], pa.string())
+
+
+def _column_array(column: pd.Series) -> pa.Array:
+    """One column as arrow. A column of mixed kinds (jsonl's 12, "12px", [1, 2]) becomes text
+    rather than failing the file."""
+    try:
+        return pa.array(column, from_pandas=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return _as_text(column)
+
+
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    """Concatenate batches whose column types may disagree: csv and jsonl are typed batch by
+    batch, and files differ. Numbers widen (int and float make float); a column whose batches
+    disagree otherwise (numbers and text: a stray "n/a" in a WIDTH column) becomes text in this
+    shard, as pandas makes it within one csv batch. No value is lost."""
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        pass
+    names = tables[0].column_names
+
+    def unifies(name: str) -> bool:
+        try:
+            pa.concat_tables([t.select([name]) for t in tables], promote_options="permissive")
+            return True
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            return False
+
+    mixed = {n for n in names if not unifies(n)}
+    return pa.concat_tables(
+        [pa.table({n: _as_text(t[n].to_pylist()) if n in mixed else t[n] for n in names}) for t in tables],
+        promote_options="permissive",
+    )
+
+
 def _write_input_shard(frames: list[pd.DataFrame], path: Path) -> None:
-    tables = [pa.Table.from_pandas(f, preserve_index=False) for f in frames]
-    table = pa.concat_tables(tables, promote_options="permissive")
+    tables = [pa.table({c: _column_array(f[c]) for c in f.columns}) for f in frames]
+    table = _concat(tables)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
 

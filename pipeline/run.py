@@ -25,10 +25,12 @@ from tqdm import tqdm
 from pipeline.clip_model import check_model_source
 from pipeline.cluster import dask_client, gpu_resources, local_gpu_count
 from pipeline.config import RunConfig, dump_config
+from pipeline.dedup import dask_runner, dedup_spec, finish_dedup, run_dedup_pass
 from pipeline.download import download_shard
 from pipeline.errors import UserError
 from pipeline.reader import check_inputs, write_input_shards
 from pipeline.layout import RunLayout
+from pipeline.report import build_report
 from pipeline.score import merge_histograms, score_shard, threshold_for_top_fraction
 from pipeline.shards import atomic_path, is_done, read_marker, remove_shard, shard_name
 from pipeline.write import write_shard
@@ -114,14 +116,18 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=prin
             inputs = write_input_shards(cfg.input, files, layout.input)
             shard_stats, resolved = _run_shards(client, cfg, layout, inputs["shards"], progress)
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk, or a full quota
                 raise UserError(f"no space left on the device holding {layout.root}; free some and rerun to resume") from exc
             raise
         stats = merge_stats(shard_stats, inputs["rows"], time.time() - started)
         if resolved:
             stats["resolved_thresholds"] = resolved
+        dedup_stats = finish_dedup(str(layout.root), cfg.output.keep_intermediate)
+        if dedup_stats:
+            stats["dedup"] = dedup_stats
     with atomic_path(layout.stats) as tmp:
         tmp.write_text(json.dumps(stats, indent=1))
+    build_report(layout.root)  # report.html; `curate report` rebuilds it
     return stats
 
 
@@ -188,6 +194,13 @@ def _run_shards(client, cfg: RunConfig, layout: RunLayout, n_shards: int, progre
                 pass
             score_stats = [u["score"] if isinstance(u["score"], dict) else u["score"].result() for u in upstream.values()]
             specs, resolved = resolve_filter_specs(cfg, score_stats)
+        if dedup_spec(specs) is not None and len(written) < n_shards:
+            # Dedup's barrier: every shard downloaded (and scored) before its global pass, the
+            # pass before any write. A rerun skips a finished pass (pipeline/dedup.py).
+            for _ in _wait(futures, seen, bars, token):
+                pass
+            run_dedup_pass(dask_runner(client, token), str(layout.root), dedup_spec(specs), n_shards,
+                           cfg.input.rows_per_shard, cfg.clip.enabled, cfg.output.keep_intermediate)
         for i, up in sorted(upstream.items()):
             if i not in written:
                 submit("write", write_shard, i, i, up, str(layout.root), cfg, specs)

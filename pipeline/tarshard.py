@@ -9,9 +9,17 @@ grouped by key, in write order.
 from __future__ import annotations
 
 import io
+import re
 import tarfile
 from pathlib import Path
 from typing import Iterator
+
+
+# Member names are {key}.{ext}: a key is letters, digits, - and _ (curate's keys are shard and row
+# numbers); an extension is such words joined by dots (jpg, latent.npy). So no member can name a
+# path outside the folder a reader extracts to (no "/", no "..", no absolute path).
+_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_EXT = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 
 
 class TarShardWriter:
@@ -19,6 +27,9 @@ class TarShardWriter:
         self._tar = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)
 
     def write(self, key: str, fields: dict[str, bytes]) -> None:
+        for ext in fields:
+            if not _KEY.fullmatch(key) or not _EXT.fullmatch(ext):
+                raise ValueError(f"unsafe tar member name {key!r}.{ext!r}")
         for ext, data in fields.items():
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size = len(data)

@@ -14,10 +14,11 @@ from collections import Counter
 
 import pyarrow.parquet as pq
 
-from filters import apply_chain, build_stage_chain, chain_counts
+from filters import apply_chain, build_stage_chain, chain_counts, is_safety_reason
 from pipeline.config import RunConfig
 from pipeline.download import records_table, sample_meta
 from pipeline.layout import RunLayout
+from pipeline.report_samples import ReportSamples
 from pipeline.score import read_embeddings, read_scores
 from pipeline.shards import atomic_path, clean_shard, is_done, mark_done, read_marker, remove_shard, shard_name
 from pipeline.tarshard import TarShardWriter, iter_tar_samples
@@ -42,12 +43,14 @@ def write_shard(shard_id: int, upstream: dict, root: str, cfg: RunConfig, filter
     name = shard_name(shard_id)
 
     records = pq.read_table(download_dir / f"{name}.parquet").to_pylist()
-    chain = build_stage_chain(filter_specs, "sample", {"clip": cfg.clip, "root": str(layout.root)})
+    chain = build_stage_chain(filter_specs, "sample", {"clip": cfg.clip, "root": str(layout.root), "shard": shard_id})
     scores = read_scores(layout.embeddings, shard_id) if scored is not None else {}
     # Row-aligned CLIP embeddings, for filters that reuse them (safety and aesthetic heads, dedup).
     embeddings = read_embeddings(layout.embeddings, shard_id) if scored is not None else {}
     raw_samples = iter_tar_samples(download_dir / f"{name}.tar")
     reasons: Counter = Counter()
+    # report.html's thumbnails: chosen now, while the images of dropped samples still exist.
+    report_samples = ReportSamples(shard_id)
 
     with atomic_path(out_dir / f"{name}.tar") as tar_tmp:
         with TarShardWriter(tar_tmp) as tar:
@@ -77,7 +80,10 @@ def write_shard(shard_id: int, upstream: dict, root: str, cfg: RunConfig, filter
                 if reason is not None:
                     record.update(status="rejected", reason=reason, error_message=None)
                     reasons[reason] += 1
+                    if not is_safety_reason(reason):  # an unsafe image is never kept for the report
+                        report_samples.add_dropped(sample, reason)
                     continue
+                report_samples.add_kept(sample)
                 tar.write(key, {
                     "jpg": sample["jpg"],
                     "txt": (record["caption"] or "").encode(),
@@ -103,6 +109,7 @@ def write_shard(shard_id: int, upstream: dict, root: str, cfg: RunConfig, filter
             "write": round(time.time() - started, 3),
         },
     }
+    report_samples.save(layout.report_samples / f"{name}.parquet")  # before the marker, like every output
     mark_done(out_dir, shard_id, stats)
     if not cfg.output.keep_intermediate:
         remove_shard(download_dir, shard_id)

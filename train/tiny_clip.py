@@ -320,7 +320,7 @@ def main() -> None:
     save(model, args.out, info)
 
     # Check the saved folder the way the pipeline will load it (fp16 round trip included).
-    loaded, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{args.out.resolve()}")
+    loaded, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{args.out.resolve()}", weights_only=True)
     auc, hard_auc = evaluate(loaded, preprocess, open_clip.get_tokenizer(f"local-dir:{args.out.resolve()}"), held_out, "cpu")
     crop_auc, _ = evaluate(loaded, transforms["crop"], tokenizer, held_out, "cpu")
     info["saved"] = {"auc": round(auc, 4), "one_change_auc": round(hard_auc, 4), "auc_center_crop": round(crop_auc, 4)}

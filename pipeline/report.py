@@ -1,0 +1,609 @@
+"""The run report: `report.html` in the output folder; the terminal views `curate stats`
+(the funnel as a table) and `curate inspect` (a shard's first samples).
+
+    build_report(OUTPUT)  →  OUTPUT/report.html  (one self-contained file: opens offline)
+
+What it shows, and where each part comes from:
+
+- the funnel (rows in → row filters → downloaded → sample filters → written, with
+  counts and percentages per reason): stats.json, in the chain order of config.yaml;
+- histograms (every score column with its threshold marked, image sizes, aspect
+  ratios, caption lengths), split into written / dropped by that rule / dropped for
+  another reason: the shard parquets, read one shard at a time and only the needed
+  columns, binned per shard into bins fixed beforehand and summed, so memory is bounded
+  by a shard's columns whatever the run's size;
+- sample grids (random kept samples, dropped samples nearest each threshold):
+  report/samples/, thumbnails the write stage kept (pipeline/report_samples.py). Rows
+  rejected for safety are never shown;
+- throughput and duration per stage: stats.json and the shards' done-markers;
+- the run's config: config.yaml.
+
+Charts are plotly figures; plotly.js is inlined once (about 4.8 MB) so the page works
+from file:// with no network, and thumbnails are data: URIs. plotly rather than
+vega-lite/altair: its Python package ships the JS bundle itself (altair needs a second
+package to inline vega), and a histogram from pre-binned counts is a plain bar trace.
+The page is a jinja2 template (pipeline/templates/report.html.j2), autoescaped, so a
+caption can never inject markup.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import itertools
+import json
+import math
+import random
+import re
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import jinja2
+import numpy as np
+import plotly.graph_objects as go
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import yaml
+from markupsafe import Markup
+from plotly.offline import get_plotlyjs
+
+from filters import FILTERS
+from pipeline.errors import UserError
+from pipeline.layout import RunLayout
+from pipeline.report_samples import BottomK, is_safety_reason, metric_matches, parse_threshold
+from pipeline.shards import atomic_path
+from pipeline.tarshard import iter_tar_samples
+
+KEPT_SHOWN = 24          # random kept samples in the grid
+DROPPED_SHOWN = 12       # dropped samples shown per reason
+CAPTIONS_SHOWN = 8       # example captions per reason for rows dropped before download
+CAPTION_WORDS_MAX = 60   # longer captions count in the last bin
+SCORE_BINS = 50
+SIZE_BINS = 40
+ASPECT_MAX = 6.0         # long side / short side; wider ones count in the last bin
+# Float columns that are sizes, not scores (LAION ships WIDTH/HEIGHT as floats).
+NOT_SCORES = {"width", "height", "original_width", "original_height", "bytes"}
+# image_too_small / aspect_ratio_too_large are decided from the header, before the
+# record gets its sizes; image.py puts them first in the detail ("640x32, ...").
+SIZE_IN_DETAIL = re.compile(r"^(\d+)x(\d+)\b")
+
+COLORS = {"written": "#2e7d32", "rule": "#c62828", "other": "#9e9e9e"}
+
+
+# ---------------------------------------------------------------- the run folder
+
+def open_run(root: str | Path) -> RunLayout:
+    """The layout of a finished run, or a UserError saying why this is not one."""
+    layout = RunLayout(root)
+    if not layout.root.exists():
+        raise UserError(f"{layout.root}: no such folder")
+    if not layout.root.is_dir():
+        raise UserError(f"{layout.root}: not a folder (expected a curate output folder)")
+    if not layout.config.is_file():
+        raise UserError(f"{layout.root}: not a curate run (no config.yaml)")
+    if not layout.stats.is_file():
+        raise UserError(f"{layout.root}: the run has not finished (no stats.json); rerun `curate run` to complete it")
+    return layout
+
+
+def read_stats(layout: RunLayout) -> dict:
+    try:
+        stats = json.loads(layout.stats.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{layout.stats}: not valid JSON") from exc
+    if not isinstance(stats, dict) or "rows_in" not in stats or "written" not in stats:
+        raise UserError(f"{layout.stats}: not a curate stats file (no rows_in / written)")
+    return stats
+
+
+def read_config(layout: RunLayout) -> dict:
+    # Plain YAML, not load_config: a report must not depend on the model paths or the
+    # filters of the run still resolving today.
+    try:
+        data = yaml.safe_load(layout.config.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"{layout.config}: not valid YAML") from exc
+    return data if isinstance(data, dict) else {}
+
+
+# ---------------------------------------------------------------- the funnel
+
+def _stage(name: str) -> str:
+    return FILTERS[name].stage if name in FILTERS else "sample"
+
+
+def _dropped(counts: dict[str, int]) -> dict[str, int]:
+    prefix = "dropped: "
+    return {k[len(prefix):]: v for k, v in counts.items() if k.startswith(prefix)}
+
+
+def _step(label: str, kind: str, count: int, drops: dict[str, int], before: int, rows_in: int) -> dict:
+    def pct(n, of):
+        return 100.0 * n / of if of else 0.0
+
+    return {
+        "label": label, "kind": kind, "count": count, "percent": pct(count, rows_in),
+        "dropped": [
+            {"reason": r, "count": n, "percent": pct(n, rows_in), "percent_of_step": pct(n, before)}
+            for r, n in sorted(drops.items(), key=lambda kv: (-kv[1], kv[0])) if n > 0
+        ],
+    }
+
+
+def funnel(stats: dict, config: dict) -> list[dict]:
+    """Steps from rows in to written; each step's count and the reasons it dropped.
+
+    Filters of the "row" stage run before the download, the others after it (see
+    filters/base.py), so: rows in → row filters → downloaded → bytes and sample filters
+    → written. "downloaded" drops every rejection no filter counted (fetch failures,
+    image rules, decode errors).
+    """
+    rows_in = stats["rows_in"]
+    counts = stats.get("filters") or {}
+    order = [f.get("name") for f in config.get("filters") or [] if isinstance(f, dict)]
+    order = list(dict.fromkeys([n for n in order if n in counts] + list(counts)))
+    drops = {name: _dropped(counts[name]) for name in order}
+    by_filters: Counter = Counter()
+    for d in drops.values():
+        by_filters.update(d)
+    others = {r: n - by_filters.get(r, 0) for r, n in (stats.get("rejected_by_reason") or {}).items()}
+
+    steps = [_step("rows in", "input", rows_in, {}, rows_in, rows_in)]
+    remaining = rows_in
+
+    def add(label: str, kind: str, dropped: dict[str, int]) -> None:
+        nonlocal remaining
+        before, remaining = remaining, remaining - sum(n for n in dropped.values() if n > 0)
+        steps.append(_step(label, kind, remaining, dropped, before, rows_in))
+
+    for name in order:
+        if _stage(name) == "row":
+            add(name, "filter", drops[name])
+    add("downloaded", "download", others)
+    for name in order:
+        if _stage(name) != "row":
+            add(name, "filter", drops[name])
+    steps.append(_step("written", "output", stats["written"], {}, remaining, rows_in))
+    return steps
+
+
+def format_funnel(stats: dict, config: dict) -> str:
+    """The funnel as a plain-text table (`curate stats`)."""
+    steps = funnel(stats, config)
+    width = max([40] + [len(d["reason"]) + 4 for s in steps for d in s["dropped"]])
+    lines = [f"{'step':<{width}} {'rows':>10} {'% of in':>8}  {'% of step':>9}"]
+    for s in steps:
+        lines.append(f"{s['label']:<{width}} {s['count']:>10,} {s['percent']:>7.1f}%")
+        for d in s["dropped"]:
+            lines.append(f"{'  - ' + d['reason']:<{width}} {d['count']:>10,} {d['percent']:>7.1f}%  {d['percent_of_step']:>8.1f}%")
+    duration = stats.get("duration_seconds")
+    if duration is not None:
+        lines.append("")
+        lines.append(f"duration {duration:,.1f} s, {stats.get('rows_per_second') or 0:,.1f} rows/s, "
+                     f"{stats.get('images_per_second') or 0:,.1f} images/s, {stats.get('shards', '?')} shards")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- histograms
+
+@dataclass
+class Histogram:
+    """Counts per bin and outcome (written / dropped by this chart's rule / dropped otherwise),
+    summed shard by shard into bins fixed before the first shard."""
+
+    key: str
+    title: str
+    x_title: str
+    edges: np.ndarray
+    is_rule: Callable[[str], bool]           # does this rejection reason belong to the chart's rule?
+    markers: list[tuple[float, str]] = field(default_factory=list)
+    counts: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.counts = {o: np.zeros(len(self.edges) - 1, dtype=np.int64) for o in COLORS}
+
+    def add(self, values: np.ndarray, status: np.ndarray, reasons: np.ndarray) -> None:
+        values = np.asarray(values, dtype=np.float64)
+        known = np.isfinite(values)
+        # Values beyond the axis count in the first or last bin rather than vanishing.
+        values = np.clip(values[known], self.edges[0], self.edges[-1])
+        status, reasons = status[known], reasons[known]
+        # A shard has few distinct reasons: decide each once, not once per row.
+        distinct, index = np.unique(reasons, return_inverse=True)
+        rule = np.array([self.is_rule(r) for r in distinct], dtype=bool)[index] if len(reasons) else np.zeros(0, bool)
+        written = status == "ok"
+        for outcome, mask in (("written", written), ("rule", ~written & rule), ("other", ~written & ~rule)):
+            self.counts[outcome] += np.histogram(values[mask], bins=self.edges)[0]
+
+    @property
+    def total(self) -> int:
+        return int(sum(c.sum() for c in self.counts.values()))
+
+
+def column_ranges(files: list[Path]) -> tuple[list[str], dict[str, tuple[float, float]]]:
+    """The score columns (floats that are not sizes) and the min and max of every numeric
+    column over all shards, from the parquet footers' statistics: one pass, no data read
+    (a column is read only where its footer has no statistics)."""
+    scores: list[str] = []
+    found: dict[str, list[float]] = {}
+    for path in files:
+        parquet = pq.ParquetFile(path)
+        meta = parquet.metadata
+        leaves = {meta.schema.column(i).path: i for i in range(meta.num_columns)}  # flat columns: path == name
+        for f in parquet.schema_arrow:
+            numeric = pa.types.is_floating(f.type) or pa.types.is_integer(f.type)
+            if not numeric or f.name not in leaves:
+                continue
+            if pa.types.is_floating(f.type) and f.name.lower() not in NOT_SCORES and f.name not in scores:
+                scores.append(f.name)
+            span = found.setdefault(f.name, [math.inf, -math.inf])
+            for g in range(meta.num_row_groups):
+                st = meta.row_group(g).column(leaves[f.name]).statistics
+                if st is not None and st.has_min_max:
+                    values = [float(st.min), float(st.max)]
+                elif meta.row_group(g).num_rows:
+                    mm = pc.min_max(pq.read_table(path, columns=[f.name]).column(f.name)).as_py()
+                    values = [float(mm["min"]), float(mm["max"])] if mm["min"] is not None else []
+                else:
+                    values = []
+                values = [v for v in values if math.isfinite(v)]
+                if values:
+                    span[0], span[1] = min(span[0], *values), max(span[1], *values)
+    # CLIP similarity first: it is the threshold users tune most.
+    scores.sort(key=lambda n: (n != "clip_similarity", n))
+    return scores, {name: (lo, hi) for name, (lo, hi) in found.items() if lo <= hi}
+
+
+def score_thresholds(stats: dict, config: dict) -> dict[str, list[float]]:
+    """metric → thresholds, from the run's rejection reasons (`metric<value`), its resolved
+    top_fraction thresholds and its filter parameters."""
+    found: dict[str, set] = {}
+    reasons = list(stats.get("rejected_by_reason") or {})
+    for counts in (stats.get("filters") or {}).values():
+        reasons += list(_dropped(counts))
+    for reason in reasons:
+        parsed = parse_threshold(reason)
+        if parsed:
+            found.setdefault(parsed[0], set()).add(parsed[2])
+    for metric, resolved in (stats.get("resolved_thresholds") or {}).items():
+        if isinstance(resolved, dict) and resolved.get("min_similarity") is not None:
+            found.setdefault(metric, set()).add(float(resolved["min_similarity"]))
+    for spec in config.get("filters") or []:
+        if isinstance(spec, dict) and spec.get("name") == "clip_similarity" and spec.get("min_similarity") is not None:
+            found.setdefault("clip_similarity", set()).add(float(spec["min_similarity"]))
+    return {m: sorted(v) for m, v in found.items()}
+
+
+def _limits(config: dict, sources: list[tuple[str, str, float]]) -> list[tuple[float, str]]:
+    """Markers from config values: (section or filter name, parameter, offset) → (x, label)."""
+    marks = []
+    sections = [(s, config.get(s)) for s in ("resize",)] + [(f.get("name"), f) for f in config.get("filters") or [] if isinstance(f, dict)]
+    for owner, values in sections:
+        for source, param, offset in sources:
+            value = (values or {}).get(param) if owner == source else None
+            if isinstance(value, (int, float)) and value and math.isfinite(value):
+                marks.append((float(value) + offset, f"{param} {value:g}"))
+    return marks
+
+
+def _rule(reasons: tuple[str, ...] = (), metrics: tuple[str, ...] = (), column: Optional[str] = None) -> Callable[[str], bool]:
+    """Is a rejection reason this chart's rule: one of `reasons`, a threshold on one of
+    `metrics`, or a threshold naming `column`?"""
+    def is_rule(reason) -> bool:
+        if reason in reasons:
+            return True
+        parsed = parse_threshold(reason)
+        return bool(parsed) and (parsed[0] in metrics or (column is not None and metric_matches(parsed[0], column)))
+    return is_rule
+
+
+def plan_histograms(files: list[Path], stats: dict, config: dict) -> list[Histogram]:
+    """The charts and their bins, fixed before any shard is read."""
+    charts = []
+    thresholds = score_thresholds(stats, config)
+    score_columns, ranges = column_ranges(files)
+    for column in score_columns:
+        span = ranges.get(column)
+        if span is None:
+            continue
+        marks = sorted({t for metric, ts in thresholds.items() if metric_matches(metric, column) for t in ts})
+        lo, hi = min([span[0], *marks]), max([span[1], *marks])
+        if hi - lo < 1e-9:
+            lo, hi = lo - 0.5, hi + 0.5
+        title = "CLIP image-text similarity" if column == "clip_similarity" else column
+        charts.append(Histogram(
+            key=f"score:{column}", title=title, x_title=column,
+            edges=np.linspace(lo, hi, SCORE_BINS + 1), is_rule=_rule(column=column),
+            markers=[(t, f"threshold {t:.4g}") for t in marks],
+        ))
+
+    # Size rules: the download's (resize: section) and the resolution filter's.
+    size_marks = _limits(config, [("resize", "min_image_size", 0), ("resolution", "min_side", 0)])
+    spans = [ranges[c] for c in ("original_width", "original_height") if c in ranges]
+    largest = max([s[1] for s in spans] + [2 * x for x, _ in size_marks] + [64.0])
+    step = max(8.0, math.ceil(largest / SIZE_BINS / 8) * 8)
+    charts.append(Histogram(
+        key="size", title="Image size (shorter side, as downloaded)", x_title="pixels",
+        edges=np.arange(0, largest + step, step), is_rule=_rule(("image_too_small",), ("side",)),
+        markers=size_marks,
+    ))
+    aspect_marks = _limits(config, [("resize", "max_aspect_ratio", 0), ("resolution", "max_aspect_ratio", 0)])
+    aspect_top = min(ASPECT_MAX, max([3.0] + [x + 1 for x, _ in aspect_marks]))
+    charts.append(Histogram(
+        key="aspect", title="Aspect ratio (longer side / shorter side)", x_title="ratio",
+        edges=np.linspace(1.0, aspect_top, 41), is_rule=_rule(("aspect_ratio_too_large",), ("aspect",)),
+        markers=aspect_marks,
+    ))
+    # A caption of max_words passes and one more word fails: that limit sits one bin right.
+    charts.append(Histogram(
+        key="caption", title="Caption length", x_title="words",
+        edges=np.arange(0, CAPTION_WORDS_MAX + 2, 1.0),
+        is_rule=lambda r: bool(r) and r.startswith(("caption_too_short", "caption_too_long")),
+        markers=_limits(config, [("caption_length", "min_words", 0), ("caption_length", "max_words", 1)]),
+    ))
+    return charts
+
+
+def _sizes(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """Original width and height per row; NaN where unknown. For rows rejected from the
+    header (too small, too elongated) the size is read from their error detail."""
+    def col(name):
+        if name not in table.column_names:
+            return np.full(table.num_rows, np.nan)
+        return pc.cast(table[name], pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
+
+    width, height = col("original_width"), col("original_height")
+    if "error_message" in table.column_names:
+        for i, detail in enumerate(table["error_message"].to_pylist()):
+            match = SIZE_IN_DETAIL.match(detail or "") if np.isnan(width[i]) else None
+            if match:
+                width[i], height[i] = float(match[1]), float(match[2])
+    return width, height
+
+
+def fill_histograms(charts: list[Histogram], table: pa.Table) -> None:
+    """Add one shard's rows to every chart."""
+    status = np.array(table["status"].to_pylist(), dtype=object)
+    reasons = np.array([r or "" for r in table["reason"].to_pylist()], dtype=object)
+    width, height = _sizes(table)
+    for chart in charts:
+        if chart.key.startswith("score:"):
+            column = chart.key[len("score:"):]
+            if column not in table.column_names:
+                continue
+            values = pc.cast(table[column], pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
+        elif chart.key == "size":
+            values = np.fmin(width, height)
+        elif chart.key == "aspect":
+            short = np.fmin(width, height)
+            values = np.fmax(width, height) / np.where(short > 0, short, np.nan)
+        elif chart.key == "caption":
+            if "caption" not in table.column_names:
+                continue
+            words = pc.list_value_length(pc.utf8_split_whitespace(table["caption"]))
+            values = pc.cast(words, pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
+        else:
+            raise ValueError(chart.key)
+        chart.add(values, status, reasons)
+
+
+def chart_figure(chart: Histogram) -> go.Figure:
+    centers = (chart.edges[:-1] + chart.edges[1:]) / 2
+    widths = np.diff(chart.edges)
+    names = {"written": "written", "rule": "dropped by this rule", "other": "dropped for another reason"}
+    fig = go.Figure()
+    for outcome, counts in chart.counts.items():
+        if counts.any() or outcome == "written":
+            fig.add_trace(go.Bar(x=centers, y=counts, width=widths, name=names[outcome],
+                                 marker_color=COLORS[outcome], marker_line_width=0))
+    # Show the bins that hold rows (and every marker), not the whole fixed range.
+    filled = np.flatnonzero(sum(chart.counts.values()))
+    if len(filled):
+        lo, hi = chart.edges[filled[0]], chart.edges[filled[-1] + 1]
+        lo, hi = min([lo, *[x for x, _ in chart.markers]]), max([hi, *[x for x, _ in chart.markers]])
+        pad = (hi - lo) * 0.03
+        fig.update_xaxes(range=[lo - pad, hi + pad])
+    for x, label in chart.markers:
+        fig.add_vline(x=x, line_dash="dash", line_color="#000", annotation_text=label, annotation_position="top")
+    fig.update_layout(
+        title=chart.title, barmode="stack", bargap=0, height=320, template="plotly_white",
+        margin=dict(l=50, r=20, t=60, b=45), legend=dict(orientation="h", y=-0.2),
+        xaxis_title=chart.x_title, yaxis_title="rows",
+    )
+    return fig
+
+
+# ---------------------------------------------------------------- samples
+
+def choose_samples(folder: Path, kept_shown: int = KEPT_SHOWN, per_reason: int = DROPPED_SHOWN) -> tuple[list[dict], dict[str, list[dict]]]:
+    """Kept samples at random and, per reason, the dropped ones nearest the threshold, from the
+    write stage's per-shard selections; one shard file in memory at a time."""
+    rng = random.Random(0)
+    kept = BottomK(kept_shown)
+    dropped: dict[str, BottomK] = {}
+    for path in sorted(Path(folder).glob("*.parquet")) if Path(folder).is_dir() else []:
+        for row in pq.read_table(path).to_pylist():
+            if is_safety_reason(row["reason"]):
+                continue  # never shown, whatever a samples file holds
+            if row["status"] == "ok":
+                kept.offer(rng.random(), row)
+            else:
+                group = dropped.setdefault(row["reason"], BottomK(per_reason))
+                group.offer(row["distance"] if row["distance"] is not None else rng.random(), row)
+    return kept.items(), {reason: group.items() for reason, group in dropped.items()}
+
+
+def _tile(row: dict) -> dict:
+    scores = json.loads(row.get("scores") or "{}")
+    return {
+        "key": row["key"], "caption": row.get("caption") or "", "reason": row.get("reason"),
+        "src": "data:image/jpeg;base64," + base64.b64encode(row["thumbnail"]).decode(),
+        "size": f"{row['width']}×{row['height']}" if row.get("width") else "",
+        "scores": ", ".join(f"{k} {v:.3f}" for k, v in sorted(scores.items())),
+        "distance": row.get("distance"),
+    }
+
+
+# ---------------------------------------------------------------- stages
+
+def stage_seconds(layout: RunLayout) -> dict[str, list[float]]:
+    """Per stage, each shard's task seconds (from the done-markers)."""
+    seconds: dict[str, list[float]] = {}
+    for marker in sorted(layout.shards.glob("*.done.json")):
+        for stage, value in (json.loads(marker.read_text()).get("seconds") or {}).items():
+            seconds.setdefault(stage, []).append(float(value))
+    return seconds
+
+
+def stage_table(stats: dict, per_shard: dict[str, list[float]]) -> list[dict]:
+    total = stats.get("task_seconds_by_stage") or {s: sum(v) for s, v in per_shard.items()}
+    rows_in = stats["rows_in"]
+    out = []
+    for stage, seconds in total.items():
+        shard_times = per_shard.get(stage, [])
+        out.append({
+            "stage": stage, "task_seconds": seconds,
+            "share": 100.0 * seconds / sum(total.values()) if sum(total.values()) else 0.0,
+            "mean_shard": float(np.mean(shard_times)) if shard_times else None,
+            "max_shard": float(np.max(shard_times)) if shard_times else None,
+            "rows_per_task_second": rows_in / seconds if seconds else None,
+        })
+    return out
+
+
+def stage_figure(per_shard: dict[str, list[float]]) -> go.Figure:
+    fig = go.Figure()
+    for stage, seconds in per_shard.items():
+        fig.add_trace(go.Box(x=seconds, name=stage, boxpoints="outliers", orientation="h"))
+    fig.update_layout(title="Seconds per shard task, by stage", height=80 + 60 * max(1, len(per_shard)),
+                      template="plotly_white", margin=dict(l=80, r=20, t=50, b=40), showlegend=False,
+                      xaxis_title="seconds")
+    return fig
+
+
+def funnel_figure(steps: list[dict]) -> go.Figure:
+    fig = go.Figure(go.Funnel(
+        y=[s["label"] for s in steps], x=[s["count"] for s in steps],
+        textinfo="value+percent initial", marker_color="#1565c0",
+    ))
+    fig.update_layout(height=70 + 45 * len(steps), template="plotly_white", margin=dict(l=140, r=20, t=20, b=20))
+    return fig
+
+
+# ---------------------------------------------------------------- the page
+
+def _html(fig: go.Figure, div_id: str) -> Markup:
+    return Markup(fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id,
+                              config={"displaylogo": False, "responsive": True}))
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.PackageLoader("pipeline", "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined)
+    env.filters["num"] = lambda n: f"{n:,}" if isinstance(n, int) else (f"{n:,.1f}" if n is not None else "–")
+    return env
+
+
+class CaptionExamples:
+    """Random captions per reason, for rows dropped before the download (they have no image)."""
+
+    def __init__(self, reasons: set[str]):
+        self._rng = random.Random(1)
+        self._chosen = {r: BottomK(CAPTIONS_SHOWN) for r in reasons if not is_safety_reason(r)}
+
+    def add(self, table: pa.Table) -> None:
+        if not self._chosen or "caption" not in table.column_names:
+            return
+        wanted = pc.is_in(table["reason"], pa.array(list(self._chosen), pa.string()))
+        picked = table.filter(wanted)
+        for reason, caption in zip(picked["reason"].to_pylist(), picked["caption"].to_pylist()):
+            self._chosen[reason].offer(self._rng.random(), {"caption": caption or ""})
+
+    def items(self) -> dict[str, list[str]]:
+        return {r: [c["caption"] for c in g.items()] for r, g in sorted(self._chosen.items()) if g.items()}
+
+
+def build_report(root: str | Path) -> Path:
+    """Write OUTPUT/report.html from a finished run; returns its path."""
+    layout = open_run(root)
+    stats, config = read_stats(layout), read_config(layout)
+    files = sorted(p for p in layout.shards.glob("*.parquet"))
+    steps = funnel(stats, config)
+
+    charts = plan_histograms(files, stats, config)
+    captions = CaptionExamples({
+        r for name, c in (stats.get("filters") or {}).items() if _stage(name) == "row" for r in _dropped(c)
+    })
+    wanted = {"status", "reason", "caption", "original_width", "original_height", "error_message"}
+    wanted |= {c.key[len("score:"):] for c in charts if c.key.startswith("score:")}
+    for path in files:  # one shard's needed columns in memory at a time
+        names = set(pq.read_schema(path).names)
+        table = pq.read_table(path, columns=sorted(wanted & names))
+        fill_histograms(charts, table)
+        captions.add(table)
+    charts = [c for c in charts if c.total]
+
+    kept, dropped = choose_samples(layout.report_samples)
+    counts = stats.get("rejected_by_reason") or {}
+    dropped_groups = [
+        {"reason": reason, "count": counts.get(reason, 0), "threshold": parse_threshold(reason) is not None,
+         "tiles": [_tile(r) for r in rows]}
+        for reason, rows in sorted(dropped.items(), key=lambda kv: (-counts.get(kv[0], 0), kv[0]))
+    ]
+    per_shard = stage_seconds(layout)
+
+    html = _environment().get_template("report.html.j2").render(
+        title=f"curate run report: {layout.root.resolve().name}",
+        root=str(layout.root.resolve()),
+        generated=dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        stats=stats,
+        steps=steps,
+        funnel_chart=_html(funnel_figure(steps), "chart-funnel"),
+        charts=[{"title": c.title, "html": _html(chart_figure(c), f"chart-{i}")} for i, c in enumerate(charts)],
+        kept=[_tile(r) for r in kept],
+        dropped_groups=dropped_groups,
+        row_stage_captions=captions.items(),
+        stages=stage_table(stats, per_shard),
+        stage_chart=_html(stage_figure(per_shard), "chart-stages") if per_shard else None,
+        config_text=layout.config.read_text(),
+        plotly_js=Markup(get_plotlyjs()),
+    )
+    for leftover in layout.root.glob(f"{layout.report.name}.tmp-*"):  # from a build killed mid-write
+        leftover.unlink(missing_ok=True)
+    with atomic_path(layout.report) as tmp:
+        tmp.write_text(html, encoding="utf-8")
+    return layout.report
+
+
+# ---------------------------------------------------------------- `curate inspect`
+
+def describe_samples(tar_path: str | Path, n: int = 3) -> str:
+    """The first `n` samples of a WebDataset shard: key, members, caption and json metadata."""
+    path = Path(tar_path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if not path.is_file() or not tarfile.is_tarfile(path):
+        raise UserError(f"{path}: not a tar file (expected a WebDataset shard such as shards/00000.tar)")
+    blocks = []
+    try:
+        for key, fields in itertools.islice(iter_tar_samples(path), max(n, 0)):
+            members = ", ".join(f"{ext} ({len(data):,} bytes)" for ext, data in fields.items())
+            lines = [f"{key}  {members}"]
+            if "txt" in fields:
+                lines.append(f"  caption: {fields['txt'].decode('utf-8', 'replace')}")
+            if "json" in fields:
+                try:
+                    meta = json.dumps(json.loads(fields["json"]), indent=2, sort_keys=True, ensure_ascii=False)
+                except ValueError:
+                    meta = fields["json"].decode("utf-8", "replace")
+                lines.append("  json: " + meta.replace("\n", "\n  "))
+            blocks.append("\n".join(lines))
+    except (tarfile.TarError, OSError) as exc:
+        raise UserError(f"{path}: unreadable tar ({exc})") from exc
+    if not blocks:
+        return f"{path}: no samples"
+    return "\n\n".join(blocks)

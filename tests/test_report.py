@@ -1,0 +1,447 @@
+"""The run report: report.html of a real small run, opened from file:// in Debian's headless
+Chromium (charts drawn, every image loaded, no console error, no request leaving the page),
+its numbers checked against the run's own files; the thumbnails the write stage keeps for
+it; `curate stats`, `curate inspect` and `curate report`."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from conftest import run_curate, write_config
+from pipeline.cli import main
+from pipeline.clip_model import TINY_CLIP, TINY_CLIP_DIR
+from pipeline.devserver import DevServer
+from pipeline.report import (
+    CaptionExamples,
+    build_report,
+    choose_samples,
+    describe_samples,
+    fill_histograms,
+    funnel,
+    open_run,
+    plan_histograms,
+    read_config,
+    read_stats,
+)
+from pipeline.report_samples import SCHEMA, THUMBNAIL_SIDE, ReportSamples, is_safety_reason, parse_threshold
+from pipeline.synthetic import generate_dataset
+
+CHROMIUM = Path("/usr/bin/chromium")
+THRESHOLD = 0.5
+CLIP_REASON = f"clip_similarity<{THRESHOLD}"
+MIN_WORDS = 8
+CAPTION_REASON = f"caption_too_short: <{MIN_WORDS} words"
+SCREENSHOT_COPY = Path("/tmp/report-screenshot.png")
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """`curate run` (the CLI, in its own process) on 160 served rows with many mismatched captions,
+    a caption rule before the download and a CLIP threshold after it: 2 shards."""
+    if not (TINY_CLIP_DIR / "open_clip_config.json").exists():
+        pytest.skip("tiny CLIP not built")
+    tmp = tmp_path_factory.mktemp("report")
+    data = tmp / "data"
+    data.mkdir()
+    with DevServer(data) as server:
+        urls = generate_dataset(data, 160, base_url=server.base_url, seed=7, wrong_caption_rate=0.35,
+                                min_side=96, max_side=240)
+        config = write_config(
+            tmp / "run.yaml", urls, tmp / "out",
+            input={"rows_per_shard": 80},
+            download={"timeout": 10},
+            clip={"enabled": True, "model": TINY_CLIP, "pretrained": None, "batch_size": 64, "device": "cpu"},
+            dask={"n_workers": 1},
+            filters=[{"name": "caption_length", "min_words": MIN_WORDS},
+                     {"name": "clip_similarity", "min_similarity": THRESHOLD}],
+        )
+        env = {k: v for k, v in os.environ.items() if k != "DASK_SCHEDULER_ADDRESS"}
+        result = run_curate(["run", str(config), "--no-progress"], env, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp / "out"
+    assert f"report       {out}/report.html" in result.stdout
+    return out
+
+
+def shard_rows(out: Path) -> list[dict]:
+    return [r for p in sorted((out / "shards").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+
+
+# ------------------------------------------------------------------ in the browser
+
+def test_report_renders_in_chromium(run_dir, tmp_path):
+    if not CHROMIUM.exists():
+        if os.environ.get("CI"):
+            pytest.fail("/usr/bin/chromium is missing: `make test` installs it as root (apt-get install chromium)")
+        pytest.skip("Debian's chromium is not installed (make test installs it as root)")
+    from playwright.sync_api import sync_playwright
+
+    report = run_dir / "report.html"
+    stats = json.loads((run_dir / "stats.json").read_text())
+    errors, outside = [], []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch_persistent_context(
+            str(tmp_path / "profile"),  # a fresh user-data-dir
+            executable_path=str(CHROMIUM), headless=True, viewport={"width": 1280, "height": 900},
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+        )
+        try:
+            page = browser.new_page()
+            page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+            page.on("requestfailed", lambda r: errors.append(f"failed request: {r.url}") if not r.url.startswith("data:") else None)
+
+            def only_local(route):  # the report must need nothing but its own file
+                if route.request.url.startswith(("file:", "data:")):
+                    route.continue_()
+                else:
+                    outside.append(route.request.url)
+                    route.abort()
+
+            page.route("**/*", only_local)
+            page.goto(report.as_uri(), wait_until="load")
+            charts = page.locator(".plotly-graph-div")
+            assert charts.count() >= 6  # funnel, CLIP similarity, size, aspect, caption length, stages
+            page.wait_for_function(
+                "[...document.querySelectorAll('.plotly-graph-div')].every(d => d.querySelector('svg.main-svg'))",
+                timeout=20_000,
+            )
+            drawn = page.evaluate("""[...document.querySelectorAll('.plotly-graph-div')].map(d => ({
+                id: d.id, title: (d.querySelector('.gtitle') || {}).textContent || '',
+                marks: [...d.querySelectorAll('.trace path')].filter(p => { const b = p.getBBox(); return b.width > 0 && b.height > 0; }).length,
+                width: d.getBoundingClientRect().width, height: d.getBoundingClientRect().height}))""")
+            for chart in drawn:
+                assert chart["marks"] > 0 and chart["width"] > 200 and chart["height"] > 150, chart
+            assert any(c["title"] == "CLIP image-text similarity" for c in drawn), drawn
+            # The threshold is marked on the CLIP chart.
+            clip_chart = page.locator(".plotly-graph-div", has_text="CLIP image-text similarity")
+            assert f"threshold {THRESHOLD}" in clip_chart.inner_text()
+
+            images = page.evaluate("""[...document.images].map(i => ({
+                alt: i.alt, complete: i.complete, w: i.naturalWidth, h: i.naturalHeight}))""")
+            expected = sum(pq.read_metadata(p).num_rows for p in (run_dir / "report" / "samples").glob("*.parquet"))
+            assert 0 < len(images) <= expected
+            broken = [i for i in images if not (i["complete"] and i["w"] > 0 and i["h"] > 0)]
+            assert not broken, broken
+            assert max(max(i["w"], i["h"]) for i in images) <= THUMBNAIL_SIDE
+
+            # The funnel table shows the run's numbers.
+            steps = page.locator("#funnel tr.step td:nth-child(2)").all_inner_texts()
+            assert steps[0] == f"{stats['rows_in']:,}" and steps[-1] == f"{stats['written']:,}"
+            assert page.locator("#funnel").inner_text().count(CLIP_REASON) == 1
+
+            shot = tmp_path / "report.png"
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert not errors, errors
+    assert not outside, outside
+    with Image.open(shot) as im:
+        assert im.width == 1280 and im.height > 1500
+    shutil.copyfile(shot, SCREENSHOT_COPY)  # for a person to look at
+
+
+# ------------------------------------------------------------------ the report's numbers
+
+def test_funnel_accounts_for_every_row(run_dir):
+    layout = open_run(run_dir)
+    stats, config = read_stats(layout), read_config(layout)
+    steps = funnel(stats, config)
+    assert [s["label"] for s in steps] == ["rows in", "caption_length", "downloaded", "clip_similarity", "written"]
+    assert steps[0]["count"] == stats["rows_in"] == 160
+    for before, step in zip(steps, steps[1:]):
+        assert step["count"] == before["count"] - sum(d["count"] for d in step["dropped"]), step
+    assert steps[-1]["count"] == steps[-2]["count"] == stats["written"]
+    reasons = {d["reason"]: d["count"] for s in steps for d in s["dropped"]}
+    assert reasons == stats["rejected_by_reason"]
+    assert [d["reason"] for d in steps[1]["dropped"]] == [CAPTION_REASON]
+    assert [d["reason"] for d in steps[3]["dropped"]] == [CLIP_REASON]
+    assert "failed_to_download: HTTP 404" in {d["reason"] for d in steps[2]["dropped"]}
+    clip = steps[3]["dropped"][0]
+    assert clip["percent"] == pytest.approx(100 * clip["count"] / 160)
+    assert clip["percent_of_step"] == pytest.approx(100 * clip["count"] / steps[2]["count"])
+
+
+def test_histograms_count_every_row_by_outcome(run_dir):
+    layout = open_run(run_dir)
+    stats, config = read_stats(layout), read_config(layout)
+    files = sorted((run_dir / "shards").glob("*.parquet"))
+    charts = {c.key: c for c in plan_histograms(files, stats, config)}
+    for path in files:
+        fill_histograms(list(charts.values()), pq.read_table(path))
+    rows = shard_rows(run_dir)
+
+    clip = charts["score:clip_similarity"]
+    scored = [r for r in rows if r.get("clip_similarity") is not None]
+    assert clip.total == len(scored) > 0
+    assert clip.counts["written"].sum() == sum(r["status"] == "ok" for r in scored) == stats["written"]
+    assert clip.counts["rule"].sum() == stats["rejected_by_reason"][CLIP_REASON]
+    assert clip.markers == [(THRESHOLD, f"threshold {THRESHOLD}")]
+    # Below the threshold only dropped rows, from it on only kept ones.
+    centers = (clip.edges[:-1] + clip.edges[1:]) / 2
+    assert clip.counts["written"][clip.edges[1:] <= THRESHOLD].sum() == 0
+    assert clip.counts["rule"][clip.edges[:-1] >= THRESHOLD].sum() == 0
+    assert len(centers) == 50
+
+    # Captions: every row, the too-short ones left of min_words.
+    caption = charts["caption"]
+    assert caption.total == len(rows)
+    assert caption.counts["rule"].sum() == stats["rejected_by_reason"][CAPTION_REASON]
+    assert caption.counts["rule"][MIN_WORDS:].sum() == 0
+
+    # Sizes: rows rejected from their header (too small) are counted, left of min_image_size.
+    size = charts["size"]
+    too_small = stats["rejected_by_reason"].get("image_too_small", 0)
+    assert too_small > 0 and size.counts["rule"].sum() == too_small
+    assert size.counts["rule"][size.edges[1:] > 64].sum() == 0
+    downloaded_or_sized = sum(1 for r in rows if r["original_width"] is not None) + too_small \
+        + stats["rejected_by_reason"].get("aspect_ratio_too_large", 0)
+    assert size.total == downloaded_or_sized
+
+
+# ------------------------------------------------------------------ the thumbnails kept for it
+
+def test_report_samples_are_bounded_kept_and_borderline(run_dir):
+    rows = {r["key"]: r for r in shard_rows(run_dir)}
+    files = sorted((run_dir / "report" / "samples").glob("*.parquet"))
+    assert [p.name for p in files] == ["00000.parquet", "00001.parquet"]
+    for path in files:
+        shard = path.stem
+        samples = pq.read_table(path).to_pylist()
+        kept = [s for s in samples if s["status"] == "ok"]
+        written = [k for k, r in rows.items() if k.startswith(shard) and r["status"] == "ok"]
+        assert len(kept) == min(8, len(written)) and {s["key"] for s in kept} <= set(written)
+        # Dropped at the CLIP threshold: exactly the 8 nearest it in this shard.
+        dropped = {k: abs(r["clip_similarity"] - THRESHOLD) for k, r in rows.items()
+                   if k.startswith(shard) and r["reason"] == CLIP_REASON}
+        chosen = [s for s in samples if s["reason"] == CLIP_REASON]
+        assert len(dropped) > 8 and len(chosen) == 8
+        others = [d for k, d in dropped.items() if k not in {s["key"] for s in chosen}]
+        assert max(s["distance"] for s in chosen) <= min(others) + 1e-6
+        for s in chosen:
+            assert s["distance"] == pytest.approx(dropped[s["key"]], abs=1e-6)
+        # Only reasons whose images existed at write time; the caption rule ran before the download.
+        assert {s["reason"] for s in samples} <= {None, CLIP_REASON}
+        assert not any(is_safety_reason(s["reason"]) for s in samples)
+        for s in samples:
+            assert s["caption"] == rows[s["key"]]["caption"]
+            with Image.open(io.BytesIO(s["thumbnail"])) as im:
+                assert im.format == "JPEG" and max(im.size) <= THUMBNAIL_SIDE
+    kept, dropped = choose_samples(run_dir / "report" / "samples")
+    assert len(kept) == sum(1 for p in files for s in pq.read_table(p).to_pylist() if s["status"] == "ok")
+    assert [s["distance"] for s in dropped[CLIP_REASON]] == sorted(s["distance"] for s in dropped[CLIP_REASON])
+
+
+def _jpeg(color, size=(200, 150)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _sample(i: int, score: float | None = None) -> dict:
+    meta = {"width": 200, "height": 150}
+    if score is not None:
+        meta["clip_similarity"] = score
+    return {"key": f"00000{i:05d}", "jpg": _jpeg((i % 256, 0, 0)), "caption": f"caption {i}", "meta": meta}
+
+
+def test_safety_rejected_samples_never_get_a_thumbnail(tmp_path):
+    collector = ReportSamples(0)
+    for i, reason in enumerate(["unsafe: test", "unsafe: nsfw", "unsafe: hash_blocklist", "unsafe:concept x"]):
+        collector.add_dropped(_sample(i), reason)
+    collector.add_dropped(_sample(10), "caption_has_url")
+    collector.add_kept(_sample(11))
+    assert {e["key"] for e in collector.entries()} == {"0000000010", "0000000011"}
+    path = tmp_path / "samples" / "00000.parquet"
+    assert collector.save(path) == 2
+    saved = pq.read_table(path).to_pylist()
+    assert sorted(s["key"] for s in saved) == ["0000000010", "0000000011"]
+    assert not any(is_safety_reason(s["reason"]) for s in saved)
+
+    # And the report skips such a row even if a samples file somehow holds one.
+    planted = dict(saved[0], key="0000000099", status="rejected", reason="unsafe: test")
+    pq.write_table(pa.Table.from_pylist(saved + [planted], schema=SCHEMA), tmp_path / "samples" / "00001.parquet")
+    kept, dropped = choose_samples(tmp_path / "samples")
+    shown = [s["key"] for s in kept] + [s["key"] for group in dropped.values() for s in group]
+    assert "0000000099" not in shown and "unsafe: test" not in dropped
+
+
+def test_collector_is_bounded_prefers_the_threshold_and_repeats(tmp_path):
+    def fill(shard_id):
+        c = ReportSamples(shard_id, kept=8, per_reason=5)
+        rng = np.random.default_rng(3)
+        for i in range(300):
+            c.add_kept(_sample(i))
+        for i, score in enumerate(rng.uniform(-0.2, 0.5, 200)):
+            c.add_dropped(_sample(1000 + i, float(score)), "clip_similarity<0.5")
+        for i in range(50):
+            c.add_dropped(_sample(2000 + i), "caption_has_url")
+        return c, rng
+
+    c, _ = fill(4)
+    entries = c.entries()
+    kept = [e for e in entries if e["status"] == "ok"]
+    near = [e for e in entries if e["reason"] == "clip_similarity<0.5"]
+    other = [e for e in entries if e["reason"] == "caption_has_url"]
+    assert len(kept) == 8 and len(near) == 5 and len(other) == 5
+    scores = np.random.default_rng(3).uniform(-0.2, 0.5, 200)
+    assert sorted(e["distance"] for e in near) == pytest.approx(sorted(0.5 - scores)[:5])
+    assert all(e["distance"] is None for e in other)
+    # Random picks spread over the stream, not its first items; the same shard picks the same.
+    assert max(int(e["key"]) for e in kept) > 50
+    assert [e["key"] for e in fill(4)[0].entries()] == [e["key"] for e in entries]
+    assert [e["key"] for e in fill(5)[0].entries() if e["status"] == "ok"] != [e["key"] for e in kept]
+    assert c.save(tmp_path / "s.parquet") == 18
+
+
+def test_parse_threshold():
+    assert parse_threshold("clip_similarity<0.28") == ("clip_similarity", "<", 0.28)
+    assert parse_threshold("aesthetic_score < 5") == ("aesthetic_score", "<", 5.0)
+    assert parse_threshold("punsafe>=1e-1") == ("punsafe", ">=", 0.1)
+    assert parse_threshold("resolution: side<256") == ("side", "<", 256.0)
+    assert parse_threshold("unsafe: nsfw punsafe>=0.5") == ("punsafe", ">=", 0.5)
+    for not_one in ("caption_too_short: <2 words", "failed_to_download: HTTP 404", None, "unsafe: nsfw"):
+        assert parse_threshold(not_one) is None
+
+
+def test_borderline_finds_scores_named_briefly_and_original_sizes():
+    c = ReportSamples(0, per_reason=2)
+    for i, score in enumerate([1.0, 4.9, 3.0, 4.5]):
+        c.add_dropped(dict(_sample(i), meta={"aesthetic_score": score}), "aesthetic<5")
+    for i, side in enumerate([100, 250, 30, 240]):
+        c.add_dropped(dict(_sample(10 + i), meta={"original_width": side, "original_height": 400}), "resolution: side<256")
+    chosen = {r: [e["distance"] for e in c.entries() if e["reason"] == r] for r in ("aesthetic<5", "resolution: side<256")}
+    assert chosen["aesthetic<5"] == pytest.approx([0.1, 0.5])
+    assert chosen["resolution: side<256"] == pytest.approx([6, 16])
+
+
+# ------------------------------------------------------------------ the terminal side
+
+def test_curate_stats_prints_the_funnel(run_dir, capsys):
+    assert main(["stats", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    stats = json.loads((run_dir / "stats.json").read_text())
+    lines = out.splitlines()
+    assert lines[0].split() == ["step", "rows", "%", "of", "in", "%", "of", "step"]
+    assert lines[1].split()[:3] == ["rows", "in", f"{stats['rows_in']:,}"]
+    written = next(line for line in lines if line.startswith("written"))
+    assert written.split()[1] == f"{stats['written']:,}"
+    for reason, count in stats["rejected_by_reason"].items():
+        line = next(line for line in lines if line.strip().startswith(f"- {reason} "))
+        assert line.split()[-3] == f"{count:,}"
+        assert line.split()[-2] == f"{100 * count / stats['rows_in']:.1f}%"
+
+
+def test_curate_inspect_prints_samples(run_dir, capsys):
+    tar = run_dir / "shards" / "00000.tar"
+    assert main(["inspect", str(tar), "-n", "2"]) == 0
+    out = capsys.readouterr().out
+    written = [r for r in shard_rows(run_dir) if r["status"] == "ok" and r["key"].startswith("00000")][:3]
+    blocks = out.strip().split("\n\n")
+    assert len(blocks) == 2
+    for block, row in zip(blocks, written):
+        assert block.startswith(row["key"] + "  jpg (")
+        assert f"  caption: {row['caption']}" in block
+        assert f'"sha256": "{row["sha256"]}"' in block
+    assert written[2]["key"] not in out
+
+
+def test_curate_report_rebuilds_it(run_dir, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("report.html", "embeddings", "work"))
+    assert main(["report", str(copy)]) == 0
+    assert capsys.readouterr().out.strip() == str(copy / "report.html")
+    html = (copy / "report.html").read_text()
+    original = (run_dir / "report.html").read_text()
+    # The same report, apart from where it lives and when it was made.
+    assert len(html) == pytest.approx(len(original), rel=0.01)
+    assert html.count("data:image/jpeg;base64,") == original.count("data:image/jpeg;base64,") > 0
+    assert not list(copy.glob("*.tmp-*"))
+
+
+def test_report_shows_captions_of_rows_dropped_before_download(run_dir):
+    html = (run_dir / "report.html").read_text()
+    heading = "Dropped before download: caption_too_short: &lt;8 words"
+    assert heading in html
+    shown = html.split(heading, 1)[1].split("</ul>", 1)[0]
+    short = [r["caption"] for r in shard_rows(run_dir) if r["reason"] == CAPTION_REASON]
+    assert 0 < sum(f"<li>{c}</li>" in shown for c in set(short)) <= 8
+
+
+def test_caption_examples_never_show_safety_rejections():
+    table = pa.table({"reason": ["unsafe: caption_blocklist", "caption_too_short: <2 words", None, "unsafe: caption_blocklist"],
+                      "caption": ["a blocked word", "hi", "a kept caption", "another blocked word"]})
+    examples = CaptionExamples({"unsafe: caption_blocklist", "caption_too_short: <2 words"})
+    examples.add(table)
+    assert examples.items() == {"caption_too_short: <2 words": ["hi"]}
+
+
+def test_report_is_escaped_and_works_without_samples(tmp_path):
+    out = tmp_path / "run"
+    (out / "shards").mkdir(parents=True)
+    (out / "config.yaml").write_text("input: {paths: [x]}\noutput: {path: run}\nfilters: []\n")
+    caption = "<script>alert(1)</script> a red circle"
+    table = pa.Table.from_pylist([
+        {"key": "0000000000", "status": "ok", "reason": None, "caption": caption, "original_width": 100, "original_height": 80},
+        {"key": "0000000001", "status": "rejected", "reason": "failed_to_download: HTTP 404", "caption": "x y", "original_width": None, "original_height": None},
+    ])
+    pq.write_table(table, out / "shards" / "00000.parquet")
+    (out / "stats.json").write_text(json.dumps({"rows_in": 2, "written": 1, "rejected": 1,
+                                                "rejected_by_reason": {"failed_to_download: HTTP 404": 1}}))
+    html = build_report(out).read_text()
+    assert "<script>alert(1)</script>" not in html
+    assert "No thumbnails were kept" in html
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("curate: error: "), err
+    return err
+
+
+@pytest.mark.parametrize("command", ["stats", "report"])
+def test_run_folder_errors_are_one_line(command, tmp_path, capsys):
+    assert main([command, str(tmp_path / "nowhere")]) == 2
+    assert "no such folder" in _error_line(capsys)
+    (tmp_path / "file").write_text("x")
+    assert main([command, str(tmp_path / "file")]) == 2
+    assert "not a folder" in _error_line(capsys)
+    (tmp_path / "empty").mkdir()
+    assert main([command, str(tmp_path / "empty")]) == 2
+    assert "not a curate run" in _error_line(capsys)
+    (tmp_path / "empty" / "config.yaml").write_text("input: {}\n")
+    assert main([command, str(tmp_path / "empty")]) == 2
+    assert "has not finished" in _error_line(capsys)
+    (tmp_path / "empty" / "stats.json").write_text("{not json")
+    assert main([command, str(tmp_path / "empty")]) == 2
+    assert "not valid JSON" in _error_line(capsys)
+    assert not (tmp_path / "empty" / "report.html").exists()
+
+
+def test_inspect_errors_are_one_line(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "missing.tar")]) == 2
+    assert "no such file" in _error_line(capsys)
+    (tmp_path / "notes.tar").write_text("hello, I am not a tar file\n" * 40)
+    assert main(["inspect", str(tmp_path / "notes.tar")]) == 2
+    assert "not a tar file" in _error_line(capsys)
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "not a tar file" in _error_line(capsys)
+
+
+def test_describe_samples_of_an_empty_tar(tmp_path):
+    import tarfile
+
+    with tarfile.open(tmp_path / "empty.tar", "w"):
+        pass
+    assert describe_samples(tmp_path / "empty.tar").endswith("no samples")

@@ -1,0 +1,174 @@
+"""`curate train` configuration: YAML validated into typed models.
+
+Same rules as `curate run`'s config (pipeline/config.py): every section forbids unknown
+keys, so a typo is an error naming its path, and `--set a.b=value` overrides any value.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.config import apply_override, validation_message
+from pipeline.errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    """What to read from the shards `curate run` wrote, and how to select and shape it."""
+
+    # Tar shards: paths, globs, brace patterns ({00000..00099}.tar), fsspec URLs (s3://...),
+    # or a `curate run` output folder (its shards/*.tar).
+    shards: list[str]
+    # Square training size for samples without an aspect bucket.
+    resolution: int = Field(512, ge=8)
+    # center: the same crop every epoch (and the crop a latent cache stores); random: augmentation.
+    crop: Literal["center", "random"] = "center"
+    # Batch samples by their json `bucket: [w, h]` (written when `curate run` assigns aspect
+    # buckets); without it every sample is cropped to resolution x resolution.
+    buckets: bool = True
+    shuffle_buffer: int = Field(1000, ge=1)
+    # DataLoader worker processes per GPU; 0 reads in the training process.
+    workers: int = Field(4, ge=0)
+    # Selection on the json fields at load time; a sample lacking a field that a rule
+    # needs is an error (so a threshold never silently selects nothing).
+    min_clip_similarity: Optional[float] = None
+    max_punsafe: Optional[float] = None
+    min_size: int = Field(0, ge=0)  # the shorter side, in pixels
+    # VAE latents cached by the vae_latents filter: auto = use them where their VAE, size
+    # and crop match (else encode on the fly); required = a sample without them is an error.
+    latents: Literal["auto", "required", "off"] = "auto"
+
+    @field_validator("shards", mode="before")
+    @classmethod
+    def _one_path_is_a_list(cls, value):
+        return [value] if isinstance(value, str) else value
+
+
+class ModelConfig(Section):
+    # A diffusers Stable Diffusion folder (model_index.json, unet/, vae/, text_encoder/, ...),
+    # a hub id (needs internet, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5), or
+    # "tiny": a small random-weight model of the same shape, for tests and the demo.
+    pretrained: str = "tiny"
+    revision: Optional[str] = None
+    variant: Optional[str] = None  # e.g. fp16: which weight files to read
+    # auto: the checkpoint's tokenizer/ folder when it has one, else CLIP's BPE built offline.
+    tokenizer: Literal["auto", "clip-bpe"] = "auto"
+    # None: the checkpoint scheduler's (epsilon for SD 1.5).
+    prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None
+    tiny_seed: int = 0  # the random weights of the tiny model
+
+    @field_validator("pretrained")
+    @classmethod
+    def _absolute_local_dir(cls, value: str) -> str:
+        return os.path.abspath(value) if os.path.isdir(value) else value
+
+
+class TrainingConfig(Section):
+    steps: int = Field(ge=1)  # optimizer steps
+    batch_size: int = Field(ge=1)  # per GPU and micro-batch
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-5, gt=0)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = Field(1e-2, ge=0)
+    max_grad_norm: Optional[float] = Field(1.0, gt=0)
+    seed: int = 0
+    device: str = "auto"  # auto: cuda when available (LOCAL_RANK's GPU under torchrun), else cpu
+    # auto: bf16 autocast over fp32 master weights on a GPU, fp32 on a CPU.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the UNet
+    channels_last: bool = False
+    fused_adam: Literal["auto", "on", "off"] = "auto"  # auto: fused AdamW on a GPU
+    # Objective options (DDPM: predict the noise, MSE).
+    snr_gamma: Optional[float] = Field(None, gt=0)  # Min-SNR-γ loss weighting (5.0 is usual)
+    noise_offset: float = Field(0.0, ge=0)  # e.g. 0.05: lets the model learn very dark/bright images
+    caption_dropout: float = Field(0.0, ge=0, lt=1)  # empty caption with this probability (for CFG)
+    ema: bool = False
+    ema_decay: float = Field(0.9999, gt=0, lt=1)
+    log_every: int = Field(10, ge=1)
+
+
+class CheckpointConfig(Section):
+    every: int = Field(500, ge=1)  # steps; also where the data stream is reseeded (see train/data.py)
+    keep: int = Field(2, ge=1)  # the newest checkpoints kept
+
+
+class ValidationConfig(Section):
+    every: int = Field(0, ge=0)  # steps; 0: only at the end (when prompts are given)
+    prompts: list[str] = Field(default_factory=list)
+    steps: int = Field(25, ge=1)  # DDIM steps
+    guidance_scale: float = Field(7.5, ge=0)
+    resolution: Optional[int] = Field(None, ge=8)  # default: data.resolution
+    seed: int = 0
+
+
+class OutputConfig(Section):
+    # Holds checkpoints/, samples/, log.jsonl, train-config.yaml, and pipeline/ (the result).
+    path: str
+
+
+class TrainConfig(Section):
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig
+    checkpoints: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    output: OutputConfig
+
+    @model_validator(mode="after")
+    def _prompts_for_validation(self):
+        if self.validation.every and not self.validation.prompts:
+            raise ValueError("validation.every is set but validation.prompts is empty")
+        return self
+
+
+# Settings a resumed run may change: how long to train, how often to save and sample,
+# how much to log, how many reader processes. Anything else would silently mix two runs.
+RESUMABLE_CHANGES = {("training", "steps"), ("training", "log_every"), ("data", "workers"),
+                     ("checkpoints", "keep"), ("validation", "every"), ("validation", "prompts")}
+
+
+def changed_settings(old: dict, new: dict) -> list[str]:
+    """Dotted paths of settings that differ between two config dicts, ignoring RESUMABLE_CHANGES."""
+    changed = []
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section) or {}, new.get(section) or {}
+        for key in sorted(set(a) | set(b)):
+            if (section, key) not in RESUMABLE_CHANGES and a.get(key) != b.get(key):
+                changed.append(f"{section}.{key}")
+    return changed
+
+
+def load_train_config(path: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML train config, apply `--set` overrides, validate. Errors are UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of sections at the top level")
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(f"{path}: {validation_message(exc)}") from exc
+
+
+def dump_train_config(config: TrainConfig) -> str:
+    return yaml.safe_dump(config.model_dump(), sort_keys=False)

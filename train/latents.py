@@ -1,0 +1,75 @@
+"""Image -> training crop -> VAE latents: the one definition the latent cache and training share.
+
+The latent cache (filters/latents.py, in `curate run`) and the training data pipeline
+(train/data.py, encoding on the fly) must give the same latents for the same sample, so
+both crop with `fit_crop` and encode with `encode`. A cached latent records the crop box
+it was made from and the VAE's fingerprint; training uses it only when those match what
+it would have computed itself.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+# Tar member and json fields the cache writes (json fields are flat: they also become
+# columns of the shard parquet).
+LATENT_EXT = "latent.npy"
+META_VAE = "latent_vae"  # the VAE as configured (a path, hub id, or tiny:SEED)
+META_FINGERPRINT = "latent_vae_fingerprint"  # train/model.py vae_fingerprint
+META_SCALING = "latent_scaling_factor"  # for information: latents are stored unscaled
+META_SIZE = "latent_size"  # [w, h] of the crop in pixels
+META_CROP = "latent_crop"  # [left, top, right, bottom] in the stored image's pixels
+
+
+def fit_crop(image: Image.Image, size: tuple[int, int], rng: Optional[random.Random] = None
+             ) -> tuple[Image.Image, tuple[float, float, float, float]]:
+    """Crop `image` to the aspect of `size` (centred, or at a random place with `rng`) and
+    resize the crop to exactly `size`. Returns the result and the crop box in `image`'s pixels."""
+    tw, th = size
+    w, h = image.size
+    scale = max(tw / w, th / h)
+    cw, ch = tw / scale, th / scale  # the crop, in source pixels (float: no rounding drift)
+    if rng is None:
+        left, top = (w - cw) / 2, (h - ch) / 2
+    else:
+        left, top = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
+    box = (round(left, 3), round(top, 3), round(left + cw, 3), round(top + ch, 3))
+    # Shrinking by a large factor: PIL's resize filters over the whole source footprint
+    # (antialiased), unlike a GPU-style point-sampled bicubic.
+    return image.resize((tw, th), Image.BICUBIC, box=box), box
+
+
+def to_pixels(image: Image.Image) -> np.ndarray:
+    """RGB image -> float32 CHW array in [-1, 1], the VAE's input range."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return (array / 127.5 - 1.0).transpose(2, 0, 1)
+
+
+def encode(vae, pixels):
+    """Pixels (B, 3, H, W) in [-1, 1] -> unscaled latents: the posterior mean.
+
+    The mean rather than a draw from the posterior, in both the cache and on-the-fly
+    training, so that the two agree; SD's VAE posterior std is small next to its latents.
+    """
+    return vae.encode(pixels).latent_dist.mean
+
+
+def scale_latents(vae_config, latents):
+    """Unscaled latents -> the UNet's input scale (SD: x 0.18215)."""
+    shift = getattr(vae_config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae_config.scaling_factor
+
+
+def latent_to_bytes(latent: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, latent.astype(np.float16), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def latent_from_bytes(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)

@@ -1,0 +1,77 @@
+"""The VAE alone: what the latent cache (filters/latents.py) needs in every `curate run` worker,
+without importing the text encoder's library (transformers) there."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Optional
+
+import torch
+from diffusers import AutoencoderKL
+
+from pipeline.errors import UserError
+
+TINY = "tiny"
+
+# Shaped like SD's KL VAE (4 latent channels), scaled down to two blocks: it downsamples
+# by 2 (SD's by 8), so 32 px images give 16 x 16 latents.
+TINY_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), sample_size=32,
+)
+
+
+def seeded(seed: int, build):
+    """Build a module with weights drawn from `seed`, leaving the global RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def tiny_vae(seed: int = 0) -> AutoencoderKL:
+    return seeded(seed + 1, lambda: AutoencoderKL(**TINY_VAE))
+
+
+def check_source(source: str) -> None:
+    """A local-looking path that does not exist is a user error (not a failed hub download)."""
+    if source == TINY:
+        return
+    looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1
+    if looks_local and not os.path.isdir(os.path.expanduser(source)):
+        raise UserError(f"model.pretrained: no such folder: {source}")
+
+
+def from_pretrained(cls, source: str, subfolder: Optional[str], **kw):
+    """Load one part; a missing folder or an unreachable hub is one clear line."""
+    try:
+        return cls.from_pretrained(source, **({"subfolder": subfolder} if subfolder else {}), **kw)
+    except (OSError, ValueError) as exc:
+        where = f"{source}/{subfolder}" if subfolder else source
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"model.pretrained: cannot load {cls.__name__} from {where}: {first}") from exc
+
+
+def load_vae(source: str, tiny_seed: int = 0, revision: Optional[str] = None,
+             variant: Optional[str] = None) -> AutoencoderKL:
+    """The VAE of a Stable Diffusion folder or hub id (its vae/), a bare AutoencoderKL folder, or "tiny"."""
+    check_source(source)
+    if source == TINY:
+        return tiny_vae(tiny_seed)
+    bare = os.path.isfile(os.path.join(source, "config.json")) and not os.path.isdir(os.path.join(source, "vae"))
+    kw = {k: v for k, v in {"revision": revision, "variant": variant}.items() if v}
+    return from_pretrained(AutoencoderKL, source, None if bare else "vae", **kw).float()
+
+
+def vae_fingerprint(vae: AutoencoderKL) -> str:
+    """16 hex digits of a sha256 over the VAE's weights (as fp32), in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def vae_name(source: str, tiny_seed: int = 0) -> str:
+    return f"{TINY}:{tiny_seed}" if source == TINY else source
