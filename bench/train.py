@@ -190,6 +190,7 @@ def make_model(quick: bool, device: str) -> Path:
 def free_memory() -> None:
     import torch
 
+    torch._dynamo.reset()  # a compiled variant's caches hold on to its model
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -282,7 +283,7 @@ def run_baseline(model_dir: Path, shards: Path, size: int, batch: int, warmup: i
 
 
 def run_curate(model_dir: Path, shards: Path, size: int, batch: int, warmup: int, steps: int, workers: int,
-               cached: bool, compile_unet: bool, device: str) -> dict:
+               cached: bool, compile_unet: bool, device: str, channels_last: bool = True) -> dict:
     from train.config import TrainConfig
     from train.loop import read_log, train
 
@@ -294,7 +295,7 @@ def run_curate(model_dir: Path, shards: Path, size: int, batch: int, warmup: int
         # Timed steps in whole log windows; the first window (warm-up) is left out.
         # bf16, fused AdamW and channels_last on a CPU too (--quick): the GPU's code path.
         "training": {"steps": warmup + steps, "batch_size": batch, "lr": 1e-4, "log_every": warmup,
-                     "precision": "bf16", "fused_adam": "on", "channels_last": True, "compile": compile_unet,
+                     "precision": "bf16", "fused_adam": "on", "channels_last": channels_last, "compile": compile_unet,
                      "device": device},
         "output": {"path": str(out)},
     })
@@ -324,7 +325,7 @@ def report(rows: list[dict], meta: dict) -> str:
              "VAE encode, torch.optim.AdamW (foreach, not fused), `loss.item()` each step.",
              "- **curate**: `train.loop.train` on the latent-cached shards (`vae_latents` filter), fused AdamW, "
              "channels_last, bf16 autocast over fp32 master weights, SDPA; *online*: encoding with the VAE "
-             "instead; *compiled*: plus torch.compile of the UNet.", "",
+             "instead; *NCHW*: without channels_last; *compiled*: plus torch.compile of the UNet.", "",
              "| size | batch | loop | images/s | vs baseline | target | peak GPU memory |",
              "|---|---:|---|---:|---:|---|---:|"]
     for r in rows:
@@ -351,6 +352,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--compile", action="store_true", help="add a torch.compile variant of curate's loop")
     parser.add_argument("--online", action="store_true", help="add curate's loop encoding with the VAE on the fly")
+    parser.add_argument("--nchw", action="store_true", help="add curate's loop without channels_last")
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     parser.add_argument("--fresh", action="store_true", help="forget the results of earlier invocations")
     args = parser.parse_args()
@@ -383,6 +385,8 @@ def main() -> None:
     variants = [("baseline", None), ("curate", dict(cached=True, compile_unet=False))]
     if args.online:
         variants.append(("curate, online VAE", dict(cached=False, compile_unet=False)))
+    if args.nchw:
+        variants.append(("curate, NCHW", dict(cached=True, compile_unet=False, channels_last=False)))
     if args.compile:
         variants.append(("curate, compiled", dict(cached=True, compile_unet=True)))
     rows = []

@@ -279,6 +279,7 @@ def test_user_errors_are_one_line(tmp_path, capsys, shards):
     assert curate_main(["train", str(missing)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("curate: error: data.shards:") and "\n" not in err
+    assert not (tmp_path / "out").exists()  # nothing written
     with pytest.raises(UserError, match="model.pretrained: no such folder"):
         load_components(str(tmp_path / "no-model"))
     # A finished run's folder refuses a rerun with other settings instead of mixing two runs.
@@ -304,3 +305,67 @@ def test_two_ranks_with_torchrun(shards, tmp_path):
     state = torch.load(tmp_path / "out" / "checkpoints" / f"step-{4:08d}.pt", weights_only=True)
     assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["generator"], state["rng"][1]["generator"])
     assert (tmp_path / "out" / "pipeline" / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_objective_targets_follow_ddpm(prediction_type):
+    """A predictor that knows x0 and answers exactly what DDPM asks for (ε, or v = √ᾱ·ε − √(1−ᾱ)·x0)
+    has zero loss, noise offset and Min-SNR weighting included; one that answers zeros does not."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    from train.model import SD_SCHEDULE
+    from train.objective import snr_weights
+
+    scheduler = DDPMScheduler(**SD_SCHEDULE, prediction_type=prediction_type)
+    x0, embeddings = torch.randn(6, 4, 8, 8), torch.zeros(6, 77, 32)
+    alpha_bar = scheduler.alphas_cumprod
+
+    def oracle(x_t, t, _):
+        a = alpha_bar[t].view(-1, 1, 1, 1)
+        eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+        return type("Out", (), {"sample": eps if prediction_type == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x0})
+
+    def zeros(x_t, t, _):
+        return type("Out", (), {"sample": torch.zeros_like(x_t)})
+
+    options = dict(noise_offset=0.1, snr_gamma=5.0)
+    assert diffusion_loss(oracle, scheduler, x0, embeddings, torch.Generator().manual_seed(0), **options) < 1e-6
+    assert diffusion_loss(zeros, scheduler, x0, embeddings, torch.Generator().manual_seed(0), **options) > 0.05
+    t = torch.arange(0, 1000, 37)
+    snr = compute_snr(scheduler, t)  # diffusers' own SNR, as its training scripts weight with it
+    expected = torch.clamp(snr, max=5.0) / (snr + 1 if prediction_type == "v_prediction" else snr)
+    torch.testing.assert_close(snr_weights(scheduler, t, 5.0), expected.float())
+
+
+def test_caption_dropout_gives_the_empty_caption(shards, tmp_path):
+    from train.loop import Ranks, Trainer
+
+    cfg = load_train_config(train_config(tmp_path / "t.yaml", shards, tmp_path / "out", training__caption_dropout=0.5))
+    trainer = Trainer(cfg, Ranks(), torch.device("cpu"))
+    captions = [f"{i} red circles on a blue background" for i in range(64)]
+    _, embeddings = trainer.conditioning({"latents": torch.zeros(64, 4, 16, 16), "captions": captions})
+    with torch.no_grad():
+        empty = trainer.parts.text_encoder(trainer.empty_ids)[0][0]
+    dropped = sum(bool(torch.equal(e, empty)) for e in embeddings)
+    assert 16 <= dropped <= 48
+
+
+def test_training_options_run_together(shards, tmp_path):
+    """v-prediction, Min-SNR, noise offset, caption dropout, EMA, gradient accumulation and
+    checkpointing, bf16 autocast, random crops and a cosine schedule with warm-up, in one run."""
+    out = tmp_path / "out"
+    config = train_config(
+        tmp_path / "t.yaml", shards, out, model__prediction_type="v_prediction", training__steps=6,
+        training__batch_size=4, training__grad_accum=2, training__gradient_checkpointing=True,
+        training__precision="bf16", training__snr_gamma=5.0, training__noise_offset=0.05,
+        training__caption_dropout=0.2, training__ema=True, training__lr_scheduler="cosine",
+        training__lr_warmup_steps=2, data__workers=0, data__crop="random", validation__every=0,
+        validation__prompts=["a red circle"])
+    run_train(str(config))
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == list(range(1, 7)) and all(np.isfinite(e["loss"]) for e in log)
+    assert log[0]["lr"] == pytest.approx(0.5e-3) and log[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+    scheduler = json.loads((out / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction" and scheduler["_class_name"] == "DDIMScheduler"
+    assert (out / "samples" / f"step-{6:08d}.png").is_file()

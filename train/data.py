@@ -71,10 +71,15 @@ def _open_shards(src, handler):
     """{url} -> {url, stream}, through fsspec (local paths, s3://, gs://, hf://, http...)."""
     for sample in src:
         try:
-            yield {**sample, "stream": fsspec.open(sample["url"], "rb").open()}
+            stream = fsspec.open(sample["url"], "rb").open()
         except Exception as exc:
             if not handler(exc):
                 break
+            continue
+        try:
+            yield {**sample, "stream": stream}
+        finally:  # asked for the next shard: this one has been read to its end
+            stream.close()
 
 
 def _tar_samples(src, handler):

@@ -73,6 +73,8 @@ def setup_ranks(device_setting: str) -> tuple[Ranks, torch.device]:
         device = torch.device(f"cuda:{ranks.local}" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(device_setting)
+        if device.type == "cuda" and device.index is None:  # "cuda": this rank's GPU
+            device = torch.device("cuda", ranks.local)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if ranks.world > 1 and not dist.is_initialized():
@@ -85,18 +87,21 @@ def data_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % (2**31)
 
 
-def prepare_output(cfg: TrainConfig, out: Path, overwrite: bool) -> None:
-    """Create the output folder, or check that the run in it has the same settings."""
-    if overwrite and out.exists():
-        shutil.rmtree(out)
+def check_output(cfg: TrainConfig, out: Path, overwrite: bool) -> None:
+    """Refuse to continue a run in `out` that had other settings (nothing is written here)."""
     saved = out / "train-config.yaml"
-    if saved.is_file():
+    if not overwrite and saved.is_file():
         changed = changed_settings(yaml.safe_load(saved.read_text()) or {}, cfg.model_dump())
         if changed:
             raise UserError(f"{out} holds a training run with other settings ({', '.join(changed)}); "
                             "use --overwrite to start over or another output.path")
+
+
+def prepare_output(cfg: TrainConfig, out: Path, overwrite: bool) -> None:
+    if overwrite and out.exists():
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(dump_train_config(cfg))
+    (out / "train-config.yaml").write_text(dump_train_config(cfg))
 
 
 def read_log(path: Path) -> list[dict]:
@@ -117,7 +122,6 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, ranks: Ranks, device: torch.device):
         self.cfg, self.ranks, self.device = cfg, ranks, device
         t = cfg.training
-        self.out = Path(cfg.output.path)
         cuda = device.type == "cuda"
         if cuda:  # fixed shapes per bucket: let cuDNN pick its fastest kernels; TF32 for what stays fp32
             torch.backends.cudnn.benchmark = True
@@ -271,13 +275,14 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, until_step: Optional[int
     save=False writes no checkpoint, sample grid or pipeline (for benchmarks: steps only)."""
     ranks, device = setup_ranks(cfg.training.device)
     out = Path(cfg.output.path)
-    urls = shard_urls(cfg.data.shards)  # before anything is written: a wrong path leaves no folder behind
+    # Everything that can fail on the user's input fails before anything is written.
+    urls = shard_urls(cfg.data.shards)
     check_readable(urls)
+    check_output(cfg, out, overwrite)
+    trainer = Trainer(cfg, ranks, device)
     if ranks.main:
         prepare_output(cfg, out, overwrite)
     ranks.barrier()
-
-    trainer = Trainer(cfg, ranks, device)
     t, every = cfg.training, cfg.checkpoints.every
     pipeline_dir = out / "pipeline"
     log_path = out / "log.jsonl"

@@ -83,7 +83,9 @@ def load_components(source: str, *, tiny_seed: int = 0, revision: Optional[str] 
                                    **({"revision": revision} if revision else {}))
         unet, vae, text_encoder = unet.float(), vae.float(), text_encoder.float()
     if prediction_type is not None:
-        scheduler.register_to_config(prediction_type=prediction_type)
+        # A new scheduler, not register_to_config: from_config (used for the DDIM sampler and the
+        # saved pipeline) drops values that were defaults at init, and would forget this one.
+        scheduler = DDPMScheduler.from_config(scheduler.config, prediction_type=prediction_type)
     return Components(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tok,
                       noise_scheduler=scheduler, vae_name=vae_name(source, tiny_seed),
                       vae_fingerprint=vae_fingerprint(vae))
@@ -93,7 +95,8 @@ def inference_pipeline(parts: Components, unet: UNet2DConditionModel) -> StableD
     """The standard diffusers pipeline around `unet`, sampling with DDIM on the training schedule."""
     return StableDiffusionPipeline(
         vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=unet,
-        scheduler=DDIMScheduler.from_config(parts.noise_scheduler.config),
+        # set_alpha_to_one=False: the last DDIM step as in Stable Diffusion's own scheduler configs.
+        scheduler=DDIMScheduler.from_config(parts.noise_scheduler.config, set_alpha_to_one=False),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 

@@ -50,7 +50,8 @@ def from_pretrained(cls, source: str, subfolder: Optional[str], **kw):
     except (OSError, ValueError) as exc:
         where = f"{source}/{subfolder}" if subfolder else source
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"model.pretrained: cannot load {cls.__name__} from {where}: {first}") from exc
+        hint = "" if os.path.isdir(source) else " (a hub id needs internet; or give a local diffusers folder)"
+        raise UserError(f"model.pretrained: cannot load {cls.__name__} from {where}: {first}{hint}") from exc
 
 
 def load_vae(source: str, tiny_seed: int = 0, revision: Optional[str] = None,
