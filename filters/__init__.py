@@ -68,7 +68,7 @@ def build_stage_chain(specs: list[dict], stage: str, context: dict | None = None
     """The configured filters that run at `stage` ("row", "bytes" or "sample"), in YAML
     order, each set up with `context` (see Filter.setup)."""
     assert stage in STAGES, stage
-    chain = [f for f in build_chain(specs) if f.stage == stage]
+    chain = sorted((f for f in build_chain(specs) if f.stage == stage), key=lambda f: f.priority)
     for f in chain:
         f.setup(context or {})
     return chain

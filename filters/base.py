@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, PrivateAttr
 Decision = Union[bool, tuple[bool, str]]
 Stage = Literal["row", "bytes", "sample"]
 STAGES: tuple[str, ...] = ("row", "bytes", "sample")
+CLEANING, SAFETY, OTHER = 0, 1, 2  # Filter.priority
 
 SAFETY_PREFIX = "unsafe"
 
@@ -55,6 +56,11 @@ class Filter(BaseModel):
     stage: ClassVar[Stage] = "sample"
     # Needs the score stage (CLIP scores or embeddings): the config then requires clip.enabled.
     needs_clip: ClassVar[bool] = False
+    # Within a stage filters run by priority, then in YAML order: CLEANING (caption_clean)
+    # first, so every rule sees the cleaned caption; then SAFETY, so that an unsafe sample is
+    # always rejected for safety, whatever the YAML order (its image then never reaches the
+    # report, which shows samples dropped for other reasons); then the rest.
+    priority: ClassVar[int] = 2
 
     _counts: Counter = PrivateAttr(default_factory=Counter)
     # "bytes" filters run in the download threads; the counts must not race.

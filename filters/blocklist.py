@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import os
+import html
 import re
 import unicodedata
 from pathlib import Path
@@ -19,7 +20,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from filters.base import Decision, Filter
+from filters.base import SAFETY, Decision, Filter
 
 
 @functools.lru_cache(maxsize=16)
@@ -50,10 +51,18 @@ def _existing_file(path: Optional[str]) -> Optional[str]:
 _WORD = re.compile(r"\w+")
 
 
+def _visible(text: str) -> str:
+    """HTML entities decoded (&#98;ad → bad) and invisible format characters removed (zero-width
+    spaces and joiners, soft hyphens, the combining grapheme joiner), so neither can split a word."""
+    text = html.unescape(html.unescape(text))
+    return "".join(c for c in text if c != "\u034f" and unicodedata.category(c) != "Cf")
+
+
 def words_of(text: str) -> tuple[str, ...]:
-    """Text as comparable words: NFKC-normalized (fullwidth ＢＡＤ → BAD, ligatures split),
-    case-folded (Straße → strasse), split on everything that is not a letter or digit."""
-    return tuple(_WORD.findall(unicodedata.normalize("NFKC", text).casefold()))
+    """Text as comparable words: entities decoded and invisible characters removed, NFKC-normalized
+    (fullwidth ＢＡＤ → BAD, ligatures split), case-folded (Straße → strasse), split on everything
+    that is not a letter or digit."""
+    return tuple(_WORD.findall(unicodedata.normalize("NFKC", _visible(text)).casefold()))
 
 
 class CaptionBlocklist(Filter):
@@ -66,6 +75,8 @@ class CaptionBlocklist(Filter):
     """
 
     name = "caption_blocklist"
+
+    priority = SAFETY
     stage = "row"
     words: list[str] = Field(default_factory=list)
     path: Optional[str] = None
@@ -146,6 +157,8 @@ class UrlBlocklist(Filter):
     """
 
     name = "url_blocklist"
+
+    priority = SAFETY
     stage = "row"
     domains: list[str] = Field(default_factory=list)
     path: Optional[str] = None  # a file of domains

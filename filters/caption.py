@@ -13,7 +13,7 @@ from typing import Optional
 
 from pydantic import Field, PrivateAttr, field_validator
 
-from filters.base import Decision, Filter
+from filters.base import CLEANING, Decision, Filter
 
 
 class CaptionLength(Filter):
@@ -69,6 +69,8 @@ class CaptionClean(Filter):
     """
 
     name = "caption_clean"
+
+    priority = CLEANING
     stage = "row"
 
     def keep(self, sample) -> Decision:

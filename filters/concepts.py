@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
-from filters.base import Decision, Filter
+from filters.base import SAFETY, Decision, Filter
 
 _embeddings: dict[tuple, np.ndarray] = {}
 _lock = threading.Lock()
@@ -77,6 +77,8 @@ class ConceptFilter(Filter):
     as "unsafe: concept <name>"."""
 
     name = "concepts"
+
+    priority = SAFETY
     needs_clip = True
     concepts: list[Concept] = Field(min_length=1)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pydantic import Field, PrivateAttr, field_validator
 
-from filters.base import Decision, Filter
+from filters.base import SAFETY, Decision, Filter
 
 _HEX = re.compile(r"[0-9a-f]+")
 
@@ -64,6 +64,8 @@ class HashBlocklist(Filter):
     """Drop images whose sha256 or md5 is listed, as "unsafe: hash_blocklist"."""
 
     name = "hash_blocklist"
+
+    priority = SAFETY
     stage = "bytes"
     paths: list[str] = Field(min_length=1)
 

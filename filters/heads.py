@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Optional
 import numpy as np
 from pydantic import Field, PrivateAttr, field_validator
 
-from filters.base import Decision, Filter
+from filters.base import SAFETY, Decision, Filter
 
 _nets: dict[tuple, Any] = {}
 _lock = threading.Lock()
@@ -137,6 +137,8 @@ class NsfwHead(_EmbeddingHead):
     """
 
     name = "nsfw"
+
+    priority = SAFETY
     kind = "nsfw"
     threshold: float = Field(0.5, ge=0, le=1)
 

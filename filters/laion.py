@@ -20,7 +20,7 @@ from typing import Optional
 
 from pydantic import Field, model_validator
 
-from filters.base import Decision, Filter
+from filters.base import SAFETY, Decision, Filter
 
 
 def _value(meta: dict, column: str) -> Optional[float]:
@@ -40,6 +40,8 @@ class LaionColumns(Filter):
     null turns its check off (pwatermark is off by default)."""
 
     name = "laion_columns"
+
+    priority = SAFETY
     stage = "row"
     punsafe_threshold: Optional[float] = Field(0.5, ge=0, le=1)
     pwatermark_threshold: Optional[float] = Field(None, ge=0, le=1)

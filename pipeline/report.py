@@ -375,7 +375,10 @@ def fill_histograms(charts: list[Histogram], table: pa.Table) -> None:
             column = chart.key[len("score:"):]
             if column not in table.column_names:
                 continue
-            values = pc.cast(table[column], pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
+            try:
+                values = pc.cast(table[column], pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                continue  # the reader kept this shard's column as text (mixed input types)
         elif chart.key == "size":
             values = np.fmin(width, height)
         elif chart.key == "aspect":

@@ -62,6 +62,7 @@ def write_shard(shard_id: int, upstream: dict, root: str, cfg: RunConfig, filter
                 if key != record["key"]:
                     raise RuntimeError(f"shard {name}: tar and parquet out of step at {key} / {record['key']}")
                 meta = json.loads(fields["json"])
+                stored = dict(meta)  # as written by the download stage (extra values as JSON made them)
                 if scored is not None:
                     similarity, model, failure = scores[key]
                     if failure:  # the image did not decode for CLIP either: never write it
@@ -75,7 +76,10 @@ def write_shard(shard_id: int, upstream: dict, root: str, cfg: RunConfig, filter
                 reason = apply_chain(chain, sample)
                 # Scores land in the parquet for dropped rows too: they are what a user
                 # looks at to tune a threshold. Filters may have changed sizes or the caption.
-                record.update(sample["meta"])
+                # Only what the score stage and filters added or changed is copied: the rest
+                # came from the record through JSON, which turns e.g. timestamps into text, and
+                # one column must keep one type across a shard's rows.
+                record.update({k: v for k, v in sample["meta"].items() if k not in stored or stored[k] != v})
                 record["caption"] = sample["caption"]
                 if reason is not None:
                     record.update(status="rejected", reason=reason, error_message=None)
