@@ -198,16 +198,22 @@ class UrlBlocklist(Filter):
         labels = host.split(".")
         return any(".".join(labels[i:]) in self._domains for i in range(len(labels)))
 
-    def keep(self, sample) -> Decision:
-        url = sample.get("url") or ""
+    def url_reason(self, url: str) -> Optional[str]:
+        """The rejection reason for `url`, or None. The download stage also asks it about
+        every redirect target, so a redirect cannot lead onto a blocked domain (such rows are
+        counted as kept by this filter, rejected by the fetch with this reason)."""
         try:
             host = urlsplit(url.strip()).hostname or ""
         except ValueError:
-            return True  # not a URL: the fetch rejects it with its own reason
+            return None  # not a URL: the fetch rejects it with its own reason
         if self._domains and self.blocked_domain(host):
-            return False, "unsafe: url_blocklist"
+            return "unsafe: url_blocklist"
         if self._prefixes:
             normalized = _normalize_url(url)
             if normalized is not None and normalized.startswith(self._prefixes):
-                return False, "unsafe: url_blocklist"
-        return True
+                return "unsafe: url_blocklist"
+        return None
+
+    def keep(self, sample) -> Decision:
+        reason = self.url_reason(sample.get("url") or "")
+        return (False, reason) if reason else True

@@ -34,10 +34,11 @@ RECORD_COLUMNS = [
 ]
 
 
-def _process_row(row: dict, cfg: RunConfig, bytes_chain: list[Filter], phash: bool = False) -> tuple[dict, bytes | None]:
+def _process_row(row: dict, cfg: RunConfig, bytes_chain: list[Filter], phash: bool = False,
+                 check_url=None) -> tuple[dict, bytes | None]:
     """Fetch, check and normalize one row. Never raises: a failure is a rejection with a reason."""
     record = {"status": "rejected"}
-    got = fetch(row["url"], cfg.download)
+    got = fetch(row["url"], cfg.download, check_url)
     if not got.ok:
         record.update(reason=got.reason, error_message=got.detail)
         return record, None
@@ -74,6 +75,23 @@ def sample_meta(record: dict) -> dict:
     return {k: v for k, v in record.items() if k not in ("status", "reason", "error_message")}
 
 
+def redirect_check(row_chain: list[Filter]):
+    """A check of redirect targets by the row filters that judge URLs (`url_reason`), so a
+    redirect cannot lead onto a blocked domain; None when there are none."""
+    judges = [f for f in row_chain if hasattr(f, "url_reason")]
+    if not judges:
+        return None
+
+    def check(url: str):
+        for f in judges:
+            reason = f.url_reason(url)
+            if reason:
+                return reason
+        return None
+
+    return check
+
+
 def download_shard(input_path: str, shard_id: int, stage_dir: str, cfg: RunConfig) -> dict:
     """Download one shard. Returns its stats; a done shard is not redone."""
     stage_dir = Path(stage_dir)
@@ -87,6 +105,7 @@ def download_shard(input_path: str, shard_id: int, stage_dir: str, cfg: RunConfi
     extra_cols = list(cfg.input.extra_cols)
     context = {"clip": cfg.clip, "root": str(stage_dir)}
     row_chain = build_stage_chain(cfg.filter_specs(), "row", context)
+    check_url = redirect_check(row_chain)
     bytes_chain = build_stage_chain(cfg.filter_specs(), "bytes", context)
     phash = needs_phash(cfg.filter_specs())  # ~1 ms an image: only when dedup uses it
     records: list[dict] = []
@@ -113,7 +132,7 @@ def download_shard(input_path: str, shard_id: int, stage_dir: str, cfg: RunConfi
                         done.set_result(({"status": "rejected", "reason": reason, "error_message": None}, None))
                         window.append((index, sample, done))
                         continue
-                    window.append((index, sample, pool.submit(_process_row, sample, cfg, bytes_chain, phash)))
+                    window.append((index, sample, pool.submit(_process_row, sample, cfg, bytes_chain, phash, check_url)))
                     return
 
             for _ in range(limit):

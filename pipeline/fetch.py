@@ -18,7 +18,7 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
 from pipeline.config import DownloadConfig
@@ -206,7 +206,7 @@ def _quote_unsafe(url: str) -> str:
                        quote(parts.query, safe=safe), quote(parts.fragment, safe=safe)))
 
 
-def fetch_once(url: str, cfg: DownloadConfig) -> bytes:
+def fetch_once(url: str, cfg: DownloadConfig, check_url: Optional[Callable[[str], Optional[str]]] = None) -> bytes:
     deadline = time.monotonic() + cfg.timeout
     for _hop in range(cfg.max_redirects + 1):
         conn, target = _open_connection(url, cfg, cfg.timeout)
@@ -224,6 +224,9 @@ def fetch_once(url: str, cfg: DownloadConfig) -> bytes:
                     url = _quote_unsafe(urljoin(url, location))
                 except ValueError as exc:
                     raise FetchError("invalid_url: bad redirect", f"Location {location!r}"[:200]) from exc
+                refused = check_url(url) if check_url else None
+                if refused:  # e.g. a redirect onto a blocklisted domain
+                    raise FetchError(refused, f"redirect to {url}"[:200])
                 continue
             if resp.status != 200:
                 raise FetchError(f"failed_to_download: HTTP {resp.status}", f"HTTP {resp.status} {resp.reason}")
@@ -256,8 +259,9 @@ def fetch_once(url: str, cfg: DownloadConfig) -> bytes:
     raise FetchError("failed_to_download: too many redirects", f"more than {cfg.max_redirects}")
 
 
-def fetch(url: Optional[str], cfg: DownloadConfig) -> FetchResult:
-    """Fetch with retries. Never raises: failures come back as a reason."""
+def fetch(url: Optional[str], cfg: DownloadConfig, check_url: Optional[Callable[[str], Optional[str]]] = None) -> FetchResult:
+    """Fetch with retries. Never raises: failures come back as a reason. `check_url(url)` is
+    asked about every redirect target and returns a rejection reason or None."""
     if url is None or not str(url).strip():
         return FetchResult(None, "invalid_url: missing", "empty URL")
     try:
@@ -267,10 +271,10 @@ def fetch(url: Optional[str], cfg: DownloadConfig) -> FetchResult:
     result = FetchResult(None, "failed_to_download: not attempted")
     for _attempt in range(cfg.retries + 1):
         try:
-            return FetchResult(fetch_once(url, cfg))
+            return FetchResult(fetch_once(url, cfg, check_url))
         except FetchError as exc:
             result = FetchResult(None, exc.reason, exc.detail)
-            if exc.reason.startswith(("invalid_url", "blocked_address", "disallowed")) or "HTTP 4" in exc.reason:
+            if exc.reason.startswith(("invalid_url", "blocked_address", "disallowed", "unsafe")) or "HTTP 4" in exc.reason:
                 return result  # retrying cannot change these answers
         except http.client.IncompleteRead as exc:
             result = FetchResult(None, "failed_to_download: incomplete body", f"{len(exc.partial)} bytes received")

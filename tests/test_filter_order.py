@@ -48,3 +48,25 @@ def test_extra_columns_of_any_type_survive_the_write_stage(dataset, tmp_path):
     assert stats["written"] > 0 and stats["rejected"] > 0
     rows = pq.read_table(tmp_path / "out" / "shards" / "00000.parquet").to_pandas()
     assert len(rows) == 60 and rows["seen"].notna().all()
+
+
+def test_a_redirect_onto_a_blocked_url_is_refused(server):
+    """The URL blocklist judges the input URL before the fetch, and every redirect target during it."""
+    from urllib.parse import quote
+
+    from filters.blocklist import UrlBlocklist
+    from pipeline.config import DownloadConfig
+    from pipeline.download import redirect_check
+    from pipeline.fetch import fetch
+
+    (server.root_dir / "images").mkdir(exist_ok=True)
+    (server.root_dir / "images" / "a.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    blocked = f"{server.base_url}/images/a.jpg"
+    via = f"{server.base_url}/redirect-to?url={quote(blocked, safe='')}"
+    rule = UrlBlocklist(prefixes=[blocked])
+    assert rule({"url": via}) is None  # the input URL itself is not on the list
+    cfg = DownloadConfig(allow_private_addresses=True, timeout=5)
+    assert fetch(via, cfg).ok  # without the check the redirect is followed
+    got = fetch(via, cfg, redirect_check([rule]))
+    assert not got.ok and got.reason == "unsafe: url_blocklist"
+    assert redirect_check([]) is None
