@@ -49,8 +49,13 @@ def _local_cluster(cfg: DaskConfig, gpus: int):
         )
     # CPU workers for download and write, plus one worker per GPU that only it sees:
     # GPU tasks ask for resources={"GPU": 1}, so exactly one runs per device at a time.
+    # CPU workers see no GPU: a model a sample filter loads there (vae_latents, concepts) stays
+    # on the CPU instead of every CPU worker opening a CUDA context on GPU 0.
     worker = {"nthreads": cfg.threads_per_worker, "memory_limit": cfg.memory_limit}
-    workers = {f"cpu-{i}": {"cls": Nanny, "options": dict(worker)} for i in range(cfg.n_workers or os.cpu_count() or 1)}
+    workers = {
+        f"cpu-{i}": {"cls": Nanny, "options": {**worker, "env": {"CUDA_VISIBLE_DEVICES": ""}}}
+        for i in range(cfg.n_workers or os.cpu_count() or 1)
+    }
     for j in range(gpus):
         workers[f"gpu-{j}"] = {"cls": Nanny, "options": {
             **worker, "nthreads": 1, "resources": {"GPU": 1}, "env": {"CUDA_VISIBLE_DEVICES": str(j)},

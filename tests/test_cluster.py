@@ -144,3 +144,21 @@ def test_workers_are_still_there(cluster):
     _, client, _ = cluster
     assert len(client.scheduler_info()["workers"]) == 2
     assert client.submit(sum, [1, 2], pure=False).result(timeout=10) == 3
+
+
+def test_gpu_cluster_layout_each_gpu_worker_sees_one_device_and_cpu_workers_none():
+    """The embedded cluster for a machine with GPUs, started here without one: the layout and
+    the environment each worker gets are what the GPU path relies on."""
+    import os
+
+    from distributed import Client
+
+    from pipeline.cluster import _local_cluster, gpu_resources
+    from pipeline.config import DaskConfig
+
+    with _local_cluster(DaskConfig(n_workers=1), gpus=2) as cluster, Client(cluster) as client:
+        client.wait_for_workers(3, timeout=60)
+        seen = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
+        by_name = {info["name"]: seen[addr] for addr, info in client.scheduler_info()["workers"].items()}
+        assert by_name == {"cpu-0": "", "gpu-0": "0", "gpu-1": "1"}
+        assert gpu_resources(client) == {"GPU": 1}
