@@ -186,9 +186,9 @@ def apply_override(data: dict, assignment: str) -> None:
         node[keys[-1]] = value
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config, apply `--set` overrides, validate. Errors are UserError."""
-    path = Path(path)
+def read_config_mapping(path: Path, overrides: list[str] | None = None) -> dict:
+    """A YAML config file as a mapping of sections, with `--set` overrides applied (safe_load:
+    no tag runs code). Errors are UserError. Shared by `curate run` and `curate train`."""
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
@@ -203,6 +203,13 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raise UserError(f"{path}: expected a mapping of sections at the top level")
     for assignment in overrides or []:
         apply_override(data, assignment)
+    return data
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config, apply `--set` overrides, validate. Errors are UserError."""
+    path = Path(path)
+    data = read_config_mapping(path, overrides)
     try:
         config = RunConfig.model_validate(data)
     except ValidationError as exc:

@@ -13,7 +13,7 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.config import apply_override, validation_message
+from pipeline.config import read_config_mapping, validation_message
 from pipeline.errors import UserError
 
 
@@ -154,16 +154,7 @@ def changed_settings(old: dict, new: dict) -> list[str]:
 def load_train_config(path: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML train config, apply `--set` overrides, validate. Errors are UserError."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML") from exc
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping of sections at the top level")
-    for assignment in overrides or []:
-        apply_override(data, assignment)
+    data = read_config_mapping(path, overrides)
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as exc:
