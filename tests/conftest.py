@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,29 @@ def kill_group(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     proc.wait(timeout=10)
+
+
+def live_members(pgid: int) -> list[int]:
+    """Processes of a process group that are still running (zombies don't count)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def sigkill_group(proc: subprocess.Popen) -> list[int]:
+    """SIGKILL a curate run and everything it started; returns the processes that outlived it."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    deadline = time.monotonic() + 15
+    while live_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return live_members(proc.pid)
 
 
 def run_curate(args: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:

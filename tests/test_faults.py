@@ -17,7 +17,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, curate_command, kill_group, run_curate, write_config
+from conftest import REPO, curate_command, kill_group, run_curate, sigkill_group, write_config
 from dask_processes import dask_processes, executing, worker_pids
 from pipeline.devserver import DevServer
 from pipeline.shards import is_done
@@ -57,29 +56,6 @@ def snapshot(out: Path) -> dict:
 def start_curate(*args: str) -> subprocess.Popen:
     return subprocess.Popen(curate_command(*args), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
-
-
-def live_members(pgid: int) -> list[int]:
-    """Processes of a process group that are still running (zombies don't count)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
-
-
-def sigkill_group(proc: subprocess.Popen) -> list[int]:
-    """SIGKILL a curate run and everything it started; returns the processes that outlived it."""
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
-    deadline = time.monotonic() + 15
-    while live_members(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return live_members(proc.pid)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -15,24 +14,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import curate_command, kill_group, run_curate, write_config
+from conftest import curate_command, kill_group, run_curate, sigkill_group, write_config
 
 ROWS, ROWS_PER_SHARD = 300, 50
 N_SHARDS = ROWS // ROWS_PER_SHARD
 TIMING_KEYS = {"duration_seconds", "rows_per_second", "images_per_second", "task_seconds_by_stage"}
-
-
-def live_members(pgid: int) -> list[int]:
-    """Processes of a process group that are still running (zombies don't count)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
 
 
 def snapshot(out: Path) -> dict:
@@ -92,12 +78,7 @@ def story(dataset, slow_urls, tmp_path_factory):
                 break
             time.sleep(0.02)
         story["alive_at_kill"] = proc.poll() is None
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-        deadline = time.monotonic() + 15
-        while live_members(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        story["survivors"] = live_members(proc.pid)
+        story["survivors"] = sigkill_group(proc)
     finally:
         kill_group(proc)
     story["done_at_kill"] = sorted(p.name for p in (out / "shards").glob("*.done.json"))
