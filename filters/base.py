@@ -56,6 +56,9 @@ class Filter(BaseModel):
     stage: ClassVar[Stage] = "sample"
     # Needs the score stage (CLIP scores or embeddings): the config then requires clip.enabled.
     needs_clip: ClassVar[bool] = False
+    # Reads sample["img_emb"] / ["text_emb"]: the write stage loads a shard's saved
+    # embeddings only when a filter of the chain does.
+    needs_embeddings: ClassVar[bool] = False
     # Within a stage filters run by priority, then in YAML order: CLEANING (caption_clean)
     # first, so every rule sees the cleaned caption; then SAFETY, so that an unsafe sample is
     # always rejected for safety, whatever the YAML order (its image then never reaches the

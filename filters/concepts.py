@@ -80,6 +80,7 @@ class ConceptFilter(Filter):
 
     priority = SAFETY
     needs_clip = True
+    needs_embeddings = True
     concepts: list[Concept] = Field(min_length=1)
 
     _matrix: Any = PrivateAttr(default=None)

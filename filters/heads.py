@@ -80,6 +80,7 @@ class _EmbeddingHead(Filter):
     """A head on `img_emb`: loads its weights when the config is read, scores each sample."""
 
     needs_clip = True
+    needs_embeddings = True
     kind: ClassVar[str]
     weights: str
 

@@ -45,8 +45,9 @@ def write_shard(shard_id: int, upstream: dict, root: str, cfg: RunConfig, filter
     records = pq.read_table(download_dir / f"{name}.parquet").to_pylist()
     chain = build_stage_chain(filter_specs, "sample", {"clip": cfg.clip, "root": str(layout.root), "shard": shard_id})
     scores = read_scores(layout.embeddings, shard_id) if scored is not None else {}
-    # Row-aligned CLIP embeddings, for filters that reuse them (safety and aesthetic heads, dedup).
-    embeddings = read_embeddings(layout.embeddings, shard_id) if scored is not None else {}
+    # Row-aligned CLIP embeddings, for the filters that read them (NSFW and aesthetic heads, concepts).
+    wanted = scored is not None and any(f.needs_embeddings for f in chain)
+    embeddings = read_embeddings(layout.embeddings, shard_id) if wanted else {}
     raw_samples = iter_tar_samples(download_dir / f"{name}.tar")
     reasons: Counter = Counter()
     # report.html's thumbnails: chosen now, while the images of dropped samples still exist.
