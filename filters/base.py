@@ -63,7 +63,7 @@ class Filter(BaseModel):
     # first, so every rule sees the cleaned caption; then SAFETY, so that an unsafe sample is
     # always rejected for safety, whatever the YAML order (its image then never reaches the
     # report, which shows samples dropped for other reasons); then the rest.
-    priority: ClassVar[int] = 2
+    priority: ClassVar[int] = OTHER
 
     _counts: Counter = PrivateAttr(default_factory=Counter)
     # "bytes" filters run in the download threads; the counts must not race.
