@@ -39,6 +39,7 @@ import multiprocessing
 import os
 import random
 import shutil
+import subprocess
 import sys
 import time
 import traceback
@@ -294,11 +295,12 @@ def run_baseline(model_name: str, tars: list[Path], device: str, workers: int, b
             "peak": peak}
 
 
-def clip_cfg(model: str, device: str, precision: str, batch: int, gpu_decode: bool = True):
+def clip_cfg(model: str, device: str, precision: str, batch: int, gpu_decode: bool = True,
+             reader_processes="auto"):
     from pipeline.config import ClipConfig
 
     return ClipConfig(enabled=True, model=model, pretrained=None, device=device, precision=precision,
-                      batch_size=batch, gpu_decode=gpu_decode)
+                      batch_size=batch, gpu_decode=gpu_decode, reader_processes=reader_processes)
 
 
 def score_all(shards_dir: Path, shard_ids: list[int], out: Path, cfg) -> tuple[int, list[float]]:
@@ -315,12 +317,12 @@ def score_all(shards_dir: Path, shard_ids: list[int], out: Path, cfg) -> tuple[i
     return n, per_shard
 
 
-def run_curate(model: str, shards_dir: Path, n_shards: int, device: str, batch: int) -> dict:
+def run_curate(model: str, shards_dir: Path, n_shards: int, device: str, batch: int, reader_processes: int) -> dict:
     import torch
     from pipeline.clip_model import load_clip
 
     precision = "bf16" if device.startswith("cuda") else "fp32"
-    cfg = clip_cfg(model, device, precision, batch)
+    cfg = clip_cfg(model, device, precision, batch, reader_processes=reader_processes)
     started = time.perf_counter()
     load_clip(model, None, device, precision)
     sync(device)
@@ -344,7 +346,61 @@ def run_curate(model: str, shards_dir: Path, n_shards: int, device: str, batch: 
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
     shutil.rmtree(out, ignore_errors=True)
     return {"images": n, "seconds": seconds, "rate": n / seconds, "batch": batch, "load_s": load_s,
-            "warm_s": warm_s, "per_shard": per_shard, "peak": peak, "warm_dir": warm / "emb", "cfg": cfg}
+            "warm_s": warm_s, "per_shard": per_shard, "peak": peak, "warm_dir": warm / "emb", "cfg": cfg,
+            "readers": reader_processes}
+
+
+SCALING_WORKER = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from bench.clip_score import clip_cfg, score_all
+from pathlib import Path
+model, shards, out, batch, part, parts, n_shards = sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7]), int(sys.argv[8])
+cfg = clip_cfg(model, "cuda", "bf16", batch)
+score_all(shards, [part % n_shards], out / "warm", cfg)  # load + warm-up, untimed
+print("READY", flush=True)
+sys.stdin.readline()
+started = time.perf_counter()
+n, _ = score_all(shards, list(range(part, n_shards, parts)), out / "timed", cfg)
+print("DONE", n, time.perf_counter() - started, flush=True)
+"""
+
+
+def run_scaling(model: str, shards_dir: Path, n_shards: int, batch: int, gpus: int) -> dict:
+    """curate's score stage on 1 and on `gpus` GPUs at once: one process per GPU (as one Dask GPU
+    worker per GPU runs it), each scoring every gpus-th shard; all start together after their
+    warm-up, timed until the last finishes."""
+    rates = {}
+    for n in sorted({1, gpus}):
+        procs = []
+        for i in range(n):
+            env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(i))
+            procs.append(subprocess.Popen(
+                [sys.executable, "-c", SCALING_WORKER, str(REPO), model, str(shards_dir),
+                 str(WORK / "out" / slug(model) / f"scale{n}-{i}"), str(batch), str(i), str(n), str(n_shards)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env))
+        for p in procs:
+            line = p.stdout.readline()
+            if not line.startswith("READY"):
+                raise RuntimeError(f"scaling worker failed to start: {line!r}")
+        started = time.perf_counter()
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        images = 0
+        for p in procs:
+            done = p.stdout.readline().split()
+            if not done or done[0] != "DONE":
+                raise RuntimeError("scaling worker failed")
+            images += int(done[1])
+            p.wait()
+        seconds = time.perf_counter() - started
+        rates[n] = {"images": images, "seconds": seconds, "rate": images / seconds}
+        log(f"  {model} scaling, {n} GPU(s): {images} images in {seconds:.2f} s = {images / seconds:,.0f} images/s")
+    result = {"gpus": gpus, "rates": rates}
+    if gpus > 1:
+        result["efficiency"] = rates[gpus]["rate"] / (gpus * rates[1]["rate"])
+    return result
 
 
 def run_models_alone(model: str, device: str, precision: str, batch: int, captions: list[str],
@@ -387,12 +443,22 @@ def run_stages(model: str, shards_dir: Path, cfg) -> dict:
     stage bounds the end-to-end rate (they run one after another in score.py's main thread,
     except the tar reading, which a thread overlaps)."""
     import torch
-    from pipeline.score import ClipScorer, _batches
+    from pipeline.score import ClipScorer
+    from pipeline.score_reader import ReaderPool, read_batches
 
     tar = shards_dir / f"{shard_name(0)}.tar"
     started = time.perf_counter()
-    batches = list(_batches(tar, cfg.batch_size))
+    batches = list(read_batches(tar, cfg.batch_size))
     read_s = time.perf_counter() - started
+    pool = ReaderPool(cfg.model, 2)
+    try:
+        list(pool.batches(tar, cfg.batch_size))  # start-up and warm-up
+        started = time.perf_counter()
+        for _ in pool.batches(tar, cfg.batch_size):
+            pass
+        readers_s = time.perf_counter() - started
+    finally:
+        pool.close()
     n = sum(len(b.keys) for b in batches)
     scorer = ClipScorer(cfg)
     clip = scorer.clip
@@ -421,6 +487,7 @@ def run_stages(model: str, shards_dir: Path, cfg) -> dict:
         sync(clip.device)
         decode_s = time.perf_counter() - started
     return {"images": n, "read": n / read_s, "tokenize": n / tokenize_s, "decode": n / decode_s,
+            "readers": n / readers_s,
             "decode_what": "nvJPEG + GPU preprocess" if gpu_path else "PIL + open_clip preprocess",
             "nvjpeg": nvjpeg}
 
@@ -473,7 +540,8 @@ def run_agreement(model: str, shards_dir: Path, n: int, device: str, curate: dic
 
 
 def _gpu_path_on_cpu(clip, tar_path: Path, model: str) -> dict[str, float]:
-    from pipeline.score import ClipScorer, _batches
+    from pipeline.score import ClipScorer
+    from pipeline.score_reader import read_batches
 
     class GpuPathOnCpu(ClipScorer):
         on_gpu = True  # takes _pixels_gpu with the model's device (cpu)
@@ -481,7 +549,7 @@ def _gpu_path_on_cpu(clip, tar_path: Path, model: str) -> dict[str, float]:
     scorer = GpuPathOnCpu(clip_cfg(model, "cpu", "fp32", 64))
     scorer._clip = clip
     sims = {}
-    for batch in _batches(tar_path, 64):
+    for batch in read_batches(tar_path, 64):
         img, txt, errors = scorer.embed(batch)
         for key, s, e in zip(batch.keys, (img * txt).sum(axis=1), errors):
             if e is None:
@@ -517,7 +585,10 @@ def bench_model(model: str, args, shards_dir: Path, info: dict, device: str, cap
     steps = []
     if not args.skip_baseline:
         steps.append(("baseline", lambda: run_baseline(model, tars, device, args.workers, 64 if quick else 256)))
-    steps.append(("curate", lambda: run_curate(model, shards_dir, info["shards"], device, batch)))
+    # As curate runs on a GPU (2 reader processes), and with the reading and tokenizing in the
+    # scoring process (the design before reader processes; curate's CPU path).
+    steps.append(("curate", lambda: run_curate(model, shards_dir, info["shards"], device, batch, 2)))
+    steps.append(("curate_inproc", lambda: run_curate(model, shards_dir, info["shards"], device, batch, 0)))
     precision = "bf16" if device.startswith("cuda") else "fp32"
     alone_batch = 32 if quick else ALONE_BATCH.get(model, 256)
     steps.append(("stages", lambda: run_stages(model, shards_dir, row["curate"]["cfg"])))
@@ -525,6 +596,8 @@ def bench_model(model: str, args, shards_dir: Path, info: dict, device: str, cap
                                                     0.5 if quick else 3.0)))
     steps.append(("alone_trim", lambda: run_models_alone(model, device, precision, alone_batch, captions,
                                                          0.5 if quick else 3.0, trimmed=True)))
+    if args.gpus > 1:
+        steps.append(("scaling", lambda: run_scaling(model, shards_dir, info["shards"], batch, args.gpus)))
     agree_n = args.agree_images or (64 if quick else AGREE_IMAGES.get(model, 256))
     steps.append(("agree", lambda: run_agreement(model, shards_dir, agree_n, device, row["curate"])))
 
@@ -543,14 +616,14 @@ def bench_model(model: str, args, shards_dir: Path, info: dict, device: str, cap
             log(f"  {model} baseline: {result['images']} images in {result['seconds']:.2f} s = {result['rate']:,.0f} "
                 f"images/s ({result['workers']} workers; model create+warm-up {result['load_s']:.1f} s, untimed"
                 + (f"; peak GPU memory {result['peak'] / 2**30:.1f} GiB" if result["peak"] else "") + ")")
-        elif name == "curate":
+        elif name in ("curate", "curate_inproc"):
             shards = ", ".join(f"{s:.2f}" for s in result["per_shard"])
-            log(f"  {model} curate: {result['images']} images in {result['seconds']:.2f} s = {result['rate']:,.0f} "
+            log(f"  {model} {name} ({result['readers']} reader processes): {result['images']} images in {result['seconds']:.2f} s = {result['rate']:,.0f} "
                 f"images/s (batch {result['batch']}; load {result['load_s']:.1f} s and warm-up shard "
                 f"{result['warm_s']:.1f} s untimed; per shard s: {shards})")
         elif name == "stages":
             log(f"  {model} curate stages alone on {result['images']} images: tar read + json {result['read']:,.0f}/s, "
-                f"tokenizer {result['tokenize']:,.0f}/s, {result['decode_what']} {result['decode']:,.0f}/s"
+                f"tokenizer {result['tokenize']:,.0f}/s, 2 reader processes (read + tokenize) {result['readers']:,.0f}/s, {result['decode_what']} {result['decode']:,.0f}/s"
                 + (f"; batched nvJPEG decode: {result['nvjpeg']}" if result["nvjpeg"] else ""))
         elif name in ("alone", "alone_trim"):
             log(f"  {model} models alone{' (text padding trimmed)' if name == 'alone_trim' else ''}: "
@@ -587,9 +660,11 @@ def render(rows: list[dict], args, info: dict, device: str, device_name: str, to
         "encode_text + cosine similarity, results to CPU numpy, nothing written. Timed from `iter(loader)` "
         "(worker start-up included) to the last batch; model created and warmed beforehand.",
         f"- **curate**: `pipeline.score.score_shard` over every shard in order, one process "
-        f"({'nvJPEG decode, GPU preprocessing, bf16' if gpu else 'CPU path: PIL, open_clip preprocess, fp32'}); "
-        "timed from the first shard's call to the last done-marker, embeddings and metadata written; "
-        "model loaded and one shard scored (warm-up) beforehand.",
+        f"({'nvJPEG decode, GPU preprocessing, bf16' if gpu else 'CPU path: PIL, open_clip preprocess, fp32'}) "
+        "with 2 reader processes reading the tar and tokenizing (pipeline/score_reader.py, the default on a GPU); "
+        "*in-process reader*: the same with reading and tokenizing in a thread of the scoring process (the design "
+        "before reader processes). Timed from the first shard's call to the last done-marker, embeddings and "
+        "metadata written; model loaded and one shard scored (warm-up) beforehand.",
         f"- **models alone**: eager {'bf16' if gpu else 'fp32'} encode_image (random pixels) + encode_text "
         "(caption tokens), no data: the ceiling; first with the text tower over all 77 positions (open_clip's "
         "`encode_text`), then as curate runs it, padding trimmed to the batch's longest caption (same result, "
@@ -600,9 +675,9 @@ def render(rows: list[dict], args, info: dict, device: str, device_name: str, to
            "GPU path's code run on the CPU (torchvision decode + gpu_preprocess) and its CPU path, fp32, same "
            "weights. Required: ≤ 0.01."),
         "",
-        "| model | baseline images/s | curate images/s | speed-up | models alone images/s (77 / trimmed) "
-        "| target (curate) | peak GPU memory (curate) | max \\|Δ sim\\| |",
-        "|---|---:|---:|---:|---:|---|---:|---|",
+        "| model | baseline images/s | curate images/s | speed-up | curate, in-process reader | models alone "
+        "images/s (77 / trimmed) | target (curate) | peak GPU memory (curate) | max \\|Δ sim\\| |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     for r in rows:
         b, c, a, g = r.get("baseline"), r.get("curate"), r.get("alone"), r.get("agree")
@@ -624,19 +699,35 @@ def render(rows: list[dict], args, info: dict, device: str, device_name: str, to
             agree += f", {g['compared']} images: " + ("ok" if g["max"] <= 0.01 else "OVER 0.01")
         else:
             agree = r.get("agree_error", "—")
-        lines.append(f"| {r['model']} | {base} | {cur} | {speed} | {alone} | {tgt} | {peak} | {agree} |")
+        ci = r.get("curate_inproc")
+        inproc = fmt_rate(ci["rate"]) if ci else r.get("curate_inproc_error", "—")
+        lines.append(f"| {r['model']} | {base} | {cur} | {speed} | {inproc} | {alone} | {tgt} | {peak} | {agree} |")
     lines.append("")
     stages = [r for r in rows if "stages" in r]
     if stages:
-        lines.append("curate's stages, each alone on shard 0 in one process (images/s; in score.py these overlap: "
-                     "tar reading + tokenizing in one thread, decoding + preprocessing in two threads on side CUDA streams, and the "
-                     "model): "
-                     + "; ".join(f"{r['model']}: tar read + json {fmt_rate(r['stages']['read'])}, tokenizer "
-                                 f"{fmt_rate(r['stages']['tokenize'])}, {r['stages']['decode_what']} "
+        lines.append("curate's stages, each alone on shard 0 (images/s; in score.py these overlap: tar reading + "
+                     "tokenizing in 2 reader processes, decoding + preprocessing in two threads on side CUDA streams, "
+                     "and the model): "
+                     + "; ".join(f"{r['model']}: tar read + json {fmt_rate(r['stages']['read'])} and tokenizer "
+                                 f"{fmt_rate(r['stages']['tokenize'])} in one thread, 2 reader processes "
+                                 f"{fmt_rate(r['stages']['readers'])}, {r['stages']['decode_what']} "
                                  f"{fmt_rate(r['stages']['decode'])}" for r in stages) + "."
                      + (f" Batched nvJPEG decode: {stages[0]['stages']['nvjpeg']}." if stages[0]["stages"]["nvjpeg"]
                         else ""))
         lines.append("")
+    scaled = [r for r in rows if "scaling" in r]
+    for r in scaled:
+        sc = r["scaling"]
+        one, many = sc["rates"][1], sc["rates"][sc["gpus"]]
+        lines.append(f"Scaling, {r['model']} (one scoring process per GPU, each with its reader processes, every "
+                     f"{sc['gpus']}th shard): 1 GPU {fmt_rate(one['rate'])} images/s, {sc['gpus']} GPUs "
+                     f"{fmt_rate(many['rate'])} images/s: **{sc['efficiency']:.0%} efficiency** (goal ≥ 90%: "
+                     + ("met" if sc["efficiency"] >= 0.9 else "MISSED") + ").")
+        lines.append("")
+    for r in rows:
+        if "scaling_error" in r:
+            lines.append(f"Scaling, {r['model']}: failed: {r['scaling_error']}")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -651,6 +742,7 @@ def main() -> None:
     parser.add_argument("--agree-images", type=int, default=None, help="images for the GPU/CPU agreement check")
     parser.add_argument("--quick", action="store_true", help="CPU smoke test: tiny model, 256 images, no write")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--gpus", type=int, default=1, help="also measure scaling over this many GPUs")
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     args = parser.parse_args()
     cores = os.cpu_count() or 1

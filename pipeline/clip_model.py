@@ -114,6 +114,14 @@ def embedding_dim(model: str) -> Optional[int]:
     return int(config["embed_dim"]) if config else None
 
 
+def load_tokenizer(model: str):
+    """The model's tokenizer as the score stage uses it (also built alone, without the model,
+    by the reader processes of pipeline/score_reader.py)."""
+    import open_clip
+
+    return fast_tokenizer(open_clip.get_tokenizer(model))
+
+
 def load_clip(model: str, pretrained: Optional[str] = None, device: str = "auto", precision: str = "auto") -> LoadedClip:
     """The model for these settings, loaded at most once per process (thread-safe)."""
     device = resolve_device(device)
@@ -137,6 +145,6 @@ def _load(model: str, pretrained: Optional[str], device: str, precision: str) ->
     dtype = resolve_dtype(precision, device)
     if dtype != torch.float32:
         clip = clip.to(dtype)
-    tokenizer = fast_tokenizer(open_clip.get_tokenizer(model))
+    tokenizer = load_tokenizer(model)
     name = model if has_schema or not pretrained else f"{model}/{Path(pretrained).name}"
     return LoadedClip(clip, preprocess, tokenizer, device, dtype, name, trim_text=can_trim_text(clip))

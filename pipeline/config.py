@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -99,6 +99,16 @@ class ClipConfig(Section):
     batch_size: int = Field(512, ge=1)
     # Decode JPEGs with nvJPEG on the GPU (falls back to the CPU decoder per image).
     gpu_decode: bool = True
+    # Helper processes that read shards and tokenize captions beside the scoring process
+    # (pipeline/score_reader.py); 0 reads in-process. auto → 2 on a GPU, 0 on the CPU.
+    reader_processes: Union[Literal["auto"], int] = "auto"
+
+    @field_validator("reader_processes")
+    @classmethod
+    def _not_negative(cls, value):
+        if value != "auto" and value < 0:
+            raise ValueError("must be 'auto' or a count ≥ 0")
+        return value
 
     @field_validator("model")
     @classmethod

@@ -35,10 +35,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.clip_model import LoadedClip, load_clip
+from pipeline.clip_model import LoadedClip, load_clip, resolve_device
 from pipeline.config import ClipConfig
+from pipeline.score_reader import Batch, ReaderPool, read_batches
 from pipeline.shards import atomic_path, is_done, mark_done, read_marker, shard_name
-from pipeline.tarshard import iter_tar_samples
 
 # Threads decoding and preprocessing batches on the GPU while the model runs: nvJPEG's
 # CPU-side Huffman decoding is the slow part, and two threads decode ~1.35x faster than one
@@ -76,53 +76,47 @@ def threshold_for_top_fraction(hist: np.ndarray, fraction: float) -> float:
     return float(edges[HIST_BINS - 1 - min(top_bin, HIST_BINS - 1)])
 
 
-@dataclass
-class Batch:
-    keys: list[str]
-    jpgs: list[bytes]
-    captions: list[str]
-    tokens: Any = None  # token ids, made beside the tar reading (open_clip's tokenizer is pure Python)
-
-
-def _batches(tar_path: Path, batch_size: int, tokenizer=None) -> Iterator[Batch]:
-    keys, jpgs, captions = [], [], []
-
-    def batch() -> Batch:
-        return Batch(keys, jpgs, captions, tokenizer(captions) if tokenizer else None)
-
-    for key, fields in iter_tar_samples(tar_path):
-        meta = json.loads(fields["json"])
-        keys.append(key)
-        jpgs.append(fields["jpg"])
-        captions.append(meta.get("caption") or "")
-        if len(keys) == batch_size:
-            yield batch()
-            keys, jpgs, captions = [], [], []
-    if keys:
-        yield batch()
-
-
 def _prefetched(batches: Iterator[Batch], depth: int = 2) -> Iterator[Batch]:
-    """Read the next batches from the tar in a thread while the model computes."""
+    """Read the next batches in a thread while the model computes. When the consumer stops
+    early (an error in the model), the thread stops too and closes `batches`, so a reader
+    holding helper processes or a file gives them back."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
 
     def produce():
         try:
             for b in batches:
-                q.put(b)
+                if not put(b):
+                    return
+            put(done)
         except BaseException as exc:  # surfaced in the consumer
-            q.put(exc)
-        q.put(done)
+            put(exc)
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
 
     threading.Thread(target=produce, daemon=True).start()
-    while True:
-        item = q.get()
-        if item is done:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def _decode_cpu(jpg: bytes):
@@ -246,7 +240,9 @@ class ClipScorer:
         import torch
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        datas = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpgs]
+        # Views of the mapped tar (ReaderPool) go to nvJPEG as they are; bytes are copied once.
+        datas = [torch.from_numpy(j) if isinstance(j, np.ndarray) else torch.frombuffer(bytearray(j), dtype=torch.uint8)
+                 for j in jpgs]
         try:
             images = decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.clip.device)
             errors: list[Optional[str]] = [None] * len(jpgs)
@@ -323,6 +319,25 @@ def score_outputs(folder: Path, shard_id: int) -> dict[str, Path]:
 
 
 _scorers: dict[tuple, ClipScorer] = {}
+_reader_pools: dict[tuple[str, int], ReaderPool] = {}
+
+# Reader processes per GPU scorer when `clip.reader_processes` is "auto" (one tokenizes ~20,000
+# captions/s; two keep ahead of the GPU). The CPU path reads in-process: there the model is
+# the bottleneck and extra processes would compete with it for the cores.
+GPU_READER_PROCESSES = 2
+
+
+def _reader_pool(cfg: ClipConfig) -> Optional[ReaderPool]:
+    """The reader processes for this config (started now, so that they start while the model
+    loads), or None to read in-process."""
+    processes = cfg.reader_processes
+    if processes == "auto":
+        processes = GPU_READER_PROCESSES if resolve_device(cfg.device).startswith("cuda") else 0
+    if not processes:
+        return None
+    pool = _reader_pools.setdefault((cfg.model, processes), ReaderPool(cfg.model, processes))
+    pool.start()
+    return pool
 
 
 def score_shard(shard_id: int, downloaded: dict, download_dir: str, emb_dir: str, marker_dir: str, cfg: ClipConfig) -> dict:
@@ -337,12 +352,17 @@ def score_shard(shard_id: int, downloaded: dict, download_dir: str, emb_dir: str
         (emb_dir / sub).mkdir(parents=True, exist_ok=True)
     started = time.time()
 
+    pool = _reader_pool(cfg)
     key = (cfg.model, cfg.pretrained, cfg.device, cfg.precision, cfg.gpu_decode)
     scorer = _scorers.setdefault(key, ClipScorer(cfg))
     keys, sims, img_parts, txt_parts, statuses, reasons = [], [], [], [], [], []
     tar_path = Path(download_dir) / f"{shard_name(shard_id)}.tar"
-    # Reading the tar and tokenizing run in the prefetch thread while the model computes.
-    for batch, img, txt, errors in scorer.embed_all(_prefetched(_batches(tar_path, cfg.batch_size, scorer.clip.tokenizer))):
+    # Reading the tar and tokenizing run beside the model: in reader processes, or in the prefetch thread.
+    if pool is None:
+        batches = read_batches(tar_path, cfg.batch_size, scorer.clip.tokenizer)
+    else:
+        batches = pool.batches(tar_path, cfg.batch_size)
+    for batch, img, txt, errors in scorer.embed_all(_prefetched(batches)):
         sim = (img * txt).sum(axis=1)
         for k, s, e in zip(batch.keys, sim, errors):
             keys.append(k)

@@ -74,8 +74,10 @@ def _iter_members(path: Path) -> Iterator[tuple[str, bytes]]:
     with open(path, "rb") as f:
         while True:
             header = f.read(BLOCK)
-            if len(header) < BLOCK or header == _ZERO_BLOCK:
+            if not header or header == _ZERO_BLOCK:
                 return
+            if len(header) < BLOCK:
+                raise tarfile.ReadError(f"{path}: truncated header")
             parsed = _plain_file_header(header)
             if parsed is None:
                 f.seek(-BLOCK, io.SEEK_CUR)
@@ -90,6 +92,50 @@ def _iter_members(path: Path) -> Iterator[tuple[str, bytes]]:
                 raise tarfile.ReadError(f"{path}: truncated member {name}")
             f.seek(-size % BLOCK, io.SEEK_CUR)
             yield name, data
+
+
+def iter_sample_spans(path: Path) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
+    """Yield (key, {ext: (offset, size)}) in file order: where each member's bytes lie in the
+    file, without reading them. For readers that map the file and take views of it."""
+    key, fields = None, {}
+    for name, offset, size in _iter_member_spans(path):
+        member_key, _, ext = name.rsplit("/", 1)[-1].partition(".")
+        if member_key != key:
+            if key is not None:
+                yield key, fields
+            key, fields = member_key, {}
+        fields[ext] = (offset, size)
+    if key is not None:
+        yield key, fields
+
+
+def _iter_member_spans(path: Path) -> Iterator[tuple[str, int, int]]:
+    """(name, data offset, size) of each regular file member; headers only are read (plain
+    ustar parsed here, anything else handed to `tarfile` as in `_iter_members`)."""
+    file_size = Path(path).stat().st_size
+    with open(path, "rb") as f:
+        offset = 0
+        while True:
+            f.seek(offset)
+            header = f.read(BLOCK)
+            if not header or header == _ZERO_BLOCK:
+                return
+            if len(header) < BLOCK:
+                raise tarfile.ReadError(f"{path}: truncated header")
+            parsed = _plain_file_header(header)
+            if parsed is None:
+                f.seek(offset)
+                with tarfile.open(fileobj=f, mode="r:") as tar:
+                    for member in tar:
+                        if member.isfile():
+                            yield member.name, member.offset_data, member.size  # absolute: tarfile counts from fileobj.tell()
+                return
+            name, size = parsed
+            data_offset = offset + BLOCK
+            if data_offset + size > file_size:
+                raise tarfile.ReadError(f"{path}: truncated member {name}")
+            yield name, data_offset, size
+            offset = data_offset + size + (-size % BLOCK)
 
 
 BLOCK = 512

@@ -1,0 +1,207 @@
+"""The score stage's reader processes (pipeline/score_reader.py): the same batches as the
+in-process reader, errors that name the problem, and no helper left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.clip_model import TINY_CLIP, TINY_CLIP_DIR, load_tokenizer
+from pipeline.config import ClipConfig
+from pipeline.score import _prefetched, score_outputs, score_shard
+from pipeline.score_reader import ReaderError, ReaderPool, read_batches
+from pipeline.shards import sample_key
+from pipeline.tarshard import TarShardWriter
+from test_score import _raw_shard
+
+pytestmark = pytest.mark.skipif(not (TINY_CLIP_DIR / "open_clip_config.json").exists(), reason="tiny CLIP not built")
+
+CAPTIONS = ["a red circle", "", "Ünïcode &amp; entities", "two   blue squares on green", "x " * 100]
+
+
+def _shard(path, n):
+    with TarShardWriter(path) as tar:
+        for i in range(n):
+            meta = {"caption": CAPTIONS[i % len(CAPTIONS)] + f" {i}", "url": f"http://127.0.0.1/{i}"}
+            tar.write(sample_key(3, i), {"jpg": os.urandom(100 + 37 * (i % 50)), "txt": b"t", "json": json.dumps(meta).encode()})
+    return path
+
+
+def _same(batches_a, batches_b):
+    assert len(batches_a) == len(batches_b)
+    for a, b in zip(batches_a, batches_b):
+        assert a.keys == b.keys
+        assert [bytes(j) for j in a.jpgs] == [bytes(j) for j in b.jpgs]
+        assert np.array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(TINY_CLIP)
+
+
+@pytest.fixture(scope="module")
+def pools():
+    """Pools shared by the tests that leave them healthy (a helper takes seconds to start)."""
+    made: dict[int, ReaderPool] = {}
+    yield lambda n: made.setdefault(n, ReaderPool(TINY_CLIP, n))
+    for pool in made.values():
+        pool.close()
+
+
+@pytest.mark.parametrize("processes, n, batch_size", [(1, 10, 4), (2, 10, 4), (2, 8, 4), (3, 10, 4), (2, 0, 4), (2, 7, 100)])
+def test_reader_processes_give_the_in_process_batches(tmp_path, tokenizer, pools, processes, n, batch_size):
+    tar = _shard(tmp_path / "00000.tar", n)
+    pool = pools(processes)
+    expected = list(read_batches(tar, batch_size, tokenizer))
+    _same(list(pool.batches(tar, batch_size)), expected)
+    # The helpers serve the next shard too (started once per pool).
+    pids = [h.pid for h in pool._helpers]
+    _same(list(pool.batches(tar, batch_size)), expected)
+    assert [h.pid for h in pool._helpers] == pids
+
+
+@pytest.mark.parametrize("cut", [512 + 40, 2 * 512 + 100 + 300])  # inside a member's data; inside a header
+def test_a_broken_shard_is_one_error_and_the_pool_recovers(tmp_path, tokenizer, pools, cut):
+    good = _shard(tmp_path / "00000.tar", 9)
+    broken = tmp_path / "00001.tar"
+    broken.write_bytes(good.read_bytes()[:cut])
+    with pytest.raises(Exception, match="truncated"):  # the in-process reader says the same
+        list(read_batches(broken, 2, tokenizer))
+    pool = pools(2)
+    with pytest.raises(ReaderError, match="truncated"):
+        list(pool.batches(broken, 2))
+    _same(list(pool.batches(good, 2)), list(read_batches(good, 2, tokenizer)))
+
+
+def test_a_sample_without_its_image_is_named(tmp_path, pools):
+    tar = tmp_path / "00000.tar"
+    with TarShardWriter(tar) as w:
+        w.write("k0", {"jpg": b"1", "json": b"{}"})
+        w.write("k1", {"json": b"{}"})
+    with pytest.raises(ReaderError, match="k1 has no jpg"):
+        list(pools(1).batches(tar, 8))
+
+
+def test_a_killed_helper_fails_the_shard_and_is_replaced(tmp_path, tokenizer):
+    # Enough batches that the victim's answers cannot all be waiting in the pipe already.
+    tar = _shard(tmp_path / "00000.tar", 1200)
+    pool = ReaderPool(TINY_CLIP, 1)
+    try:
+        batches = pool.batches(tar, 20)
+        next(batches)
+        victim = pool._helpers[0]
+        victim.kill()
+        victim.wait()
+        with pytest.raises(ReaderError, match="exited"):
+            list(batches)
+        assert pool._helpers == []  # given back when the shard failed
+        _same(list(pool.batches(tar, 20)), list(read_batches(tar, 20, tokenizer)))
+        assert victim.pid not in [h.pid for h in pool._helpers]
+    finally:
+        pool.close()
+
+
+def test_a_consumer_that_stops_early_releases_the_pool(tmp_path, tokenizer):
+    """An error in the model mid-shard: the prefetch thread stops, the reader is closed and
+    its helpers given back, and the next shard reads normally (no lock left held)."""
+    tar = _shard(tmp_path / "00000.tar", 40)
+    pool = ReaderPool(TINY_CLIP, 1)
+    try:
+        batches = _prefetched(pool.batches(tar, 2))
+        next(batches)
+        helpers = list(pool._helpers)
+        batches.close()
+        deadline = time.monotonic() + 10
+        while any(h.poll() is None for h in helpers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(h.poll() is not None for h in helpers)
+        _same(list(pool.batches(tar, 2)), list(read_batches(tar, 2, tokenizer)))
+    finally:
+        pool.close()
+
+
+def test_helpers_exit_with_a_killed_parent(tmp_path):
+    """A SIGKILLed scoring process (a Dask worker killed mid-shard) leaves no helper running:
+    their stdin closes and they exit."""
+    tar = _shard(tmp_path / "00000.tar", 30)
+    script = (
+        "import sys, time\n"
+        "from pipeline.score_reader import ReaderPool\n"
+        f"pool = ReaderPool({TINY_CLIP!r}, 1)\n"
+        f"batches = pool.batches({str(tar)!r}, 2)\n"
+        "next(batches)\n"
+        "print(*[h.pid for h in pool._helpers], flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              cwd=str(TINY_CLIP_DIR.parent.parent.parent))
+    try:
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        assert len(pids) == 1
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_score_shard_gives_the_same_scores_with_reader_processes(tmp_path):
+    download = tmp_path / "download"
+    download.mkdir()
+    _raw_shard(download / "00000.tar", 37, seed=7, corrupt={4})
+    results = {}
+    for processes in (0, 2):
+        cfg = ClipConfig(enabled=True, model=TINY_CLIP, pretrained=None, device="cpu", batch_size=8,
+                         reader_processes=processes)
+        emb = tmp_path / f"emb{processes}"
+        stats = score_shard(0, {}, str(download), str(emb), str(tmp_path / f"markers{processes}"), cfg)
+        out = score_outputs(emb, 0)
+        results[processes] = (stats["scored"], stats["decode_errors"], pq.read_table(out["metadata"]).to_pylist(),
+                              np.load(out["img_emb"]), np.load(out["text_emb"]))
+    (s0, e0, m0, i0, t0), (s2, e2, m2, i2, t2) = results[0], results[2]
+    assert (s0, e0) == (s2, e2) == (36, 1)
+    assert m0 == m2
+    assert np.array_equal(i0, i2) and np.array_equal(t0, t2)
+
+
+def test_reader_processes_must_not_be_negative():
+    with pytest.raises(ValueError, match="reader_processes"):
+        ClipConfig(reader_processes=-1)
+
+
+def test_span_reader_falls_back_to_tarfile_for_other_headers(tmp_path, tokenizer, pools):
+    """Shards written by other tools (pax headers for long names) read the same."""
+    import io
+
+    tar = tmp_path / "00000.tar"
+    with tarfile.open(tar, "w", format=tarfile.USTAR_FORMAT) as t:
+        for i, key in enumerate(["a", "b", "c" * 120, "d"]):
+            if len(key) > 100:
+                t.format = tarfile.PAX_FORMAT
+            for ext, data in (("jpg", os.urandom(50 + i)), ("json", json.dumps({"caption": f"cap {i}"}).encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    got = list(pools(2).batches(tar, 3))
+    _same(got, list(read_batches(tar, 3, tokenizer)))
+    assert [k for b in got for k in b.keys] == ["a", "b", "c" * 120, "d"]
