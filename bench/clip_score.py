@@ -413,7 +413,8 @@ def run_models_alone(model: str, device: str, precision: str, batch: int, captio
     clip = load_clip(model, None, device, precision)
     size = clip.image_size
     pixels = torch.randn(batch, 3, size, size, device=device).clamp_(-2, 2).to(clip.dtype)
-    tokens = clip.tokenizer((captions * (batch // max(1, len(captions)) + 1))[:batch]).to(device)
+    tokens = clip.tokenizer((captions * (batch // max(1, len(captions)) + 1))[:batch])
+    tokens = (clip.prepare_tokens(tokens) if trimmed else tokens).to(device)
 
     def step():
         clip.model.encode_image(pixels, normalize=True)

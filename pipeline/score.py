@@ -208,6 +208,7 @@ class ClipScorer:
         if pixels is not None:
             pixels = pixels.to(clip.dtype)
         tokens = batch.tokens if batch.tokens is not None else clip.tokenizer(batch.captions)
+        tokens = clip.prepare_tokens(tokens)
         if clip.device.startswith("cuda"):
             tokens = tokens.pin_memory()
         return pixels, tokens.to(clip.device, non_blocking=True), errors

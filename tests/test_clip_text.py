@@ -60,5 +60,27 @@ def test_tiny_clip_uses_the_fast_path():
     clip = load_clip(TINY_CLIP, None, "cpu", "fp32")
     assert isinstance(clip.tokenizer, FastClipTokenizer) and clip.trim_text
     tokens = clip.tokenizer(["two green triangles on a black background"])
+    prepared = clip.prepare_tokens(tokens)
+    assert prepared.shape[1] < tokens.shape[1]  # cut on the CPU, before the copy to the device
     with torch.no_grad():
-        assert torch.allclose(clip.encode_text(tokens), clip.model.encode_text(tokens, normalize=True), atol=1e-5)
+        assert torch.allclose(clip.encode_text(prepared), clip.model.encode_text(tokens, normalize=True), atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [224, 230])  # 230: the conv drops the 6 pixels past the last whole patch
+def test_patch_embedding_as_matmul_equals_the_convolution(size):
+    from pipeline.clip_model import PatchEmbedMatmul
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32").eval()
+    pixels = torch.randn(3, 3, 224, 224)
+    conv = model.visual.conv1
+    assert PatchEmbedMatmul.applies_to(conv)
+    with torch.no_grad():
+        x = torch.randn(2, 3, size, size)
+        assert torch.allclose(PatchEmbedMatmul.module(conv)(x), conv(x), atol=1e-4)
+        before = model.encode_image(pixels, normalize=True)
+        model.visual.conv1 = PatchEmbedMatmul.module(conv)
+        after = model.encode_image(pixels, normalize=True)
+    assert torch.allclose(before, after, atol=1e-5)
+    assert not PatchEmbedMatmul.applies_to(torch.nn.Conv2d(3, 8, 3, stride=1))
+    assert not PatchEmbedMatmul.applies_to(torch.nn.Conv2d(3, 8, 4, stride=4, bias=True))
