@@ -11,17 +11,17 @@ Two readers that give the same batches:
   each JPEG lies in the tar file, and the token ids. The scoring process maps the tar and
   hands nvJPEG views of the mapping: image bytes never become Python objects.
 
-Helpers are plain subprocesses exchanging pickles over stdin/stdout, not multiprocessing
-children: Dask's worker processes are daemonic, and daemonic processes may not have
-multiprocessing children. A helper exits when its stdin closes, so it never outlives the
-process that started it, even one that was SIGKILLed.
+Helpers are plain subprocesses exchanging frames over stdin/stdout (a json header and raw
+numpy arrays: nothing is unpickled), not multiprocessing children: Dask's worker processes
+are daemonic, and daemonic processes may not have multiprocessing children. A helper exits
+when its stdin closes, so it never outlives the process that started it, even a SIGKILLed one.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
+import struct
 import subprocess
 import sys
 import threading
@@ -68,6 +68,36 @@ def _caption(json_bytes) -> str:
 
 class ReaderError(RuntimeError):
     pass
+
+
+def _send(stream, header: dict, arrays: tuple[np.ndarray, ...] = ()) -> None:
+    """One frame: the json header's length, the header (with each array's dtype and shape), the
+    arrays' bytes."""
+    header = dict(header, arrays=[[a.dtype.str, list(a.shape)] for a in arrays])
+    data = json.dumps(header).encode()
+    stream.write(struct.pack("<Q", len(data)))
+    stream.write(data)
+    for a in arrays:
+        stream.write(np.ascontiguousarray(a).tobytes())
+    stream.flush()
+
+
+def _read_exactly(stream, n: int) -> bytes:
+    data = stream.read(n)
+    if data is None or len(data) < n:
+        raise EOFError
+    return data
+
+
+def _receive_frame(stream) -> tuple[dict, list[np.ndarray]]:
+    (length,) = struct.unpack("<Q", _read_exactly(stream, 8))
+    header = json.loads(_read_exactly(stream, length))
+    arrays = []
+    for dtype, shape in header.pop("arrays"):
+        dtype = np.dtype(dtype)
+        count = int(np.prod(shape))
+        arrays.append(np.frombuffer(_read_exactly(stream, count * dtype.itemsize), dtype=dtype).reshape(shape))
+    return header, arrays
 
 
 class ReaderPool:
@@ -123,29 +153,29 @@ class ReaderPool:
         tar = np.memmap(tar_path, dtype=np.uint8, mode="c") if tar_path.stat().st_size else np.zeros(0, np.uint8)
         tar = tar.view(np.ndarray)  # plain ndarray slices are several times cheaper than memmap ones
         for part, helper in enumerate(self._helpers):
-            pickle.dump((str(tar_path), batch_size, part, self.processes), helper.stdin)
-            helper.stdin.flush()
+            _send(helper.stdin, {"tar": str(tar_path), "batch_size": batch_size, "part": part, "parts": self.processes})
         number = 0
         while True:
-            message = self._receive(self._helpers[number % self.processes])
-            if message[0] == "end":
+            header, arrays = self._receive(self._helpers[number % self.processes])
+            if header["kind"] == "end":
                 break
-            _, keys, offsets, sizes, tokens = message
+            offsets, sizes, tokens = arrays
             jpgs = [tar[o:o + s] for o, s in zip(offsets.tolist(), sizes.tolist())]
-            yield Batch(keys, jpgs, None, _as_tensor(tokens))
+            # A copy: frombuffer gives a read-only array, and the tokens are small.
+            yield Batch(header["keys"], jpgs, None, _as_tensor(tokens.copy()))
             number += 1
         for i, helper in enumerate(self._helpers):  # every other helper has its "end" waiting
             if i != number % self.processes:
                 self._receive(helper)
 
-    def _receive(self, helper: subprocess.Popen) -> tuple:
+    def _receive(self, helper: subprocess.Popen) -> tuple[dict, list[np.ndarray]]:
         try:
-            message = pickle.load(helper.stdout)
-        except (EOFError, pickle.UnpicklingError) as exc:
+            header, arrays = _receive_frame(helper.stdout)
+        except (EOFError, ValueError, struct.error) as exc:
             raise ReaderError(f"score reader process exited (code {helper.poll()})") from exc
-        if message[0] == "error":
-            raise ReaderError(f"score reader process: {message[1]}")
-        return message
+        if header["kind"] == "error":
+            raise ReaderError(f"score reader process: {header['message']}")
+        return header, arrays
 
 
 def _as_tensor(tokens: np.ndarray):
@@ -171,17 +201,18 @@ def _batch_spans(tar_path: str, batch_size: int) -> Iterator[tuple[list[str], li
 
 
 def serve(model: str, requests, answers) -> None:
-    """A helper's loop: for each request (tar path, batch size, part, parts), send
-    ("batch", keys, jpg offsets, jpg sizes, token ids) for every batch number ≡ part (mod parts),
-    then ("end",); or ("error", message) at the first failure. Returns when `requests` closes."""
+    """A helper's loop: for each request (tar path, batch size, part, parts), send a "batch" frame
+    (keys; jpg offsets, jpg sizes, token ids) for every batch number ≡ part (mod parts), then an
+    "end" frame; or an "error" frame at the first failure. Returns when `requests` closes."""
     from pipeline.clip_model import load_tokenizer
 
     tokenizer = load_tokenizer(model)
     while True:
         try:
-            tar_path, batch_size, part, parts = pickle.load(requests)
+            request, _ = _receive_frame(requests)
         except EOFError:
             return
+        tar_path, batch_size, part, parts = request["tar"], request["batch_size"], request["part"], request["parts"]
         try:
             with open(tar_path, "rb") as f:
                 for number, (keys, jpgs, jsons) in enumerate(_batch_spans(tar_path, batch_size)):
@@ -194,17 +225,15 @@ def serve(model: str, requests, answers) -> None:
                     tokens = tokenizer(captions).numpy()
                     offsets = np.array([o for o, _ in jpgs], dtype=np.int64)
                     sizes = np.array([s for _, s in jpgs], dtype=np.int64)
-                    pickle.dump(("batch", keys, offsets, sizes, tokens), answers, protocol=pickle.HIGHEST_PROTOCOL)
-                    answers.flush()
-            pickle.dump(("end",), answers)
+                    _send(answers, {"kind": "batch", "keys": keys}, (offsets, sizes, tokens))
+            _send(answers, {"kind": "end"})
         except Exception as exc:  # reported to the scoring process, which raises it for the shard
-            pickle.dump(("error", f"{type(exc).__name__}: {exc}"[:500]), answers)
-        answers.flush()
+            _send(answers, {"kind": "error", "message": f"{type(exc).__name__}: {exc}"[:500]})
 
 
 def _main() -> None:
     # The answers go to a private copy of stdout; fd 1 becomes stderr, so a library that
-    # prints cannot corrupt the pickle stream.
+    # prints cannot corrupt the frames.
     answers = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     serve(sys.argv[1], sys.stdin.buffer, answers)
