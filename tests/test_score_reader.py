@@ -58,7 +58,7 @@ def pools():
         pool.close()
 
 
-@pytest.mark.parametrize("processes, n, batch_size", [(1, 10, 4), (2, 10, 4), (2, 8, 4), (3, 10, 4), (2, 0, 4), (2, 7, 100)])
+@pytest.mark.parametrize("processes, n, batch_size", [(1, 10, 4), (2, 10, 4), (2, 8, 4), (2, 3, 4), (2, 0, 4), (2, 7, 100)])
 def test_reader_processes_give_the_in_process_batches(tmp_path, tokenizer, pools, processes, n, batch_size):
     tar = _shard(tmp_path / "00000.tar", n)
     pool = pools(processes)
