@@ -12,7 +12,7 @@ import io
 import re
 import tarfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 
 # Member names are {key}.{ext}: a key is letters, digits, - and _ (curate's keys are shard and row
@@ -50,15 +50,19 @@ class TarShardWriter:
 
 def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield (key, {ext: bytes}) in file order, the way webdataset groups members."""
+    return _group_by_key(_iter_members(path))
+
+
+def _group_by_key(members: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(key, {ext: value}) from consecutive (member name, value) pairs named {key}.{ext}."""
     key, fields = None, {}
-    for name, data in _iter_members(path):
-        base = name.rsplit("/", 1)[-1]
-        member_key, _, ext = base.partition(".")
+    for name, value in members:
+        member_key, _, ext = name.rsplit("/", 1)[-1].partition(".")
         if member_key != key:
             if key is not None:
                 yield key, fields
             key, fields = member_key, {}
-        fields[ext] = data
+        fields[ext] = value
     if key is not None:
         yield key, fields
 
@@ -97,16 +101,7 @@ def _iter_members(path: Path) -> Iterator[tuple[str, bytes]]:
 def iter_sample_spans(path: Path) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
     """Yield (key, {ext: (offset, size)}) in file order: where each member's bytes lie in the
     file, without reading them. For readers that map the file and take views of it."""
-    key, fields = None, {}
-    for name, offset, size in _iter_member_spans(path):
-        member_key, _, ext = name.rsplit("/", 1)[-1].partition(".")
-        if member_key != key:
-            if key is not None:
-                yield key, fields
-            key, fields = member_key, {}
-        fields[ext] = (offset, size)
-    if key is not None:
-        yield key, fields
+    return _group_by_key((name, (offset, size)) for name, offset, size in _iter_member_spans(path))
 
 
 def _iter_member_spans(path: Path) -> Iterator[tuple[str, int, int]]:
