@@ -296,11 +296,12 @@ def run_baseline(model_name: str, tars: list[Path], device: str, workers: int, b
 
 
 def clip_cfg(model: str, device: str, precision: str, batch: int, gpu_decode: bool = True,
-             reader_processes="auto"):
+             reader_processes="auto", cuda_graphs: bool = True):
     from pipeline.config import ClipConfig
 
     return ClipConfig(enabled=True, model=model, pretrained=None, device=device, precision=precision,
-                      batch_size=batch, gpu_decode=gpu_decode, reader_processes=reader_processes)
+                      batch_size=batch, gpu_decode=gpu_decode, reader_processes=reader_processes,
+                      cuda_graphs=cuda_graphs)
 
 
 def score_all(shards_dir: Path, shard_ids: list[int], out: Path, cfg) -> tuple[int, list[float]]:
@@ -317,12 +318,13 @@ def score_all(shards_dir: Path, shard_ids: list[int], out: Path, cfg) -> tuple[i
     return n, per_shard
 
 
-def run_curate(model: str, shards_dir: Path, n_shards: int, device: str, batch: int, reader_processes: int) -> dict:
+def run_curate(model: str, shards_dir: Path, n_shards: int, device: str, batch: int, reader_processes: int,
+               cuda_graphs: bool = True) -> dict:
     import torch
     from pipeline.clip_model import load_clip
 
     precision = "bf16" if device.startswith("cuda") else "fp32"
-    cfg = clip_cfg(model, device, precision, batch, reader_processes=reader_processes)
+    cfg = clip_cfg(model, device, precision, batch, reader_processes=reader_processes, cuda_graphs=cuda_graphs)
     started = time.perf_counter()
     load_clip(model, None, device, precision)
     sync(device)
@@ -347,7 +349,7 @@ def run_curate(model: str, shards_dir: Path, n_shards: int, device: str, batch: 
     shutil.rmtree(out, ignore_errors=True)
     return {"images": n, "seconds": seconds, "rate": n / seconds, "batch": batch, "load_s": load_s,
             "warm_s": warm_s, "per_shard": per_shard, "peak": peak, "warm_dir": warm / "emb", "cfg": cfg,
-            "readers": reader_processes}
+            "readers": reader_processes, "graphs": cuda_graphs and device.startswith("cuda")}
 
 
 SCALING_WORKER = """
@@ -404,24 +406,29 @@ def run_scaling(model: str, shards_dir: Path, n_shards: int, batch: int, gpus: i
 
 
 def run_models_alone(model: str, device: str, precision: str, batch: int, captions: list[str],
-                     min_seconds: float, trimmed: bool = False) -> dict:
-    """Eager encode_image + encode_text on ready tensors. trimmed: the text tower the way curate
-    runs it (pipeline/clip_text.py: padding cut to the longest caption); else all 77 positions."""
+                     min_seconds: float, mode: str = "full") -> dict:
+    """encode_image + encode_text on ready tensors. mode "full": eager, the text tower over all
+    77 positions (open_clip's own calls); "trimmed": eager, text padding cut to the longest
+    caption (pipeline/clip_text.py); "graphed": as curate runs them on a GPU, trimmed and
+    replayed as CUDA graphs (pipeline/clip_graphs.py)."""
     import torch
+    from pipeline.clip_graphs import GraphedClip
     from pipeline.clip_model import load_clip
 
     clip = load_clip(model, None, device, precision)
     size = clip.image_size
     pixels = torch.randn(batch, 3, size, size, device=device).clamp_(-2, 2).to(clip.dtype)
     tokens = clip.tokenizer((captions * (batch // max(1, len(captions)) + 1))[:batch])
-    tokens = (clip.prepare_tokens(tokens) if trimmed else tokens).to(device)
+    tokens = (tokens if mode == "full" else clip.prepare_tokens(tokens)).to(device)
+    towers = GraphedClip(clip, batch) if mode == "graphed" else clip
 
     def step():
-        clip.model.encode_image(pixels, normalize=True)
-        if trimmed:
-            clip.encode_text(tokens)
-        else:
+        if mode == "full":
+            clip.model.encode_image(pixels, normalize=True)
             clip.model.encode_text(tokens, normalize=True)
+        else:
+            towers.encode_image(pixels)
+            towers.encode_text(tokens)
 
     with torch.inference_mode():
         for _ in range(2):
@@ -487,10 +494,35 @@ def run_stages(model: str, shards_dir: Path, cfg) -> dict:
             pixels(b.jpgs)
         sync(clip.device)
         decode_s = time.perf_counter() - started
+    decode_threads = {t: n / _decode_in_threads(scorer, batches, t) for t in (2, 3, 4)} if gpu_path else {}
     return {"images": n, "read": n / read_s, "tokenize": n / tokenize_s, "decode": n / decode_s,
-            "readers": n / readers_s,
+            "readers": n / readers_s, "decode_threads": decode_threads,
             "decode_what": "nvJPEG + GPU preprocess" if gpu_path else "PIL + open_clip preprocess",
             "nvjpeg": nvjpeg}
+
+
+def _decode_in_threads(scorer, batches: list, threads: int) -> float:
+    """Seconds to decode + preprocess `batches` on the GPU in `threads` threads, each on its own
+    CUDA stream, as score.py's embed_all does (PREPARE_THREADS of them) while the model runs."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    local = threading.local()
+
+    def prepare(batch):
+        if not hasattr(local, "stream"):
+            local.stream = torch.cuda.Stream()
+        with torch.cuda.stream(local.stream), torch.inference_mode():
+            scorer._pixels_gpu(batch.jpgs)
+        local.stream.synchronize()
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(prepare, batches[:threads]))  # each thread's stream and nvJPEG state
+        started = time.perf_counter()
+        list(pool.map(prepare, batches))
+        return time.perf_counter() - started
 
 
 def _similarities(emb_dir: Path) -> dict[str, float]:
@@ -589,14 +621,19 @@ def bench_model(model: str, args, shards_dir: Path, info: dict, device: str, cap
     # As curate runs on a GPU (2 reader processes), and with the reading and tokenizing in the
     # scoring process (the design before reader processes; curate's CPU path).
     steps.append(("curate", lambda: run_curate(model, shards_dir, info["shards"], device, batch, 2)))
-    steps.append(("curate_inproc", lambda: run_curate(model, shards_dir, info["shards"], device, batch, 0)))
+    if device.startswith("cuda"):  # the same without CUDA graphs: the towers launched eagerly
+        steps.append(("curate_eager", lambda: run_curate(model, shards_dir, info["shards"], device, batch, 2,
+                                                         cuda_graphs=False)))
     precision = "bf16" if device.startswith("cuda") else "fp32"
     alone_batch = 32 if quick else ALONE_BATCH.get(model, 256)
     steps.append(("stages", lambda: run_stages(model, shards_dir, row["curate"]["cfg"])))
     steps.append(("alone", lambda: run_models_alone(model, device, precision, alone_batch, captions,
                                                     0.5 if quick else 3.0)))
     steps.append(("alone_trim", lambda: run_models_alone(model, device, precision, alone_batch, captions,
-                                                         0.5 if quick else 3.0, trimmed=True)))
+                                                         0.5 if quick else 3.0, mode="trimmed")))
+    if device.startswith("cuda"):
+        steps.append(("alone_graphed", lambda: run_models_alone(model, device, precision, batch, captions,
+                                                                3.0, mode="graphed")))
     if args.gpus > 1:
         steps.append(("scaling", lambda: run_scaling(model, shards_dir, info["shards"], batch, args.gpus)))
     agree_n = args.agree_images or (64 if quick else AGREE_IMAGES.get(model, 256))
@@ -617,17 +654,19 @@ def bench_model(model: str, args, shards_dir: Path, info: dict, device: str, cap
             log(f"  {model} baseline: {result['images']} images in {result['seconds']:.2f} s = {result['rate']:,.0f} "
                 f"images/s ({result['workers']} workers; model create+warm-up {result['load_s']:.1f} s, untimed"
                 + (f"; peak GPU memory {result['peak'] / 2**30:.1f} GiB" if result["peak"] else "") + ")")
-        elif name in ("curate", "curate_inproc"):
+        elif name in ("curate", "curate_eager"):
             shards = ", ".join(f"{s:.2f}" for s in result["per_shard"])
-            log(f"  {model} {name} ({result['readers']} reader processes): {result['images']} images in {result['seconds']:.2f} s = {result['rate']:,.0f} "
+            log(f"  {model} {name} ({result['readers']} reader processes, CUDA graphs {result['graphs']}): {result['images']} images in {result['seconds']:.2f} s = {result['rate']:,.0f} "
                 f"images/s (batch {result['batch']}; load {result['load_s']:.1f} s and warm-up shard "
                 f"{result['warm_s']:.1f} s untimed; per shard s: {shards})")
         elif name == "stages":
             log(f"  {model} curate stages alone on {result['images']} images: tar read + json {result['read']:,.0f}/s, "
                 f"tokenizer {result['tokenize']:,.0f}/s, 2 reader processes (read + tokenize) {result['readers']:,.0f}/s, {result['decode_what']} {result['decode']:,.0f}/s"
+                + "".join(f", in {t} threads {r:,.0f}/s" for t, r in result.get("decode_threads", {}).items())
                 + (f"; batched nvJPEG decode: {result['nvjpeg']}" if result["nvjpeg"] else ""))
-        elif name in ("alone", "alone_trim"):
-            log(f"  {model} models alone{' (text padding trimmed)' if name == 'alone_trim' else ''}: "
+        elif name in ("alone", "alone_trim", "alone_graphed"):
+            how = {"alone": "", "alone_trim": " (text padding trimmed)", "alone_graphed": " (trimmed, CUDA graphs)"}
+            log(f"  {model} models alone{how[name]}: "
                 f"{result['rate']:,.0f} images/s (batch {result['batch']}, {result['images']} images in "
                 f"{result['seconds']:.2f} s)")
         elif name == "agree":
@@ -662,22 +701,23 @@ def render(rows: list[dict], args, info: dict, device: str, device_name: str, to
         "(worker start-up included) to the last batch; model created and warmed beforehand.",
         f"- **curate**: `pipeline.score.score_shard` over every shard in order, one process "
         f"({'nvJPEG decode, GPU preprocessing, bf16' if gpu else 'CPU path: PIL, open_clip preprocess, fp32'}) "
-        "with 2 reader processes reading the tar and tokenizing (pipeline/score_reader.py, the default on a GPU); "
-        "*in-process reader*: the same with reading and tokenizing in a thread of the scoring process (the design "
-        "before reader processes). Timed from the first shard's call to the last done-marker, embeddings and "
-        "metadata written; model loaded and one shard scored (warm-up) beforehand.",
-        f"- **models alone**: eager {'bf16' if gpu else 'fp32'} encode_image (random pixels) + encode_text "
-        "(caption tokens), no data: the ceiling; first with the text tower over all 77 positions (open_clip's "
-        "`encode_text`), then as curate runs it, padding trimmed to the batch's longest caption (same result, "
-        "pipeline/clip_text.py).",
+        "with 2 reader processes reading the tar and tokenizing (pipeline/score_reader.py) and both towers "
+        "replayed as CUDA graphs (pipeline/clip_graphs.py), the defaults on a GPU; *eager towers*: the same with "
+        "`cuda_graphs: false`. Timed from the first shard's call to the last done-marker, embeddings and "
+        "metadata written; model loaded and one shard scored (warm-up, graph capture) beforehand.",
+        f"- **models alone**: {'bf16' if gpu else 'fp32'} encode_image (random pixels) + encode_text "
+        "(caption tokens), no data: the ceiling. Eager with the text tower over all 77 positions (open_clip's "
+        "`encode_text`); eager with the padding trimmed to the batch's longest caption (same result, "
+        "pipeline/clip_text.py)" + ("; trimmed and replayed as CUDA graphs at curate's batch size, as curate "
+                                    "runs them." if gpu else "."),
         "- **max |Δ sim|**: the same images through curate's "
         + ("GPU path (bf16) and CPU path (PIL + open_clip preprocess, fp32), same weights; in brackets the GPU path "
            "in fp32 (preprocessing alone). Required: ≤ 0.01." if gpu else
            "GPU path's code run on the CPU (torchvision decode + gpu_preprocess) and its CPU path, fp32, same "
            "weights. Required: ≤ 0.01."),
         "",
-        "| model | baseline images/s | curate images/s | speed-up | curate, in-process reader | models alone "
-        "images/s (77 / trimmed) | target (curate) | peak GPU memory (curate) | max \\|Δ sim\\| |",
+        "| model | baseline images/s | curate images/s | speed-up | curate, eager towers | models alone "
+        "images/s (77 / trimmed / graphs) | target (curate) | peak GPU memory (curate) | max \\|Δ sim\\| |",
         "|---|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     for r in rows:
@@ -686,9 +726,12 @@ def render(rows: list[dict], args, info: dict, device: str, device_name: str, to
                 r.get("baseline_error", "skipped"))
         cur = f"{fmt_rate(c['rate'])} ({c['images']:,} images, batch {c['batch']})" if c else r.get("curate_error")
         speed = f"{c['rate'] / b['rate']:.2f}×" if b and c else "—"
-        at = r.get("alone_trim")
-        alone = (f"{fmt_rate(a['rate'])} / {fmt_rate(at['rate']) if at else r.get('alone_trim_error')} "
-                 f"(batch {a['batch']})" if a else r.get("alone_error"))
+        at, ag = r.get("alone_trim"), r.get("alone_graphed")
+        alone = (f"{fmt_rate(a['rate'])} / {fmt_rate(at['rate']) if at else r.get('alone_trim_error')}"
+                 + (f" (batch {a['batch']})" if a else "")
+                 + (f" / {fmt_rate(ag['rate'])} (batch {ag['batch']})" if ag else
+                    f" / {r['alone_graphed_error']}" if "alone_graphed_error" in r else "")
+                 if a else r.get("alone_error"))
         target = TARGETS.get(r["model"]) if gpu else None
         if target is None:
             tgt = "n/a (CPU)" if not gpu else "—"
@@ -700,8 +743,8 @@ def render(rows: list[dict], args, info: dict, device: str, device_name: str, to
             agree += f", {g['compared']} images: " + ("ok" if g["max"] <= 0.01 else "OVER 0.01")
         else:
             agree = r.get("agree_error", "—")
-        ci = r.get("curate_inproc")
-        inproc = fmt_rate(ci["rate"]) if ci else r.get("curate_inproc_error", "—")
+        ce = r.get("curate_eager")
+        inproc = fmt_rate(ce["rate"]) if ce else r.get("curate_eager_error", "—")
         lines.append(f"| {r['model']} | {base} | {cur} | {speed} | {inproc} | {alone} | {tgt} | {peak} | {agree} |")
     lines.append("")
     stages = [r for r in rows if "stages" in r]
@@ -712,7 +755,10 @@ def render(rows: list[dict], args, info: dict, device: str, device_name: str, to
                      + "; ".join(f"{r['model']}: tar read + json {fmt_rate(r['stages']['read'])} and tokenizer "
                                  f"{fmt_rate(r['stages']['tokenize'])} in one thread, 2 reader processes "
                                  f"{fmt_rate(r['stages']['readers'])}, {r['stages']['decode_what']} "
-                                 f"{fmt_rate(r['stages']['decode'])}" for r in stages) + "."
+                                 f"{fmt_rate(r['stages']['decode'])}"
+                                 + "".join(f", in {t} threads {fmt_rate(v)}"
+                                           for t, v in r["stages"]["decode_threads"].items())
+                                 for r in stages) + "."
                      + (f" Batched nvJPEG decode: {stages[0]['stages']['nvjpeg']}." if stages[0]["stages"]["nvjpeg"]
                         else ""))
         lines.append("")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import logging
 import queue
 import threading
 import time
@@ -35,10 +36,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.clip_graphs import GraphedClip
 from pipeline.clip_model import LoadedClip, load_clip, resolve_device
 from pipeline.config import ClipConfig
 from pipeline.score_reader import Batch, ReaderPool, read_batches
 from pipeline.shards import atomic_path, is_done, mark_done, read_marker, shard_name
+
+log = logging.getLogger(__name__)
 
 # Threads decoding and preprocessing batches on the GPU while the model runs: nvJPEG's
 # CPU-side Huffman decoding is the slow part, and two threads decode ~1.35x faster than one
@@ -132,6 +136,7 @@ class ClipScorer:
     def __init__(self, cfg: ClipConfig):
         self.cfg = cfg
         self._clip: Optional[LoadedClip] = None
+        self._graphed: dict[int, Optional[GraphedClip]] = {}  # by batch size; None: eager
 
     @property
     def clip(self) -> LoadedClip:
@@ -142,6 +147,21 @@ class ClipScorer:
     @property
     def on_gpu(self) -> bool:
         return self.clip.device.startswith("cuda")
+
+    def graphed(self) -> Optional[GraphedClip]:
+        """The towers captured as CUDA graphs at this config's batch size (once per process), or
+        None to run them eagerly: on the CPU, with `cuda_graphs` off, or when capture failed."""
+        size = self.cfg.batch_size
+        if size not in self._graphed:
+            graphed = None
+            if self.on_gpu and self.cfg.cuda_graphs:
+                try:
+                    graphed = GraphedClip(self.clip, size)
+                except Exception as exc:  # a model with a step CUDA graphs cannot hold: still scores, eagerly
+                    log.warning("clip: CUDA graph capture failed for %s (%s: %s); running eagerly",
+                                self.clip.name, type(exc).__name__, exc)
+            self._graphed[size] = graphed
+        return self._graphed[size]
 
     def embed(self, batch: Batch) -> tuple[np.ndarray, np.ndarray, list[Optional[str]]]:
         """(image embeddings, text embeddings, per-sample decode error or None) of one batch;
@@ -165,6 +185,7 @@ class ClipScorer:
         import torch
 
         device = self.clip.device
+        graphed = self.graphed()  # captured before the decode threads start using the GPU
         local = threading.local()
 
         def prepare(batch: Batch):  # runs in a pool thread, on that thread's own CUDA stream
@@ -193,7 +214,7 @@ class ClipScorer:
                     if t is not None:
                         t.record_stream(main)  # memory made on a side stream, used on this one
                 with torch.inference_mode():
-                    image, text = self._forward(pixels, tokens, errors)
+                    image, text = self._forward(pixels, tokens, errors, graphed)
                 results.append((batch, image, text, errors))
         for batch, image, text, errors in results:
             yield batch, image.float().cpu().numpy(), text.float().cpu().numpy(), errors
@@ -213,15 +234,19 @@ class ClipScorer:
             tokens = tokens.pin_memory()
         return pixels, tokens.to(clip.device, non_blocking=True), errors
 
-    def _forward(self, pixels, tokens, errors):
+    def _forward(self, pixels, tokens, errors, graphed: Optional[GraphedClip] = None):
+        """(image, text) embeddings in fp32 on the device; rows of failed images are zeros.
+        Nothing here waits for the GPU, so the CPU can queue the next batch meanwhile."""
         import torch
 
-        clip = self.clip
-        text = clip.encode_text(tokens).float()
-        image = torch.zeros((len(errors), text.shape[1]), device=clip.device)
+        towers = graphed or self.clip
+        text = towers.encode_text(tokens).float()
         ok = [i for i, e in enumerate(errors) if e is None]
+        if len(ok) == len(errors):
+            return towers.encode_image(pixels).float(), text
+        image = torch.zeros((len(errors), text.shape[1]), device=text.device)
         if ok:
-            image[ok] = clip.encode_image(pixels).float()
+            image[_on_device(ok, text.device)] = towers.encode_image(pixels).float()
         return image, text
 
     def _pixels_cpu(self, jpgs: list[bytes]):
@@ -282,8 +307,8 @@ def gpu_preprocess(images: list, clip: LoadedClip):
     cfg = clip.model.visual.preprocess_cfg
     squash = cfg.get("resize_mode") == "squash"
     device = images[0].device
-    mean = torch.tensor(cfg["mean"], device=device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg["std"], device=device).view(1, 3, 1, 1)
+    mean = _on_device(list(cfg["mean"]), device).view(1, 3, 1, 1)
+    std = _on_device(list(cfg["std"]), device).view(1, 3, 1, 1)
     out = torch.empty((len(images), 3, size, size), device=device)
     groups: dict[tuple[int, int], list[int]] = {}
     crops = []
@@ -299,8 +324,23 @@ def gpu_preprocess(images: list, clip: LoadedClip):
         batch = torch.stack([crops[i] for i in idx]).float()
         if shape != (size, size):
             batch = F.interpolate(batch, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-        out[idx] = batch.clamp_(0, 255)
-    return (out / 255.0 - mean) / std
+        if len(idx) == len(images):
+            out = batch
+        else:
+            out[_on_device(idx, device)] = batch
+    return (out.clamp_(0, 255) / 255.0 - mean) / std
+
+
+def _on_device(values: list, device):
+    """A small list as a tensor on `device`, copied without waiting for the GPU: a plain list
+    used as an index is copied from pageable memory, which makes the CPU wait until the GPU
+    has finished all the work queued before it."""
+    import torch
+
+    tensor = torch.tensor(values)
+    if tensor.device != torch.device(device) and torch.device(device).type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def _clean_score_outputs(folder: Path, shard_id: int) -> None:
