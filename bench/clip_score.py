@@ -12,10 +12,11 @@ For each model (random weights: speed does not depend on them):
   in fp16 (`model.half()`); encode_image + encode_text + cosine similarity per batch, results
   to CPU numpy. Timed from the DataLoader's `iter()` (worker start-up included) to the last
   batch's numpy; the model is created and warmed beforehand. It writes nothing.
-- curate: `pipeline.score.score_shard` over every shard in order, in this one process (GPU:
-  nvJPEG decode, GPU preprocessing, bf16). Timed from the first shard's call to the last
-  shard's done-marker, embeddings and metadata written; the model is loaded (`load_clip`) and
-  warmed by one untimed shard beforehand.
+- curate: `pipeline.score.score_shard` over every shard, in this one process, on a GPU two
+  shards at a time in two threads as a Dask GPU worker runs them (SCORE_TASKS_PER_GPU; nvJPEG
+  decode, GPU preprocessing, bf16); again one shard at a time. Timed from the first shard's
+  call to the last shard's done-marker, embeddings and metadata written; the model is loaded
+  (`load_clip`) and warmed by one untimed shard beforehand.
 - models alone: eager `encode_image` on random pixels + `encode_text` on caption tokens, no
   data at all: the ceiling for both.
 - agreement: the same images scored by curate's GPU path and by its CPU path (PIL + open_clip
@@ -52,6 +53,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.download import cpu_name  # noqa: E402
+from pipeline.cluster import SCORE_TASKS_PER_GPU  # noqa: E402
 from pipeline.shards import sample_key, shard_name  # noqa: E402
 from pipeline.synthetic import photo_like_jpeg  # noqa: E402
 from pipeline.tarshard import TarShardWriter, iter_tar_samples  # noqa: E402
@@ -296,21 +298,29 @@ def run_baseline(model_name: str, tars: list[Path], device: str, workers: int, b
 
 
 def clip_cfg(model: str, device: str, precision: str, batch: int, gpu_decode: bool = True,
-             reader_processes="auto", cuda_graphs: bool = True):
+             reader_processes="auto"):
     from pipeline.config import ClipConfig
 
     return ClipConfig(enabled=True, model=model, pretrained=None, device=device, precision=precision,
-                      batch_size=batch, gpu_decode=gpu_decode, reader_processes=reader_processes,
-                      cuda_graphs=cuda_graphs)
+                      batch_size=batch, gpu_decode=gpu_decode, reader_processes=reader_processes)
 
 
-def score_all(shards_dir: Path, shard_ids: list[int], out: Path, cfg) -> tuple[int, list[float]]:
+def score_all(shards_dir: Path, shard_ids: list[int], out: Path, cfg, at_once: int = 1) -> tuple[int, list[float]]:
+    """score_shard over the shards, `at_once` of them at a time in threads of this process (as a
+    Dask GPU worker runs its score tasks: pipeline/cluster.py, SCORE_TASKS_PER_GPU)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from pipeline.score import score_shard
 
     shutil.rmtree(out, ignore_errors=True)
+
+    def one(sid):
+        return score_shard(sid, {}, str(shards_dir), str(out / "emb"), str(out / "markers"), cfg)
+
+    with ThreadPoolExecutor(at_once) as pool:
+        results = list(pool.map(one, shard_ids))
     n, per_shard = 0, []
-    for sid in shard_ids:
-        stats = score_shard(sid, {}, str(shards_dir), str(out / "emb"), str(out / "markers"), cfg)
+    for sid, stats in zip(shard_ids, results):
         n += stats["scored"] + stats["decode_errors"]
         per_shard.append(stats["seconds"])
         if stats["decode_errors"]:
@@ -319,12 +329,12 @@ def score_all(shards_dir: Path, shard_ids: list[int], out: Path, cfg) -> tuple[i
 
 
 def run_curate(model: str, shards_dir: Path, n_shards: int, device: str, batch: int, reader_processes: int,
-               cuda_graphs: bool = True) -> dict:
+               at_once: int = 1) -> dict:
     import torch
     from pipeline.clip_model import load_clip
 
     precision = "bf16" if device.startswith("cuda") else "fp32"
-    cfg = clip_cfg(model, device, precision, batch, reader_processes=reader_processes, cuda_graphs=cuda_graphs)
+    cfg = clip_cfg(model, device, precision, batch, reader_processes=reader_processes)
     started = time.perf_counter()
     load_clip(model, None, device, precision)
     sync(device)
@@ -342,20 +352,20 @@ def run_curate(model: str, shards_dir: Path, n_shards: int, device: str, batch: 
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    n, per_shard = score_all(shards_dir, list(range(n_shards)), out, cfg)
+    n, per_shard = score_all(shards_dir, list(range(n_shards)), out, cfg, at_once)
     sync(device)
     seconds = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
     shutil.rmtree(out, ignore_errors=True)
     return {"images": n, "seconds": seconds, "rate": n / seconds, "batch": batch, "load_s": load_s,
             "warm_s": warm_s, "per_shard": per_shard, "peak": peak, "warm_dir": warm / "emb", "cfg": cfg,
-            "readers": reader_processes, "graphs": cuda_graphs and device.startswith("cuda")}
+            "readers": reader_processes, "at_once": at_once}
 
 
 SCALING_WORKER = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
-from bench.clip_score import clip_cfg, score_all
+from bench.clip_score import SCORE_TASKS_PER_GPU, clip_cfg, score_all
 from pathlib import Path
 model, shards, out, batch, part, parts, n_shards = sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7]), int(sys.argv[8])
 cfg = clip_cfg(model, "cuda", "bf16", batch)
@@ -363,7 +373,7 @@ score_all(shards, [part % n_shards], out / "warm", cfg)  # load + warm-up, untim
 print("READY", flush=True)
 sys.stdin.readline()
 started = time.perf_counter()
-n, _ = score_all(shards, list(range(part, n_shards, parts)), out / "timed", cfg)
+n, _ = score_all(shards, list(range(part, n_shards, parts)), out / "timed", cfg, SCORE_TASKS_PER_GPU)
 print("DONE", n, time.perf_counter() - started, flush=True)
 """
 
@@ -407,12 +417,10 @@ def run_scaling(model: str, shards_dir: Path, n_shards: int, batch: int, gpus: i
 
 def run_models_alone(model: str, device: str, precision: str, batch: int, captions: list[str],
                      min_seconds: float, mode: str = "full") -> dict:
-    """encode_image + encode_text on ready tensors. mode "full": eager, the text tower over all
-    77 positions (open_clip's own calls); "trimmed": eager, text padding cut to the longest
-    caption (pipeline/clip_text.py); "graphed": as curate runs them on a GPU, trimmed and
-    replayed as CUDA graphs (pipeline/clip_graphs.py)."""
+    """Eager encode_image + encode_text on ready tensors. mode "full": the text tower over all
+    77 positions (open_clip's own calls); "trimmed": text padding cut to the longest caption,
+    as curate runs it (pipeline/clip_text.py)."""
     import torch
-    from pipeline.clip_graphs import GraphedClip
     from pipeline.clip_model import load_clip
 
     clip = load_clip(model, None, device, precision)
@@ -420,15 +428,14 @@ def run_models_alone(model: str, device: str, precision: str, batch: int, captio
     pixels = torch.randn(batch, 3, size, size, device=device).clamp_(-2, 2).to(clip.dtype)
     tokens = clip.tokenizer((captions * (batch // max(1, len(captions)) + 1))[:batch])
     tokens = (tokens if mode == "full" else clip.prepare_tokens(tokens)).to(device)
-    towers = GraphedClip(clip, batch) if mode == "graphed" else clip
 
     def step():
         if mode == "full":
             clip.model.encode_image(pixels, normalize=True)
             clip.model.encode_text(tokens, normalize=True)
         else:
-            towers.encode_image(pixels)
-            towers.encode_text(tokens)
+            clip.encode_image(pixels)
+            clip.encode_text(tokens)
 
     with torch.inference_mode():
         for _ in range(2):
@@ -618,12 +625,12 @@ def bench_model(model: str, args, shards_dir: Path, info: dict, device: str, cap
     steps = []
     if not args.skip_baseline:
         steps.append(("baseline", lambda: run_baseline(model, tars, device, args.workers, 64 if quick else 256)))
-    # As curate runs on a GPU (2 reader processes), and with the reading and tokenizing in the
-    # scoring process (the design before reader processes; curate's CPU path).
-    steps.append(("curate", lambda: run_curate(model, shards_dir, info["shards"], device, batch, 2)))
-    if device.startswith("cuda"):  # the same without CUDA graphs: the towers launched eagerly
-        steps.append(("curate_eager", lambda: run_curate(model, shards_dir, info["shards"], device, batch, 2,
-                                                         cuda_graphs=False)))
+    # As curate runs on a GPU: 2 reader processes, SCORE_TASKS_PER_GPU shards at once; then the
+    # same one shard at a time.
+    at_once = SCORE_TASKS_PER_GPU if device.startswith("cuda") else 1
+    steps.append(("curate", lambda: run_curate(model, shards_dir, info["shards"], device, batch, 2, at_once)))
+    if at_once > 1:
+        steps.append(("curate_one", lambda: run_curate(model, shards_dir, info["shards"], device, batch, 2, 1)))
     precision = "bf16" if device.startswith("cuda") else "fp32"
     alone_batch = 32 if quick else ALONE_BATCH.get(model, 256)
     steps.append(("stages", lambda: run_stages(model, shards_dir, row["curate"]["cfg"])))
@@ -631,9 +638,6 @@ def bench_model(model: str, args, shards_dir: Path, info: dict, device: str, cap
                                                     0.5 if quick else 3.0)))
     steps.append(("alone_trim", lambda: run_models_alone(model, device, precision, alone_batch, captions,
                                                          0.5 if quick else 3.0, mode="trimmed")))
-    if device.startswith("cuda"):
-        steps.append(("alone_graphed", lambda: run_models_alone(model, device, precision, batch, captions,
-                                                                3.0, mode="graphed")))
     if args.gpus > 1:
         steps.append(("scaling", lambda: run_scaling(model, shards_dir, info["shards"], batch, args.gpus)))
     agree_n = args.agree_images or (64 if quick else AGREE_IMAGES.get(model, 256))
@@ -654,9 +658,9 @@ def bench_model(model: str, args, shards_dir: Path, info: dict, device: str, cap
             log(f"  {model} baseline: {result['images']} images in {result['seconds']:.2f} s = {result['rate']:,.0f} "
                 f"images/s ({result['workers']} workers; model create+warm-up {result['load_s']:.1f} s, untimed"
                 + (f"; peak GPU memory {result['peak'] / 2**30:.1f} GiB" if result["peak"] else "") + ")")
-        elif name in ("curate", "curate_eager"):
+        elif name in ("curate", "curate_one"):
             shards = ", ".join(f"{s:.2f}" for s in result["per_shard"])
-            log(f"  {model} {name} ({result['readers']} reader processes, CUDA graphs {result['graphs']}): {result['images']} images in {result['seconds']:.2f} s = {result['rate']:,.0f} "
+            log(f"  {model} {name} ({result['readers']} reader processes, {result['at_once']} shard(s) at once): {result['images']} images in {result['seconds']:.2f} s = {result['rate']:,.0f} "
                 f"images/s (batch {result['batch']}; load {result['load_s']:.1f} s and warm-up shard "
                 f"{result['warm_s']:.1f} s untimed; per shard s: {shards})")
         elif name == "stages":
@@ -664,9 +668,8 @@ def bench_model(model: str, args, shards_dir: Path, info: dict, device: str, cap
                 f"tokenizer {result['tokenize']:,.0f}/s, 2 reader processes (read + tokenize) {result['readers']:,.0f}/s, {result['decode_what']} {result['decode']:,.0f}/s"
                 + "".join(f", in {t} threads {r:,.0f}/s" for t, r in result.get("decode_threads", {}).items())
                 + (f"; batched nvJPEG decode: {result['nvjpeg']}" if result["nvjpeg"] else ""))
-        elif name in ("alone", "alone_trim", "alone_graphed"):
-            how = {"alone": "", "alone_trim": " (text padding trimmed)", "alone_graphed": " (trimmed, CUDA graphs)"}
-            log(f"  {model} models alone{how[name]}: "
+        elif name in ("alone", "alone_trim"):
+            log(f"  {model} models alone{' (text padding trimmed)' if name == 'alone_trim' else ''}: "
                 f"{result['rate']:,.0f} images/s (batch {result['batch']}, {result['images']} images in "
                 f"{result['seconds']:.2f} s)")
         elif name == "agree":
@@ -701,23 +704,23 @@ def render(rows: list[dict], args, info: dict, device: str, device_name: str, to
         "(worker start-up included) to the last batch; model created and warmed beforehand.",
         f"- **curate**: `pipeline.score.score_shard` over every shard in order, one process "
         f"({'nvJPEG decode, GPU preprocessing, bf16' if gpu else 'CPU path: PIL, open_clip preprocess, fp32'}) "
-        "with 2 reader processes reading the tar and tokenizing (pipeline/score_reader.py) and both towers "
-        "replayed as CUDA graphs (pipeline/clip_graphs.py), the defaults on a GPU; *eager towers*: the same with "
-        "`cuda_graphs: false`. Timed from the first shard's call to the last done-marker, embeddings and "
-        "metadata written; model loaded and one shard scored (warm-up, graph capture) beforehand.",
-        f"- **models alone**: {'bf16' if gpu else 'fp32'} encode_image (random pixels) + encode_text "
-        "(caption tokens), no data: the ceiling. Eager with the text tower over all 77 positions (open_clip's "
-        "`encode_text`); eager with the padding trimmed to the batch's longest caption (same result, "
-        "pipeline/clip_text.py)" + ("; trimmed and replayed as CUDA graphs at curate's batch size, as curate "
-                                    "runs them." if gpu else "."),
+        "with 2 reader processes reading the tar and tokenizing (pipeline/score_reader.py)"
+        + (f", {SCORE_TASKS_PER_GPU} shards at a time in threads, as a Dask GPU worker runs its score tasks "
+           "(pipeline/cluster.py); *one shard at a time*: the same, shard after shard" if gpu else "")
+        + ". Timed from the first shard's call to the last done-marker, embeddings and metadata written; "
+        "model loaded and one shard scored (warm-up) beforehand.",
+        f"- **models alone**: eager {'bf16' if gpu else 'fp32'} encode_image (random pixels) + encode_text "
+        "(caption tokens), no data: the ceiling; first with the text tower over all 77 positions (open_clip's "
+        "`encode_text`), then as curate runs it, padding trimmed to the batch's longest caption (same result, "
+        "pipeline/clip_text.py).",
         "- **max |Δ sim|**: the same images through curate's "
         + ("GPU path (bf16) and CPU path (PIL + open_clip preprocess, fp32), same weights; in brackets the GPU path "
            "in fp32 (preprocessing alone). Required: ≤ 0.01." if gpu else
            "GPU path's code run on the CPU (torchvision decode + gpu_preprocess) and its CPU path, fp32, same "
            "weights. Required: ≤ 0.01."),
         "",
-        "| model | baseline images/s | curate images/s | speed-up | curate, eager towers | models alone "
-        "images/s (77 / trimmed / graphs) | target (curate) | peak GPU memory (curate) | max \\|Δ sim\\| |",
+        "| model | baseline images/s | curate images/s | speed-up | curate, one shard at a time | models alone "
+        "images/s (77 / trimmed) | target (curate) | peak GPU memory (curate) | max \\|Δ sim\\| |",
         "|---|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     for r in rows:
@@ -726,12 +729,9 @@ def render(rows: list[dict], args, info: dict, device: str, device_name: str, to
                 r.get("baseline_error", "skipped"))
         cur = f"{fmt_rate(c['rate'])} ({c['images']:,} images, batch {c['batch']})" if c else r.get("curate_error")
         speed = f"{c['rate'] / b['rate']:.2f}×" if b and c else "—"
-        at, ag = r.get("alone_trim"), r.get("alone_graphed")
-        alone = (f"{fmt_rate(a['rate'])} / {fmt_rate(at['rate']) if at else r.get('alone_trim_error')}"
-                 + (f" (batch {a['batch']})" if a else "")
-                 + (f" / {fmt_rate(ag['rate'])} (batch {ag['batch']})" if ag else
-                    f" / {r['alone_graphed_error']}" if "alone_graphed_error" in r else "")
-                 if a else r.get("alone_error"))
+        at = r.get("alone_trim")
+        alone = (f"{fmt_rate(a['rate'])} / {fmt_rate(at['rate']) if at else r.get('alone_trim_error')} "
+                 f"(batch {a['batch']})" if a else r.get("alone_error"))
         target = TARGETS.get(r["model"]) if gpu else None
         if target is None:
             tgt = "n/a (CPU)" if not gpu else "—"
@@ -743,8 +743,8 @@ def render(rows: list[dict], args, info: dict, device: str, device_name: str, to
             agree += f", {g['compared']} images: " + ("ok" if g["max"] <= 0.01 else "OVER 0.01")
         else:
             agree = r.get("agree_error", "—")
-        ce = r.get("curate_eager")
-        inproc = fmt_rate(ce["rate"]) if ce else r.get("curate_eager_error", "—")
+        co = r.get("curate_one")
+        inproc = fmt_rate(co["rate"]) if co else r.get("curate_one_error", "—")
         lines.append(f"| {r['model']} | {base} | {cur} | {speed} | {inproc} | {alone} | {tgt} | {peak} | {agree} |")
     lines.append("")
     stages = [r for r in rows if "stages" in r]

@@ -13,6 +13,13 @@ from pipeline.config import DaskConfig
 from pipeline.errors import UserError
 
 
+# Score tasks a GPU worker runs at once. Scoring one shard has a start (reading and decoding
+# the first batch while the GPU waits) and an end (copying the embeddings back, writing the
+# .npy and parquet files) in which the GPU is mostly idle; a second shard's task fills those.
+# Measured on an H200, ViT-B-32, shards of 5,000: BENCHMARKS.md, "one shard at a time".
+SCORE_TASKS_PER_GPU = 2
+
+
 def scheduler_address(cfg: DaskConfig) -> str | None:
     return cfg.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
 
@@ -48,7 +55,7 @@ def _local_cluster(cfg: DaskConfig, gpus: int):
             **common,
         )
     # CPU workers for download and write, plus one worker per GPU that only it sees:
-    # GPU tasks ask for resources={"GPU": 1}, so exactly one runs per device at a time.
+    # GPU tasks ask for resources={"GPU": 1}, so SCORE_TASKS_PER_GPU run per device at a time.
     # CPU workers see no GPU: a model a sample filter loads there (vae_latents, concepts) stays
     # on the CPU instead of every CPU worker opening a CUDA context on GPU 0.
     worker = {"nthreads": cfg.threads_per_worker, "memory_limit": cfg.memory_limit}
@@ -58,7 +65,8 @@ def _local_cluster(cfg: DaskConfig, gpus: int):
     }
     for j in range(gpus):
         workers[f"gpu-{j}"] = {"cls": Nanny, "options": {
-            **worker, "nthreads": 1, "resources": {"GPU": 1}, "env": {"CUDA_VISIBLE_DEVICES": str(j)},
+            **worker, "nthreads": SCORE_TASKS_PER_GPU, "resources": {"GPU": SCORE_TASKS_PER_GPU},
+            "env": {"CUDA_VISIBLE_DEVICES": str(j)},
         }}
     scheduler = {"cls": Scheduler, "options": {"dashboard_address": "127.0.0.1:0"}}
     return SpecCluster(workers=workers, scheduler=scheduler, **common)

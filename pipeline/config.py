@@ -102,9 +102,6 @@ class ClipConfig(Section):
     # Helper processes that read shards and tokenize captions beside the scoring process
     # (pipeline/score_reader.py); 0 reads in-process. auto → 2 on a GPU, 0 on the CPU.
     reader_processes: Union[Literal["auto"], int] = "auto"
-    # On a GPU, replay both towers as CUDA graphs (pipeline/clip_graphs.py): same results,
-    # a fraction of the CPU time per batch. Off runs the model eagerly.
-    cuda_graphs: bool = True
 
     @field_validator("reader_processes")
     @classmethod

@@ -22,7 +22,6 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import logging
 import queue
 import threading
 import time
@@ -36,13 +35,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.clip_graphs import GraphedClip
 from pipeline.clip_model import LoadedClip, load_clip, resolve_device
 from pipeline.config import ClipConfig
 from pipeline.score_reader import Batch, ReaderPool, read_batches
 from pipeline.shards import atomic_path, is_done, mark_done, read_marker, shard_name
-
-log = logging.getLogger(__name__)
 
 # Threads decoding and preprocessing batches on the GPU while the model runs: nvJPEG's
 # CPU-side Huffman decoding is the slow part, and two threads decode ~1.35x faster than one
@@ -136,7 +132,6 @@ class ClipScorer:
     def __init__(self, cfg: ClipConfig):
         self.cfg = cfg
         self._clip: Optional[LoadedClip] = None
-        self._graphed: dict[int, Optional[GraphedClip]] = {}  # by batch size; None: eager
 
     @property
     def clip(self) -> LoadedClip:
@@ -147,21 +142,6 @@ class ClipScorer:
     @property
     def on_gpu(self) -> bool:
         return self.clip.device.startswith("cuda")
-
-    def graphed(self) -> Optional[GraphedClip]:
-        """The towers captured as CUDA graphs at this config's batch size (once per process), or
-        None to run them eagerly: on the CPU, with `cuda_graphs` off, or when capture failed."""
-        size = self.cfg.batch_size
-        if size not in self._graphed:
-            graphed = None
-            if self.on_gpu and self.cfg.cuda_graphs:
-                try:
-                    graphed = GraphedClip(self.clip, size)
-                except Exception as exc:  # a model with a step CUDA graphs cannot hold: still scores, eagerly
-                    log.warning("clip: CUDA graph capture failed for %s (%s: %s); running eagerly",
-                                self.clip.name, type(exc).__name__, exc)
-            self._graphed[size] = graphed
-        return self._graphed[size]
 
     def embed(self, batch: Batch) -> tuple[np.ndarray, np.ndarray, list[Optional[str]]]:
         """(image embeddings, text embeddings, per-sample decode error or None) of one batch;
@@ -185,7 +165,6 @@ class ClipScorer:
         import torch
 
         device = self.clip.device
-        graphed = self.graphed()  # captured before the decode threads start using the GPU
         local = threading.local()
 
         def prepare(batch: Batch):  # runs in a pool thread, on that thread's own CUDA stream
@@ -214,7 +193,7 @@ class ClipScorer:
                     if t is not None:
                         t.record_stream(main)  # memory made on a side stream, used on this one
                 with torch.inference_mode():
-                    image, text = self._forward(pixels, tokens, errors, graphed)
+                    image, text = self._forward(pixels, tokens, errors)
                 results.append((batch, image, text, errors))
         for batch, image, text, errors in results:
             yield batch, image.float().cpu().numpy(), text.float().cpu().numpy(), errors
@@ -234,19 +213,19 @@ class ClipScorer:
             tokens = tokens.pin_memory()
         return pixels, tokens.to(clip.device, non_blocking=True), errors
 
-    def _forward(self, pixels, tokens, errors, graphed: Optional[GraphedClip] = None):
+    def _forward(self, pixels, tokens, errors):
         """(image, text) embeddings in fp32 on the device; rows of failed images are zeros.
         Nothing here waits for the GPU, so the CPU can queue the next batch meanwhile."""
         import torch
 
-        towers = graphed or self.clip
-        text = towers.encode_text(tokens).float()
+        clip = self.clip
+        text = clip.encode_text(tokens).float()
         ok = [i for i, e in enumerate(errors) if e is None]
         if len(ok) == len(errors):
-            return towers.encode_image(pixels).float(), text
+            return clip.encode_image(pixels).float(), text
         image = torch.zeros((len(errors), text.shape[1]), device=text.device)
         if ok:
-            image[_on_device(ok, text.device)] = towers.encode_image(pixels).float()
+            image[_on_device(ok, text.device)] = clip.encode_image(pixels).float()
         return image, text
 
     def _pixels_cpu(self, jpgs: list[bytes]):
@@ -334,7 +313,7 @@ def gpu_preprocess(images: list, clip: LoadedClip):
 def _on_device(values: list, device):
     """A small list as a tensor on `device`, copied without waiting for the GPU: a plain list
     used as an index is copied from pageable memory, which makes the CPU wait until the GPU
-    has finished all the work queued before it."""
+    has finished all the work queued on the stream before it."""
     import torch
 
     tensor = torch.tensor(values)
@@ -403,7 +382,10 @@ def score_shard(shard_id: int, downloaded: dict, download_dir: str, emb_dir: str
         batches = read_batches(tar_path, cfg.batch_size, scorer.clip.tokenizer)
     else:
         batches = pool.batches(tar_path, cfg.batch_size)
+    embedded = None
     for batch, img, txt, errors in scorer.embed_all(_prefetched(batches)):
+        if embedded is None:  # on a GPU, every batch is embedded before the first comes back
+            embedded = time.time() - started
         sim = (img * txt).sum(axis=1)
         for k, s, e in zip(batch.keys, sim, errors):
             keys.append(k)
@@ -438,6 +420,7 @@ def score_shard(shard_id: int, downloaded: dict, download_dir: str, emb_dir: str
         "model": scorer.clip.name,
         "device": scorer.clip.device,
         "seconds": round(time.time() - started, 3),
+        "embed_seconds": round(embedded if embedded is not None else time.time() - started, 3),
     }
     mark_done(marker_dir, shard_id, stats)
     return stats

@@ -153,7 +153,7 @@ def test_gpu_cluster_layout_each_gpu_worker_sees_one_device_and_cpu_workers_none
 
     from distributed import Client
 
-    from pipeline.cluster import _local_cluster, gpu_resources
+    from pipeline.cluster import SCORE_TASKS_PER_GPU, _local_cluster, gpu_resources
     from pipeline.config import DaskConfig
 
     with _local_cluster(DaskConfig(n_workers=1), gpus=2) as cluster, Client(cluster) as client:
@@ -162,3 +162,9 @@ def test_gpu_cluster_layout_each_gpu_worker_sees_one_device_and_cpu_workers_none
         by_name = {info["name"]: seen[addr] for addr, info in client.scheduler_info()["workers"].items()}
         assert by_name == {"cpu-0": "", "gpu-0": "0", "gpu-1": "1"}
         assert gpu_resources(client) == {"GPU": 1}
+        # Each GPU worker runs SCORE_TASKS_PER_GPU score tasks at once; the CPU worker none.
+        infos = {info["name"]: info for info in client.scheduler_info()["workers"].values()}
+        for name in ("gpu-0", "gpu-1"):
+            assert infos[name]["nthreads"] == SCORE_TASKS_PER_GPU
+            assert infos[name]["resources"] == {"GPU": SCORE_TASKS_PER_GPU}
+        assert not infos["cpu-0"].get("resources")

@@ -1,14 +1,19 @@
 """B-32 on one GPU: do JPEG decoding and the model overlap, and which decoder is fastest?
 
 Measures, on 5,000 bench JPEGs in batches of 1,024:
-- the model alone (curate's CUDA-graphed towers);
+- the model alone (eager, text padding trimmed, as curate runs it);
 - decoders alone, one thread: torchvision's batched nvJPEG (what curate uses; hardware
   JPEG engines for baseline JPEGs), the same plus curate's GPU preprocessing, and
   nvImageCodec (if importable) with its default backends, hardware only, CUDA only,
   and a split between the two;
 - the model in the main thread while a decoder runs in a second thread: the sum of the two
-  fractions of their solo rates says whether they overlap (2.0) or take turns (1.0);
-- CUDA runtime calls made by torchvision's decoder (a device-wide sync would serialize).
+  fractions of their solo rates says whether they overlap (2.0) or take turns (1.0); with the
+  model on every SM, then on a CUDA green context that keeps 8, 16 or 24 SMs free for the
+  decoder's kernels.
+The first version of this probe also ran the towers as CUDA graphs (pipeline/clip_graphs.py,
+removed after commit 17a8874): graph replays ignored the green context and starved the decoder.
+curate itself kept neither: in the score stage the model already waits for each decoded batch,
+which leaves the decoder its turns, and keeping SMs free made it slower (BENCHMARKS.md).
 
     python bench/probes/decode_overlap.py
 """
@@ -39,7 +44,6 @@ def rate_of(fn, images_per_call, seconds=SECONDS, stop=None):
 
 def main():
     shards, _ = make_shards(5000, 5000, 4000, os.cpu_count())
-    from pipeline.clip_graphs import GraphedClip
     from pipeline.score import ClipScorer, gpu_preprocess
     from pipeline.score_reader import read_batches
 
@@ -48,14 +52,13 @@ def main():
     clip = scorer.clip
     batches = [b for b in read_batches(shards / "00000.tar", 1024) if len(b.keys) == 1024]
     print(f"{len(batches)} batches of 1024; {torch.cuda.get_device_name()}", flush=True)
-    graphed = GraphedClip(clip, 1024)
     pixels = torch.randn(1024, 3, 224, 224, device="cuda").clamp_(-2, 2).to(clip.dtype)
     tokens = clip.prepare_tokens(clip.tokenizer(make_captions(1024, seed=1))).cuda()
 
     def model():
         with torch.inference_mode():
-            graphed.encode_image(pixels)
-            graphed.encode_text(tokens)
+            clip.encode_image(pixels)
+            clip.encode_text(tokens)
 
     from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -105,7 +108,7 @@ def main():
         print("nvimgcodec unavailable:", type(exc).__name__, exc, flush=True)
 
     solo_model = rate_of(model, 1024)
-    print(f"model alone (graphed): {solo_model:,.0f} images/s", flush=True)
+    print(f"model alone: {solo_model:,.0f} images/s", flush=True)
     solo = {}
     for name, fn in decoders.items():
         solo[name] = rate_of(fn, 1024)
@@ -117,7 +120,7 @@ def main():
         model()
     print(f"serial, one thread (decode + preprocess, then model): {rate_of(serial, 1024):,.0f} images/s", flush=True)
 
-    def together(name, model_fn, model_stream, solo_model_rate):
+    def together(name, model_fn, stream, solo_model_rate):
         fn = decoders[name]
         stop = threading.Event()
         result = {}
@@ -129,7 +132,7 @@ def main():
         t = threading.Thread(target=side)
         t.start()
         time.sleep(0.3)
-        with torch.cuda.stream(model_stream):
+        with torch.cuda.stream(stream):
             m = rate_of(model_fn, 1024)
         stop.set()
         t.join()
@@ -137,41 +140,23 @@ def main():
         print(f"  together: model {m:,.0f} + {name} {d:,.0f} images/s = {min(m, d):,.0f} pipeline-bound; "
               f"overlap {m / solo_model_rate + d / solo[name]:.2f} (2 = full, 1 = take turns)", flush=True)
 
-    # The model on fewer SMs (a green context), leaving the rest to the decoders' kernels.
+    from torch.cuda.green_contexts import GreenContext
+
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    from torch.cuda import green_contexts as gc
-    print("SMs:", sms, "GreenContext API:", [a for a in dir(gc.GreenContext) if not a.startswith("__")], flush=True)
-
-    def eager_model():
-        with torch.inference_mode():
-            clip.encode_image(pixels)
-            clip.encode_text(tokens)
-
-    for reserve in (8, 16, 24):
-        try:
-            if hasattr(gc.GreenContext, "create"):
-                ctx = gc.GreenContext.create(num_sms=sms - reserve, device_id=0)
-            else:
-                ctx = gc.GreenContext(num_sms=sms - reserve, device_id=0)
-            if hasattr(ctx, "Stream"):
-                green = ctx.Stream()
-            else:
-                ctx.set_context()
-                green = torch.cuda.current_stream()
-                ctx.pop_context()
-        except Exception as exc:
-            print(f"green context with {sms - reserve} SMs failed: {type(exc).__name__}: {exc}", flush=True)
-            break
-        for label, fn in (("graphed", model), ("eager", eager_model)):
-            try:
-                with torch.cuda.stream(green):
-                    alone = rate_of(fn, 1024)
-                print(f"model ({label}) on {sms - reserve} of {sms} SMs: {alone:,.0f} images/s", flush=True)
-                together("torchvision nvJPEG + curate preprocess", fn, green, alone)
-                if "nvimgcodec hw only + curate preprocess" in decoders:
-                    together("nvimgcodec hw only + curate preprocess", fn, green, alone)
-            except Exception as exc:
-                print(f"model ({label}) on a green stream failed: {type(exc).__name__}: {exc}", flush=True)
+    make = getattr(GreenContext, "create", None) or GreenContext  # PyTorch 2.9-2.11, later
+    contexts = []
+    for keep in (0, 8, 16, 24):
+        if keep:
+            contexts.append(make(num_sms=sms - keep, device_id=0))
+            stream = contexts[-1].Stream()
+        else:
+            stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            alone = rate_of(model, 1024)
+        print(f"model on {sms - keep} of {sms} SMs: {alone:,.0f} images/s", flush=True)
+        for name in decoders:
+            if name.endswith("+ curate preprocess"):
+                together(name, model, stream, alone)
 
 
 if __name__ == "__main__":
