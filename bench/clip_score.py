@@ -837,16 +837,17 @@ def main() -> None:
                 forget_models()
             except Exception:
                 traceback.print_exc()
+        # Written after every model, so that a run stopped by a time limit keeps what it measured.
+        table = render(rows, args, info, device, device_name, time.perf_counter() - run_started)
+        if not args.quick and not args.no_write:
+            from bench.download import update_benchmarks
 
-    table = render(rows, args, info, device, device_name, time.perf_counter() - run_started)
+            update_benchmarks(HEADING, table)
+            log(f"BENCHMARKS.md updated ({len(rows)} model(s))")
+
     log("\n" + table)
     if args.quick:
         log("(--quick: BENCHMARKS.md not written)")
-    elif not args.no_write:
-        from bench.download import update_benchmarks
-
-        update_benchmarks(HEADING, table)
-        log("BENCHMARKS.md updated")
 
 
 if __name__ == "__main__":
