@@ -184,6 +184,36 @@ def test_score_shard_gives_the_same_scores_with_reader_processes(tmp_path):
     assert np.array_equal(i0, i2) and np.array_equal(t0, t2)
 
 
+def test_two_shards_at_once_share_the_reader_processes(tmp_path):
+    """A GPU worker scores SCORE_TASKS_PER_GPU shards at once in threads of one process, sharing
+    the model and the reader processes (pipeline/cluster.py): each shard gets its own results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.cluster import SCORE_TASKS_PER_GPU
+
+    download = tmp_path / "download"
+    download.mkdir()
+    _raw_shard(download / "00000.tar", 37, seed=7, corrupt={4})
+    _raw_shard(download / "00001.tar", 29, seed=8)
+
+    def score(shard_id, processes, name):
+        cfg = ClipConfig(enabled=True, model=TINY_CLIP, pretrained=None, device="cpu", batch_size=8,
+                         reader_processes=processes)
+        emb = tmp_path / name
+        stats = score_shard(shard_id, {}, str(download), str(emb), str(tmp_path / f"{name}-markers"), cfg)
+        out = score_outputs(emb, shard_id)
+        return (stats["scored"], stats["decode_errors"], pq.read_table(out["metadata"]).to_pylist(),
+                np.load(out["img_emb"]), np.load(out["text_emb"]))
+
+    alone = [score(i, 0, "alone") for i in (0, 1)]
+    with ThreadPoolExecutor(SCORE_TASKS_PER_GPU) as pool:
+        together = list(pool.map(lambda i: score(i, 2, "together"), (0, 1)))
+    for (s0, e0, m0, i0, t0), (s1, e1, m1, i1, t1) in zip(alone, together):
+        assert (s0, e0) == (s1, e1) and m0 == m1
+        assert np.allclose(i0, i1, atol=1e-3) and np.allclose(t0, t1, atol=1e-3)
+    assert [a[:2] for a in alone] == [(36, 1), (29, 0)]
+
+
 def test_reader_processes_must_not_be_negative():
     with pytest.raises(ValueError, match="reader_processes"):
         ClipConfig(reader_processes=-1)
