@@ -13,7 +13,8 @@ Measures, on 5,000 bench JPEGs in batches of 1,024:
 The first version of this probe also ran the towers as CUDA graphs (pipeline/clip_graphs.py,
 removed after commit 17a8874): graph replays ignored the green context and starved the decoder.
 curate itself kept neither: in the score stage the model already waits for each decoded batch,
-which leaves the decoder its turns, and keeping SMs free made it slower (BENCHMARKS.md).
+which leaves the decoder its turns, and end to end graphs, SM split, both and neither measured
+within noise of each other (BENCHMARKS.md, probe section).
 
     python bench/probes/decode_overlap.py
 """
