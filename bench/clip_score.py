@@ -298,11 +298,11 @@ def run_baseline(model_name: str, tars: list[Path], device: str, workers: int, b
 
 
 def clip_cfg(model: str, device: str, precision: str, batch: int, gpu_decode: bool = True,
-             reader_processes="auto", **options):
+             reader_processes="auto"):
     from pipeline.config import ClipConfig
 
     return ClipConfig(enabled=True, model=model, pretrained=None, device=device, precision=precision,
-                      batch_size=batch, gpu_decode=gpu_decode, reader_processes=reader_processes, **options)
+                      batch_size=batch, gpu_decode=gpu_decode, reader_processes=reader_processes)
 
 
 def score_all(shards_dir: Path, shard_ids: list[int], out: Path, cfg, at_once: int = 1) -> tuple[int, list[float]]:
@@ -329,12 +329,12 @@ def score_all(shards_dir: Path, shard_ids: list[int], out: Path, cfg, at_once: i
 
 
 def run_curate(model: str, shards_dir: Path, n_shards: int, device: str, batch: int, reader_processes: int,
-               at_once: int = 1, **options) -> dict:
+               at_once: int = 1) -> dict:
     import torch
     from pipeline.clip_model import load_clip
 
     precision = "bf16" if device.startswith("cuda") else "fp32"
-    cfg = clip_cfg(model, device, precision, batch, reader_processes=reader_processes, **options)
+    cfg = clip_cfg(model, device, precision, batch, reader_processes=reader_processes)
     started = time.perf_counter()
     load_clip(model, None, device, precision)
     sync(device)
@@ -359,7 +359,7 @@ def run_curate(model: str, shards_dir: Path, n_shards: int, device: str, batch: 
     shutil.rmtree(out, ignore_errors=True)
     return {"images": n, "seconds": seconds, "rate": n / seconds, "batch": batch, "load_s": load_s,
             "warm_s": warm_s, "per_shard": per_shard, "peak": peak, "warm_dir": warm / "emb", "cfg": cfg,
-            "readers": reader_processes, "at_once": at_once, "options": options}
+            "readers": reader_processes, "at_once": at_once}
 
 
 SCALING_WORKER = """
@@ -660,7 +660,7 @@ def bench_model(model: str, args, shards_dir: Path, info: dict, device: str, cap
                 + (f"; peak GPU memory {result['peak'] / 2**30:.1f} GiB" if result["peak"] else "") + ")")
         elif name in ("curate", "curate_one"):
             shards = ", ".join(f"{s:.2f}" for s in result["per_shard"])
-            log(f"  {model} {name} ({result['readers']} reader processes, {result['at_once']} shard(s) at once{''.join(f', {k} {v}' for k, v in result['options'].items())}): {result['images']} images in {result['seconds']:.2f} s = {result['rate']:,.0f} "
+            log(f"  {model} {name} ({result['readers']} reader processes, {result['at_once']} shard(s) at once): {result['images']} images in {result['seconds']:.2f} s = {result['rate']:,.0f} "
                 f"images/s (batch {result['batch']}; load {result['load_s']:.1f} s and warm-up shard "
                 f"{result['warm_s']:.1f} s untimed; per shard s: {shards})")
         elif name == "stages":
@@ -744,8 +744,8 @@ def render(rows: list[dict], args, info: dict, device: str, device_name: str, to
         else:
             agree = r.get("agree_error", "—")
         co = r.get("curate_one")
-        inproc = fmt_rate(co["rate"]) if co else r.get("curate_one_error", "—")
-        lines.append(f"| {r['model']} | {base} | {cur} | {speed} | {inproc} | {alone} | {tgt} | {peak} | {agree} |")
+        one_at_a_time = fmt_rate(co["rate"]) if co else r.get("curate_one_error", "—")
+        lines.append(f"| {r['model']} | {base} | {cur} | {speed} | {one_at_a_time} | {alone} | {tgt} | {peak} | {agree} |")
     lines.append("")
     stages = [r for r in rows if "stages" in r]
     if stages:

@@ -76,7 +76,7 @@ except Exception as e:
 t0 = time.perf_counter()
 mc = copy.deepcopy(model)
 mc.visual = torch.compile(mc.visual)
-rate(both(mc), f"compiled bf16 image tower (compile incl. in warm-up)")
+rate(both(mc), "compiled bf16 image tower (compile incl. in warm-up)")
 print("compile+measure s", time.perf_counter() - t0)
 if m8 is not None:
     m8.visual = torch.compile(m8.visual)
