@@ -19,6 +19,7 @@ when its stdin closes, so it never outlives the process that started it, even a 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import struct
@@ -27,7 +28,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -44,22 +45,19 @@ class Batch:
     tokens: Any = None  # token ids [n, context] (open_clip's tokenizer is pure Python: made beside the reading)
 
 
+def _in_batches(items: Iterable, batch_size: int) -> Iterator[list]:
+    """Lists of `batch_size` consecutive items, the last one shorter."""
+    items = iter(items)
+    while chunk := list(itertools.islice(items, batch_size)):
+        yield chunk
+
+
 def read_batches(tar_path: Path, batch_size: int, tokenizer=None) -> Iterator[Batch]:
     """Batches read in this process; tokens made only when a tokenizer is given."""
-    keys, jpgs, captions = [], [], []
-
-    def batch() -> Batch:
-        return Batch(keys, jpgs, captions, tokenizer(captions) if tokenizer else None)
-
-    for key, fields in iter_tar_samples(tar_path):
-        keys.append(key)
-        jpgs.append(fields["jpg"])
-        captions.append(_caption(fields["json"]))
-        if len(keys) == batch_size:
-            yield batch()
-            keys, jpgs, captions = [], [], []
-    if keys:
-        yield batch()
+    for samples in _in_batches(iter_tar_samples(tar_path), batch_size):
+        captions = [_caption(fields["json"]) for _, fields in samples]
+        yield Batch([key for key, _ in samples], [fields["jpg"] for _, fields in samples], captions,
+                    tokenizer(captions) if tokenizer else None)
 
 
 def _caption(json_bytes) -> str:
@@ -186,18 +184,11 @@ def _as_tensor(tokens: np.ndarray):
 
 def _batch_spans(tar_path: str, batch_size: int) -> Iterator[tuple[list[str], list[tuple[int, int]], list[tuple[int, int]]]]:
     """(keys, jpg spans, json spans) per batch, from the tar headers alone."""
-    keys, jpgs, jsons = [], [], []
-    for key, spans in iter_sample_spans(Path(tar_path)):
-        if "jpg" not in spans or "json" not in spans:
-            raise ReaderError(f"{tar_path}: sample {key} has no jpg or json member")
-        keys.append(key)
-        jpgs.append(spans["jpg"])
-        jsons.append(spans["json"])
-        if len(keys) == batch_size:
-            yield keys, jpgs, jsons
-            keys, jpgs, jsons = [], [], []
-    if keys:
-        yield keys, jpgs, jsons
+    for samples in _in_batches(iter_sample_spans(Path(tar_path)), batch_size):
+        for key, spans in samples:
+            if "jpg" not in spans or "json" not in spans:
+                raise ReaderError(f"{tar_path}: sample {key} has no jpg or json member")
+        yield [key for key, _ in samples], [spans["jpg"] for _, spans in samples], [spans["json"] for _, spans in samples]
 
 
 def serve(model: str, requests, answers) -> None:
