@@ -76,26 +76,16 @@ def _iter_members(path: Path) -> Iterator[tuple[str, bytes]]:
     base-256 sizes) the rest of the file is handed to `tarfile`.
     """
     with open(path, "rb") as f:
-        while True:
-            header = f.read(BLOCK)
-            if not header or header == _ZERO_BLOCK:
-                return
-            if len(header) < BLOCK:
-                raise tarfile.ReadError(f"{path}: truncated header")
-            parsed = _plain_file_header(header)
-            if parsed is None:
-                f.seek(-BLOCK, io.SEEK_CUR)
+        for name, offset, size in _plain_members(f, path):
+            if name is None:  # another kind of header at `offset`
+                f.seek(offset)
                 with tarfile.open(fileobj=f, mode="r|") as tar:
                     for member in tar:
                         if member.isfile():
                             yield member.name, tar.extractfile(member).read()
                 return
-            name, size = parsed
-            data = f.read(size)
-            if len(data) < size:
-                raise tarfile.ReadError(f"{path}: truncated member {name}")
-            f.seek(-size % BLOCK, io.SEEK_CUR)
-            yield name, data
+            f.seek(offset)
+            yield name, f.read(size)
 
 
 def iter_sample_spans(path: Path) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
@@ -107,30 +97,42 @@ def iter_sample_spans(path: Path) -> Iterator[tuple[str, dict[str, tuple[int, in
 def _iter_member_spans(path: Path) -> Iterator[tuple[str, int, int]]:
     """(name, data offset, size) of each regular file member; headers only are read (plain
     ustar parsed here, anything else handed to `tarfile` as in `_iter_members`)."""
-    file_size = Path(path).stat().st_size
     with open(path, "rb") as f:
-        offset = 0
-        while True:
-            f.seek(offset)
-            header = f.read(BLOCK)
-            if not header or header == _ZERO_BLOCK:
-                return
-            if len(header) < BLOCK:
-                raise tarfile.ReadError(f"{path}: truncated header")
-            parsed = _plain_file_header(header)
-            if parsed is None:
+        for name, offset, size in _plain_members(f, path):
+            if name is None:  # another kind of header at `offset`
                 f.seek(offset)
                 with tarfile.open(fileobj=f, mode="r:") as tar:
                     for member in tar:
                         if member.isfile():
                             yield member.name, member.offset_data, member.size  # absolute: tarfile counts from fileobj.tell()
                 return
-            name, size = parsed
-            data_offset = offset + BLOCK
-            if data_offset + size > file_size:
-                raise tarfile.ReadError(f"{path}: truncated member {name}")
-            yield name, data_offset, size
-            offset = data_offset + size + (-size % BLOCK)
+            yield name, offset, size
+
+
+def _plain_members(f, path: Path) -> Iterator[tuple[str | None, int, int]]:
+    """(name, data offset, size) of the plain ustar file members at the start of the open
+    archive `f`, from their headers alone, until its end. At the first header of any other
+    kind, one last (None, header offset, 0): the caller hands the rest to `tarfile`. A header
+    or member cut short by the end of the file is an error, never a silent end."""
+    file_size = Path(path).stat().st_size
+    offset = 0
+    while True:
+        f.seek(offset)
+        header = f.read(BLOCK)
+        if not header or header == _ZERO_BLOCK:
+            return
+        if len(header) < BLOCK:
+            raise tarfile.ReadError(f"{path}: truncated header")
+        parsed = _plain_file_header(header)
+        if parsed is None:
+            yield None, offset, 0
+            return
+        name, size = parsed
+        data_offset = offset + BLOCK
+        if data_offset + size > file_size:
+            raise tarfile.ReadError(f"{path}: truncated member {name}")
+        yield name, data_offset, size
+        offset = data_offset + size + (-size % BLOCK)
 
 
 BLOCK = 512
