@@ -1,11 +1,12 @@
 """B-32: where the text tower's time goes, and what compile / CUDA graphs give."""
-import sys, time
+import sys
 sys.path.insert(0, ".")
 import torch
 import open_clip
 from pipeline.clip_text import encode_text_trimmed, trim_tokens
 
 from bench.clip_score import make_captions
+from bench.probes.timing import images_per_second
 
 torch.manual_seed(0)
 B = 1024
@@ -17,15 +18,8 @@ print("trimmed length", tokens.shape)
 pix = torch.randn(B, 3, 224, 224, device="cuda").clamp(-2, 2).to(torch.bfloat16)
 
 def rate(fn, label, secs=2.0):
-    with torch.inference_mode():
-        for _ in range(3): fn()
-        torch.cuda.synchronize()
-        n, t = 0, time.perf_counter()
-        while time.perf_counter() - t < secs:
-            fn(); n += 1
-        torch.cuda.synchronize()
-        dt = (time.perf_counter() - t) / n
-    print(f"{label}: {B / dt:,.0f} /s ({dt * 1000:.2f} ms per batch)", flush=True)
+    r = images_per_second(fn, B, secs, warmup=3)
+    print(f"{label}: {r:,.0f} /s ({B / r * 1000:.2f} ms per batch)", flush=True)
 
 text = lambda: encode_text_trimmed(model, tokens)
 img = lambda: model.encode_image(pix, normalize=True)

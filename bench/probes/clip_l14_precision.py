@@ -4,6 +4,7 @@ sys.path.insert(0, ".")
 import torch, torch.nn as nn
 import open_clip
 from pipeline.clip_text import encode_text_trimmed, trim_tokens
+from bench.probes.timing import images_per_second
 
 torch.manual_seed(0)
 dev = "cuda"
@@ -16,14 +17,7 @@ tokens = trim_tokens(tok(caps).to(dev))
 pix = torch.randn(B, 3, 224, 224, device=dev).clamp(-2, 2).to(torch.bfloat16)
 
 def rate(fn, label, secs=4.0):
-    with torch.inference_mode():
-        for _ in range(3): fn()
-        torch.cuda.synchronize()
-        n, t = 0, time.perf_counter()
-        while time.perf_counter() - t < secs:
-            fn(); n += 1
-        torch.cuda.synchronize()
-        r = n * B / (time.perf_counter() - t)
+    r = images_per_second(fn, B, secs, warmup=3)
     print(f"{label}: {r:,.0f} images/s", flush=True)
     return r
 

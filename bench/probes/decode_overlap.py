@@ -27,20 +27,9 @@ sys.path.insert(0, ".")
 import torch  # noqa: E402
 
 from bench.clip_score import clip_cfg, make_captions, make_shards  # noqa: E402
+from bench.probes.timing import images_per_second  # noqa: E402
 
 SECONDS = 2.0
-
-
-def rate_of(fn, images_per_call, seconds=SECONDS, stop=None):
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    n, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds and not (stop and stop.is_set()):
-        fn()
-        n += 1
-    torch.cuda.synchronize()
-    return n * images_per_call / (time.perf_counter() - started)
 
 
 def main():
@@ -108,18 +97,18 @@ def main():
     except Exception as exc:
         print("nvimgcodec unavailable:", type(exc).__name__, exc, flush=True)
 
-    solo_model = rate_of(model, 1024)
+    solo_model = images_per_second(model, 1024, SECONDS)
     print(f"model alone: {solo_model:,.0f} images/s", flush=True)
     solo = {}
     for name, fn in decoders.items():
-        solo[name] = rate_of(fn, 1024)
+        solo[name] = images_per_second(fn, 1024, SECONDS)
         print(f"{name} alone: {solo[name]:,.0f} images/s", flush=True)
 
     # One thread, taking turns: decode + preprocess a batch, then the model on it.
     def serial():
         tv_prep()
         model()
-    print(f"serial, one thread (decode + preprocess, then model): {rate_of(serial, 1024):,.0f} images/s", flush=True)
+    print(f"serial, one thread (decode + preprocess, then model): {images_per_second(serial, 1024, SECONDS):,.0f} images/s", flush=True)
 
     def together(name, model_fn, stream, solo_model_rate):
         fn = decoders[name]
@@ -128,13 +117,13 @@ def main():
 
         def side():
             with torch.cuda.stream(torch.cuda.Stream()):
-                result["dec"] = rate_of(fn, 1024, SECONDS + 0.5, stop)
+                result["dec"] = images_per_second(fn, 1024, SECONDS + 0.5, stop=stop)
 
         t = threading.Thread(target=side)
         t.start()
         time.sleep(0.3)
         with torch.cuda.stream(stream):
-            m = rate_of(model_fn, 1024)
+            m = images_per_second(model_fn, 1024, SECONDS)
         stop.set()
         t.join()
         d = result["dec"]
@@ -153,7 +142,7 @@ def main():
         else:
             stream = torch.cuda.Stream()
         with torch.cuda.stream(stream):
-            alone = rate_of(model, 1024)
+            alone = images_per_second(model, 1024, SECONDS)
         print(f"model on {sms - keep} of {sms} SMs: {alone:,.0f} images/s", flush=True)
         for name in decoders:
             if name.endswith("+ curate preprocess"):
