@@ -71,15 +71,26 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait(timeout=10)
 
 
+def _stat_fields(stat: Path) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first), or None when gone."""
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def alive(pid: int) -> bool:
+    """Whether a process is still running (a zombie is not)."""
+    fields = _stat_fields(Path(f"/proc/{pid}/stat"))
+    return fields is not None and fields[0] != "Z"
+
+
 def live_members(pgid: int) -> list[int]:
     """Processes of a process group that are still running (zombies don't count)."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
+        fields = _stat_fields(stat)
+        if fields is not None and int(fields[2]) == pgid and fields[0] != "Z":
             found.append(int(stat.parent.name))
     return found
 

@@ -21,6 +21,7 @@ from pipeline.score import _prefetched, score_outputs, score_shard
 from pipeline.score_reader import ReaderError, ReaderPool, read_batches
 from pipeline.shards import sample_key
 from pipeline.tarshard import TarShardWriter
+from conftest import alive
 from test_score import _raw_shard
 
 pytestmark = pytest.mark.skipif(not (TINY_CLIP_DIR / "open_clip_config.json").exists(), reason="tiny CLIP not built")
@@ -152,32 +153,27 @@ def test_helpers_exit_with_a_killed_parent(tmp_path):
         parent.send_signal(signal.SIGKILL)
         parent.wait()
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
         time.sleep(0.1)
-    assert not any(_alive(p) for p in pids)
+    assert not any(alive(p) for p in pids)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+def _scored(download, shard_id, processes, out):
+    """score_shard on the CPU with `processes` reader processes: (scored, decode errors,
+    metadata rows, image embeddings, text embeddings)."""
+    cfg = ClipConfig(enabled=True, model=TINY_CLIP, pretrained=None, device="cpu", batch_size=8,
+                     reader_processes=processes)
+    stats = score_shard(shard_id, {}, str(download), str(out / "emb"), str(out / "markers"), cfg)
+    files = score_outputs(out / "emb", shard_id)
+    return (stats["scored"], stats["decode_errors"], pq.read_table(files["metadata"]).to_pylist(),
+            np.load(files["img_emb"]), np.load(files["text_emb"]))
 
 
 def test_score_shard_gives_the_same_scores_with_reader_processes(tmp_path):
     download = tmp_path / "download"
     download.mkdir()
     _raw_shard(download / "00000.tar", 37, seed=7, corrupt={4})
-    results = {}
-    for processes in (0, 2):
-        cfg = ClipConfig(enabled=True, model=TINY_CLIP, pretrained=None, device="cpu", batch_size=8,
-                         reader_processes=processes)
-        emb = tmp_path / f"emb{processes}"
-        stats = score_shard(0, {}, str(download), str(emb), str(tmp_path / f"markers{processes}"), cfg)
-        out = score_outputs(emb, 0)
-        results[processes] = (stats["scored"], stats["decode_errors"], pq.read_table(out["metadata"]).to_pylist(),
-                              np.load(out["img_emb"]), np.load(out["text_emb"]))
+    results = {processes: _scored(download, 0, processes, tmp_path / f"out{processes}") for processes in (0, 2)}
     (s0, e0, m0, i0, t0), (s2, e2, m2, i2, t2) = results[0], results[2]
     assert (s0, e0) == (s2, e2) == (36, 1)
     assert m0 == m2
@@ -196,18 +192,9 @@ def test_two_shards_at_once_share_the_reader_processes(tmp_path):
     _raw_shard(download / "00000.tar", 37, seed=7, corrupt={4})
     _raw_shard(download / "00001.tar", 29, seed=8)
 
-    def score(shard_id, processes, name):
-        cfg = ClipConfig(enabled=True, model=TINY_CLIP, pretrained=None, device="cpu", batch_size=8,
-                         reader_processes=processes)
-        emb = tmp_path / name
-        stats = score_shard(shard_id, {}, str(download), str(emb), str(tmp_path / f"{name}-markers"), cfg)
-        out = score_outputs(emb, shard_id)
-        return (stats["scored"], stats["decode_errors"], pq.read_table(out["metadata"]).to_pylist(),
-                np.load(out["img_emb"]), np.load(out["text_emb"]))
-
-    alone = [score(i, 0, "alone") for i in (0, 1)]
+    alone = [_scored(download, i, 0, tmp_path / "alone") for i in (0, 1)]
     with ThreadPoolExecutor(SCORE_TASKS_PER_GPU) as pool:
-        together = list(pool.map(lambda i: score(i, 2, "together"), (0, 1)))
+        together = list(pool.map(lambda i: _scored(download, i, 2, tmp_path / "together"), (0, 1)))
     for (s0, e0, m0, i0, t0), (s1, e1, m1, i1, t1) in zip(alone, together):
         assert (s0, e0) == (s1, e1) and m0 == m1
         assert np.allclose(i0, i1, atol=1e-3) and np.allclose(t0, t1, atol=1e-3)
