@@ -18,12 +18,12 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m pipeline.demo
+	$(BIN)/python -m curate.pipeline.demo
 
 # Fine-tunes curate's tiny latent diffusion model on the demo's shards (CPU, a few minutes).
 train-demo: $(STAMP)
 	@test -d demo-output/shards || $(MAKE) demo
-	$(BIN)/python -m pipeline.cli train configs/train-demo.yaml
+	$(BIN)/python -m curate.pipeline.cli train configs/train-demo.yaml
 
 test: $(STAMP)
 	# tests/test_report.py opens the run report in Debian's headless Chromium.

@@ -53,10 +53,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.download import cpu_name  # noqa: E402
-from pipeline.cluster import SCORE_TASKS_PER_GPU  # noqa: E402
-from pipeline.shards import sample_key, shard_name  # noqa: E402
-from pipeline.synthetic import photo_like_jpeg  # noqa: E402
-from pipeline.tarshard import TarShardWriter, iter_tar_samples  # noqa: E402
+from curate.pipeline.cluster import SCORE_TASKS_PER_GPU  # noqa: E402
+from curate.pipeline.shards import sample_key, shard_name  # noqa: E402
+from curate.pipeline.demo.synthetic import photo_like_jpeg  # noqa: E402
+from curate.pipeline.tarshard import TarShardWriter, iter_tar_samples  # noqa: E402
 
 WORK = REPO / "bench-work" / "clip"
 HEADING = "## CLIP scoring"
@@ -205,10 +205,10 @@ def sync(device: str) -> None:
 def forget_models() -> None:
     """Drop curate's per-process model caches so the next model has the GPU to itself."""
     import torch
-    from pipeline import clip_model, score
+    from curate.pipeline.models.cache import forget
 
-    score._scorers.clear()
-    clip_model._cache.clear()
+    forget("scorer")
+    forget("clip")
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -299,7 +299,7 @@ def run_baseline(model_name: str, tars: list[Path], device: str, workers: int, b
 
 def clip_cfg(model: str, device: str, precision: str, batch: int, gpu_decode: bool = True,
              reader_processes="auto"):
-    from pipeline.config import ClipConfig
+    from curate.pipeline.config import ClipConfig
 
     return ClipConfig(enabled=True, model=model, pretrained=None, device=device, precision=precision,
                       batch_size=batch, gpu_decode=gpu_decode, reader_processes=reader_processes)
@@ -310,7 +310,7 @@ def score_all(shards_dir: Path, shard_ids: list[int], out: Path, cfg, at_once: i
     Dask GPU worker runs its score tasks: pipeline/cluster.py, SCORE_TASKS_PER_GPU)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipeline.score import score_shard
+    from curate.pipeline.stages.score import score_shard
 
     shutil.rmtree(out, ignore_errors=True)
 
@@ -331,7 +331,7 @@ def score_all(shards_dir: Path, shard_ids: list[int], out: Path, cfg, at_once: i
 def run_curate(model: str, shards_dir: Path, n_shards: int, device: str, batch: int, reader_processes: int,
                at_once: int = 1) -> dict:
     import torch
-    from pipeline.clip_model import load_clip
+    from curate.pipeline.models.clip import load_clip
 
     precision = "bf16" if device.startswith("cuda") else "fp32"
     cfg = clip_cfg(model, device, precision, batch, reader_processes=reader_processes)
@@ -421,7 +421,7 @@ def run_models_alone(model: str, device: str, precision: str, batch: int, captio
     77 positions (open_clip's own calls); "trimmed": text padding cut to the longest caption,
     as curate runs it (pipeline/clip_text.py)."""
     import torch
-    from pipeline.clip_model import load_clip
+    from curate.pipeline.models.clip import load_clip
 
     clip = load_clip(model, None, device, precision)
     size = clip.image_size
@@ -458,8 +458,8 @@ def run_stages(model: str, shards_dir: Path, cfg) -> dict:
     stage bounds the end-to-end rate (they run one after another in score.py's main thread,
     except the tar reading, which a thread overlaps)."""
     import torch
-    from pipeline.score import ClipScorer
-    from pipeline.score_reader import ReaderPool, read_batches
+    from curate.pipeline.stages.score import ClipScorer
+    from curate.pipeline.score_reader import ReaderPool, read_batches
 
     tar = shards_dir / f"{shard_name(0)}.tar"
     started = time.perf_counter()
@@ -533,7 +533,7 @@ def _decode_in_threads(scorer, batches: list, threads: int) -> float:
 
 
 def _similarities(emb_dir: Path) -> dict[str, float]:
-    from pipeline.score import read_scores
+    from curate.pipeline.embeddings import read_scores
 
     return {k: s for k, (s, _, _) in read_scores(emb_dir, 0).items() if s is not None}
 
@@ -546,7 +546,7 @@ def _max_diff(a: dict[str, float], b: dict[str, float]) -> tuple[float, float, i
 
 def run_agreement(model: str, shards_dir: Path, n: int, device: str, curate: dict) -> dict:
     """GPU path (bf16, nvJPEG; and in fp32) against the CPU path (PIL, fp32) on the same images."""
-    from pipeline.clip_model import load_clip
+    from curate.pipeline.models.clip import load_clip
 
     subset = make_subset_shard(shards_dir, n)
     base = WORK / "out" / slug(model) / "agree"
@@ -580,8 +580,8 @@ def run_agreement(model: str, shards_dir: Path, n: int, device: str, curate: dic
 
 
 def _gpu_path_on_cpu(clip, tar_path: Path, model: str) -> dict[str, float]:
-    from pipeline.score import ClipScorer
-    from pipeline.score_reader import read_batches
+    from curate.pipeline.stages.score import ClipScorer
+    from curate.pipeline.score_reader import read_batches
 
     class GpuPathOnCpu(ClipScorer):
         on_gpu = True  # takes _pixels_gpu with the model's device (cpu)

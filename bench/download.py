@@ -27,7 +27,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline.synthetic import photo_like_jpeg  # noqa: E402
+from curate.pipeline.demo.synthetic import photo_like_jpeg  # noqa: E402
 
 WORK = REPO / "bench-work" / "download"
 
@@ -46,8 +46,8 @@ print("SECONDS", time.perf_counter() - t)
 
 CURATE = """
 import sys, time
-from pipeline.config import RunConfig
-from pipeline.run import run
+from curate.pipeline.config import RunConfig
+from curate.pipeline.run import run
 out, urls, shard_rows, cores = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 cfg = RunConfig.model_validate({
     "input": {"paths": [urls], "rows_per_shard": shard_rows},
@@ -118,7 +118,7 @@ def main() -> None:
     sizes = [p.stat().st_size for p in images.glob("*.jpg")]
     # The server runs in its own process so its work is not charged to either tool's process.
     server = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.devserver", str(WORK), "--port", "0"],
+        [sys.executable, "-m", "curate.pipeline.demo.devserver", str(WORK), "--port", "0"],
         stdout=subprocess.PIPE, text=True, cwd=REPO,
     )
     try:

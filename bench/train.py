@@ -57,9 +57,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.download import cpu_name, update_benchmarks  # noqa: E402
-from pipeline.shards import sample_key, shard_name  # noqa: E402
-from pipeline.synthetic import caption, photo_like_jpeg, random_scene  # noqa: E402
-from pipeline.tarshard import TarShardWriter, iter_tar_samples  # noqa: E402
+from curate.pipeline.shards import sample_key, shard_name  # noqa: E402
+from curate.pipeline.demo.synthetic import caption, photo_like_jpeg, random_scene  # noqa: E402
+from curate.pipeline.tarshard import TarShardWriter, iter_tar_samples  # noqa: E402
 
 WORK = REPO / "bench-work" / "train"
 HEADING = "## Training"
@@ -126,8 +126,9 @@ def make_shards(size: int, n_images: int, shard_size: int, processes: int) -> Pa
 
 def make_latent_shards(plain: Path, model_dir: Path, size: int, device: str) -> Path:
     """The same samples with `latent.npy` added by curate's vae_latents filter (the latent cache)."""
-    from filters import latents as latent_filter
-    from train.vae import load_vae, vae_fingerprint
+    from curate.filters import latents as latent_filter
+    from curate.pipeline.models.cache import forget
+    from curate.pipeline.models.vae import load_vae, vae_fingerprint
 
     fingerprint = vae_fingerprint(load_vae(str(model_dir)))
     folder = plain.with_name(plain.name + f"-latents-{fingerprint}")
@@ -147,7 +148,7 @@ def make_latent_shards(plain: Path, model_dir: Path, size: int, device: str) -> 
                 assert cache(sample) is None
                 tar.write(key, {**fields, "json": json.dumps(sample["meta"]).encode(), **sample["extra"]})
                 n += 1
-    latent_filter._LOADED.clear()
+    forget("vae")
     (folder / "complete.json").write_text(json.dumps({"images": n}))
     log(f"data: latents of {n} images at {size} px cached by the vae_latents filter in "
         f"{time.perf_counter() - started:.1f} s")
@@ -163,8 +164,8 @@ def make_model(quick: bool, device: str) -> Path:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from train.model import SD_SCHEDULE, Components, save_pipeline, tiny_components
-    from train.tokenizer import clip_tokenizer
+    from curate.train.model import SD_SCHEDULE, Components, save_pipeline, tiny_components
+    from curate.train.tokenizer import clip_tokenizer
 
     folder = WORK / ("model-tiny" if quick else "model-sd15-random")
     if (folder / "model_index.json").exists():
@@ -284,8 +285,8 @@ def run_baseline(model_dir: Path, shards: Path, size: int, batch: int, warmup: i
 
 def run_curate(model_dir: Path, shards: Path, size: int, batch: int, warmup: int, steps: int, workers: int,
                cached: bool, compile_unet: bool, device: str, channels_last: bool = True) -> dict:
-    from train.config import TrainConfig
-    from train.loop import read_log, train
+    from curate.train.config import TrainConfig
+    from curate.train.loop import read_log, train
 
     out = WORK / "out"
     cfg = TrainConfig.model_validate({

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from filters.base import STAGES, Filter, apply_chain, chain_counts, is_safety_reason
-from filters.blocklist import CaptionBlocklist, UrlBlocklist
-from filters.caption import CaptionBoilerplate, CaptionClean, CaptionLanguage, CaptionLength
-from filters.clip import ClipSimilarity
-from filters.concepts import ConceptFilter
-from filters.dedup import Dedup
-from filters.hashes import HashBlocklist
-from filters.heads import AestheticHead, NsfwHead
-from filters.laion import LaionColumns
-from filters.latents import VaeLatents
-from filters.resolution import Resize, Resolution
+from curate.filters.base import STAGES, Filter, apply_chain, chain_counts, is_safety_reason
+from curate.filters.blocklist import CaptionBlocklist, UrlBlocklist
+from curate.filters.caption import CaptionBoilerplate, CaptionClean, CaptionLanguage, CaptionLength
+from curate.filters.clip import ClipSimilarity
+from curate.filters.concepts import ConceptFilter
+from curate.filters.dedup import Dedup
+from curate.filters.hashes import HashBlocklist
+from curate.filters.heads import AestheticHead, NsfwHead
+from curate.filters.laion import LaionColumns
+from curate.filters.latents import VaeLatents
+from curate.filters.resolution import Resolution
 
 FILTERS: dict[str, type[Filter]] = {f.name: f for f in [
     CaptionLength, ClipSimilarity,
@@ -30,7 +30,6 @@ FILTERS: dict[str, type[Filter]] = {f.name: f for f in [
     UrlBlocklist,
     LaionColumns,
     Resolution,
-    Resize,
     VaeLatents,
     NsfwHead,
     AestheticHead,

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from filters.base import SAFETY, Decision, Filter
+from curate.filters.base import SAFETY, Decision, Filter
 
 
 @functools.lru_cache(maxsize=16)

@@ -13,7 +13,7 @@ from typing import Optional
 
 from pydantic import Field, PrivateAttr, field_validator
 
-from filters.base import CLEANING, Decision, Filter
+from curate.filters.base import CLEANING, Decision, Filter
 
 
 class CaptionLength(Filter):

@@ -6,7 +6,7 @@ from typing import Optional
 
 from pydantic import Field, model_validator
 
-from filters.base import Decision, Filter
+from curate.filters.base import Decision, Filter
 
 
 class ClipSimilarity(Filter):

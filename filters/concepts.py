@@ -22,16 +22,15 @@ Concepts are checked in order; the first above its threshold is the reason.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
-from filters.base import SAFETY, Decision, Filter
+from curate.filters.base import SAFETY, Decision, Filter
+from curate.pipeline.models.cache import cached
+from curate.pipeline.models.device import resolve_device
 
-_embeddings: dict[tuple, np.ndarray] = {}
-_lock = threading.Lock()
 
 
 class Concept(BaseModel):
@@ -54,22 +53,23 @@ def concept_embeddings(clip_cfg, prompts: list[list[str]]) -> np.ndarray:
     """
     import torch
 
-    from pipeline.clip_model import load_clip, resolve_device
+    from curate.pipeline.models.clip import load_clip
 
     on_cpu = resolve_device(clip_cfg.device) == "cpu"
     device, precision = (clip_cfg.device, clip_cfg.precision) if on_cpu else ("cpu", "fp32")
-    key = (clip_cfg.model, clip_cfg.pretrained, device, precision, tuple(map(tuple, prompts)))
-    with _lock:
-        if key not in _embeddings:
-            clip = load_clip(clip_cfg.model, clip_cfg.pretrained, device, precision)
-            rows = []
-            with torch.inference_mode():
-                for texts in prompts:
-                    tokens = clip.tokenizer(texts).to(clip.device)
-                    emb = clip.model.encode_text(tokens, normalize=True).float().mean(0)
-                    rows.append((emb / emb.norm()).cpu().numpy())
-            _embeddings[key] = np.stack(rows).astype(np.float32)
-        return _embeddings[key]
+
+    def build() -> np.ndarray:
+        clip = load_clip(clip_cfg.model, clip_cfg.pretrained, device, precision)
+        rows = []
+        with torch.inference_mode():
+            for texts in prompts:
+                tokens = clip.tokenizer(texts).to(clip.device)
+                emb = clip.model.encode_text(tokens, normalize=True).float().mean(0)
+                rows.append((emb / emb.norm()).cpu().numpy())
+        return np.stack(rows).astype(np.float32)
+
+    key = ("concepts", clip_cfg.model, clip_cfg.pretrained, device, precision, tuple(map(tuple, prompts)))
+    return cached(key, build)
 
 
 class ConceptFilter(Filter):

@@ -18,7 +18,8 @@ from typing import Any, Optional
 
 from pydantic import Field, PrivateAttr
 
-from filters.base import Decision, Filter
+from curate.filters.base import Decision, Filter
+from curate.pipeline.dedup_store import read_decisions
 
 
 class Dedup(Filter):
@@ -54,7 +55,6 @@ class Dedup(Filter):
             raise ValueError("semantic_eps needs clip.enabled: true")
 
     def setup(self, context: dict[str, Any]) -> None:
-        from pipeline.dedup import read_decisions  # pipeline imports filters, not the reverse at import time
 
         if "shard" not in context:
             raise RuntimeError("dedup: the write stage must pass the shard id in the filter context")
@@ -67,3 +67,18 @@ class Dedup(Filter):
         kind, original = found
         sample["meta"]["duplicate_of"] = original
         return False, f"duplicate: {kind}"
+
+
+def dedup_spec(specs: list[dict]) -> Optional[dict]:
+    """The configured dedup filter's spec (YAML name and parameters), or None."""
+    return next((spec for spec in specs if spec["name"] == "dedup"), None)
+
+
+def dedup_params(spec: dict) -> Dedup:
+    return Dedup(**{k: v for k, v in spec.items() if k != "name"})
+
+
+def needs_phash(specs: list[dict]) -> bool:
+    """Whether the download stage must compute each image's perceptual hash (~1 ms an image)."""
+    spec = dedup_spec(specs)
+    return spec is not None and dedup_params(spec).phash_max_distance is not None

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pydantic import Field, PrivateAttr, field_validator
 
-from filters.base import SAFETY, Decision, Filter
+from curate.filters.base import SAFETY, Decision, Filter
 
 _HEX = re.compile(r"[0-9a-f]+")
 

@@ -1,6 +1,6 @@
 """Heads on the CLIP image embedding: LAION's NSFW detector and aesthetic predictor.
 
-Both are small MLPs (filters/head_nets.py) reading the embedding the score stage saved,
+Both are small MLPs (pipeline/models/head_nets.py) reading the embedding the score stage saved,
 so they cost no image decoding. Their weights come from a file the user gives: a torch
 state_dict (`torch.save(net.state_dict(), path)`, loaded with `weights_only=True`) or a
 .safetensors file. A missing or unreadable file, or one whose keys and shapes are not
@@ -20,61 +20,13 @@ cluster.
 
 from __future__ import annotations
 
-import os
-import threading
-from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 import numpy as np
 from pydantic import Field, PrivateAttr, field_validator
 
-from filters.base import SAFETY, Decision, Filter
-
-_nets: dict[tuple, Any] = {}
-_lock = threading.Lock()
-
-
-def read_state_dict(path: str | os.PathLike) -> dict:
-    """A state_dict from a torch file (weights only: no code runs) or a .safetensors file."""
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"weights file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"cannot read {path} as a state_dict: {type(exc).__name__}: {str(exc)[:200]}") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
-    return {k: v.float() for k, v in state.items()}
-
-
-def load_head(kind: str, path: str | os.PathLike):
-    """The head network in `path` (kind "nsfw" or "aesthetic"), loaded once per process and
-    file version. Raises ValueError naming what is wrong with the file."""
-    from filters.head_nets import AestheticMlp, LaionNsfwMlp
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"weights file not found: {path}")
-    stat = path.stat()
-    key = (kind, str(path.resolve()), stat.st_mtime_ns, stat.st_size)  # a rewritten file is reloaded
-    with _lock:
-        if key not in _nets:
-            state = read_state_dict(path)
-            cls = {"nsfw": LaionNsfwMlp, "aesthetic": AestheticMlp}[kind]
-            try:
-                _nets[key] = cls.from_state_dict(state)
-            except ValueError as exc:
-                raise ValueError(f"{path}: {exc}") from None
-        return _nets[key]
-
+from curate.filters.base import SAFETY, Decision, Filter
+from curate.pipeline.models.heads import load_head
 
 class _EmbeddingHead(Filter):
     """A head on `img_emb`: loads its weights when the config is read, scores each sample."""
@@ -97,7 +49,7 @@ class _EmbeddingHead(Filter):
         return load_head(self.kind, self.weights).input_dim
 
     def check(self, context: dict[str, Any]) -> None:
-        from pipeline.clip_model import embedding_dim
+        from curate.pipeline.models.clip import embedding_dim
 
         clip = context["clip"]
         dim = embedding_dim(clip.model)
@@ -116,7 +68,7 @@ class _EmbeddingHead(Filter):
             raise RuntimeError(f"{self.name} filter needs clip.enabled: true (the sample has no embedding)")
         if emb.shape[-1] != self._net.input_dim:
             # Only reachable for models whose size the config check cannot read (hf-hub:).
-            from pipeline.errors import UserError
+            from curate.pipeline.errors import UserError
 
             raise UserError(f"filters: {self.name}: {self.weights} takes {self._net.input_dim}-d embeddings, "
                             f"but the CLIP model gives {emb.shape[-1]}-d ones")
@@ -131,7 +83,7 @@ class NsfwHead(_EmbeddingHead):
     sample's json; drops punsafe ≥ threshold as "unsafe: nsfw punsafe>=0.5".
 
     The architecture, its state_dict keys and how LAION's Keras weights map onto them:
-    `filters.head_nets.LaionNsfwMlp`. Use the CLIP model the weights were trained on
+    `curate.pipeline.models.head_nets.LaionNsfwMlp`. Use the CLIP model the weights were trained on
     (LAION's: ViT-L/14 or ViT-B/32, OpenAI weights). An input column named punsafe
     (LAION's metadata) is replaced by this score in the samples the head sees;
     `laion_columns` judges the input's value, before the download.
@@ -157,7 +109,7 @@ class AestheticHead(_EmbeddingHead):
     so the report can show the dropped samples nearest the threshold). Without `min_score`
     it only scores. LAION-Aesthetics V2 published the subsets scoring ≥ 4.5, 5, 6, 6.25 and
     6.5; Stable Diffusion v1 was fine-tuned on the 5+ one. Architecture and state_dict keys:
-    `filters.head_nets.AestheticMlp`."""
+    `curate.pipeline.models.head_nets.AestheticMlp`."""
 
     name = "aesthetic"
     kind = "aesthetic"

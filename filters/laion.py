@@ -20,7 +20,7 @@ from typing import Optional
 
 from pydantic import Field, model_validator
 
-from filters.base import SAFETY, Decision, Filter
+from curate.filters.base import SAFETY, Decision, Filter
 
 
 def _value(meta: dict, column: str) -> Optional[float]:

@@ -19,38 +19,11 @@ The VAE is loaded once per worker process (module cache), on the GPU when there 
 from __future__ import annotations
 
 import io
-import threading
 from typing import Any
 
 from pydantic import Field
 
-from filters.base import Decision, Filter
-
-_LOADED: dict[tuple, tuple] = {}
-_LOCK = threading.Lock()
-
-
-def _device(setting: str):
-    import torch
-
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
-
-
-def cached_vae(source: str, tiny_seed: int, device_setting: str) -> tuple:
-    """(vae, name, fingerprint, device), loaded once per process."""
-    key = (source, tiny_seed, device_setting)
-    with _LOCK:
-        if key not in _LOADED:
-            from train.vae import load_vae, vae_fingerprint, vae_name
-
-            vae = load_vae(source, tiny_seed).float()
-            fingerprint = vae_fingerprint(vae)
-            device = _device(device_setting)
-            _LOADED[key] = (vae.to(device).eval().requires_grad_(False), vae_name(source, tiny_seed), fingerprint, device)
-        return _LOADED[key]
-
+from curate.filters.base import Decision, Filter
 
 class VaeLatents(Filter):
     """Adds the VAE latent of the training crop to every sample; always keeps."""
@@ -65,13 +38,16 @@ class VaeLatents(Filter):
     device: str = "auto"
 
     def setup(self, context: dict[str, Any]) -> None:
+        from curate.pipeline.models.vae import cached_vae  # torch and diffusers: only when configured
+
         cached_vae(self.vae, self.tiny_seed, self.device)
 
     def keep(self, sample) -> Decision:
         import torch
         from PIL import Image
 
-        from train.latents import (
+        from curate.pipeline.models.vae import cached_vae
+        from curate.pipeline.models.latents import (
             LATENT_EXT, META_CROP, META_FINGERPRINT, META_SCALING, META_SIZE, META_VAE, encode, fit_crop,
             latent_to_bytes, to_pixels,
         )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.errors import UserError
+from curate.pipeline.errors import UserError
 
 
 def _print_summary(stats: dict, output: str) -> None:
@@ -31,8 +31,8 @@ def _print_summary(stats: dict, output: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
-    from pipeline.run import run
+    from curate.pipeline.config import load_config
+    from curate.pipeline.run import run
 
     cfg = load_config(args.config, args.set)
     stats = run(cfg, overwrite=args.overwrite, progress=not args.no_progress)
@@ -41,7 +41,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from pipeline.report import format_funnel, open_run, read_config, read_stats
+    from curate.pipeline.report.page import format_funnel, open_run, read_config, read_stats
 
     layout = open_run(args.output)
     print(format_funnel(read_stats(layout), read_config(layout)))
@@ -49,14 +49,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pipeline.report import build_report
+    from curate.pipeline.report.page import build_report
 
     print(build_report(args.output))
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from pipeline.report import describe_samples
+    from curate.pipeline.report.page import describe_samples
 
     print(describe_samples(args.shard, args.n))
     return 0
@@ -65,8 +65,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import os
 
-    from train.config import load_train_config
-    from train.loop import train
+    from curate.train.config import load_train_config
+    from curate.train.loop import train
 
     cfg = load_train_config(args.config, args.set)
     summary = train(cfg, overwrite=args.overwrite, until_step=args.until_step, progress=not args.no_progress)
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(func=cmd_inspect)
 
     train = sub.add_parser("train", help="fine-tune a latent diffusion model (diffusers) on the shards; "
-                                         "several GPUs: torchrun --nproc-per-node N -m pipeline.cli train ...")
+                                         "several GPUs: torchrun --nproc-per-node N -m curate.pipeline.cli train ...")
     train.add_argument("config", help="YAML train config (see configs/train-*.yaml)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set training.steps=2000")

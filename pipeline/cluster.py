@@ -9,8 +9,8 @@ from typing import Iterator
 
 from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
 
-from pipeline.config import DaskConfig
-from pipeline.errors import UserError
+from curate.pipeline.config import DaskConfig
+from curate.pipeline.errors import UserError
 
 
 # Score tasks a GPU worker runs at once. Scoring one shard has a start (reading and decoding

@@ -7,16 +7,19 @@ instead of a setting silently ignored.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from filters import FILTERS, FilterConfigError, build_chain
-from pipeline.errors import UserError
+from curate.filters import FILTERS, FilterConfigError, build_chain
+from curate.pipeline.errors import UserError
+from curate.pipeline.geometry import BUCKET_STEP
+
+# Pillow's own decompression-bomb limit: the default of download.max_image_area.
+MAX_IMAGE_AREA = 89_478_485
 
 
 class Section(BaseModel):
@@ -49,8 +52,6 @@ class OutputConfig(Section):
     path: str
     # Keep the raw download shards (work/download) after the final shards are written.
     keep_intermediate: bool = False
-    # Final shard image encoding when an image has to be re-encoded.
-    encode_quality: int = Field(95, ge=1, le=100)
 
 
 class DownloadConfig(Section):
@@ -65,6 +66,9 @@ class DownloadConfig(Section):
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
     )
     max_bytes: int = Field(32 * 1024 * 1024, ge=1)
+    # Images with more pixels are rejected from their header, before decoding
+    # (decompression bombs): `image_area_too_large`.
+    max_image_area: int = Field(MAX_IMAGE_AREA, ge=1)
     max_redirects: int = Field(5, ge=0)
     # Off by default: URL lists come from the open web and must not reach internal
     # services. The demo and tests turn it on to fetch from 127.0.0.1.
@@ -72,17 +76,25 @@ class DownloadConfig(Section):
 
 
 class ResizeConfig(Section):
-    """Resolution normalization applied as images are downloaded."""
+    """The output geometry, applied once, where the downloaded image is decoded (pipeline/image.py;
+    see pipeline/geometry.py). Which images are kept is the `resolution` filter's business."""
 
-    image_size: int = Field(512, ge=1)
-    resize_mode: Literal["keep_ratio", "center_crop", "none"] = "keep_ratio"
-    resize_only_if_bigger: bool = True
-    min_image_size: int = Field(0, ge=0)
-    max_aspect_ratio: float = Field(math.inf, gt=0)
-    # Images with more pixels are rejected from their header, before decoding
-    # (decompression bombs).
-    max_image_area: int = Field(89_478_485, ge=1)
-    encode_quality: int = Field(95, ge=1, le=100)
+    mode: Literal["keep_ratio", "center_crop", "buckets", "none"] = "keep_ratio"
+    # keep_ratio / center_crop: the shorter side; buckets: about size² pixels per bucket.
+    size: int = Field(512, ge=1)
+    # Enlarge images smaller than size? (img2dataset's resize_only_if_bigger: true == upscale: false)
+    upscale: bool = False
+    bucket_max_ratio: float = Field(2.0, ge=1)  # buckets only: the most elongated bucket
+    # auto: area (BOX) to shrink, lanczos to enlarge.
+    interpolation: Literal["auto", "area", "lanczos", "bicubic", "bilinear"] = "auto"
+    quality: int = Field(95, ge=1, le=100)  # JPEG quality of every re-encoded image
+
+    @field_validator("size")
+    @classmethod
+    def _bucket_size(cls, value: int, info: ValidationInfo) -> int:
+        if info.data.get("mode") == "buckets" and value % BUCKET_STEP:
+            raise ValueError(f"for mode buckets, a multiple of {BUCKET_STEP} (got {value})")
+        return value
 
 
 class ClipConfig(Section):
@@ -158,6 +170,8 @@ def _format_error(err: dict) -> str:
         return f"{path}: expected a number, got {err.get('input')!r}"
     if kind in ("bool_parsing", "bool_type"):
         return f"{path}: expected true or false, got {err.get('input')!r}"
+    if kind == "value_error":
+        return f"{path}: {err['msg'].removeprefix('Value error, ')}"
     return f"{path}: {err['msg']}"
 
 
@@ -216,10 +230,45 @@ def read_config_mapping(path: Path, overrides: list[str] | None = None) -> dict:
     return data
 
 
+# Keys and filters that once existed, each with what replaces it: an old config is refused with
+# the way to update it, never run with a setting silently ignored.
+RETIRED_KEYS: dict[str, str] = {
+    "resize.image_size": "renamed: use resize.size",
+    "resize.resize_mode": "renamed: use resize.mode",
+    "resize.resize_only_if_bigger": "replaced by resize.upscale, its opposite "
+                                    "(resize_only_if_bigger: true is upscale: false)",
+    "resize.min_image_size": "moved to the resolution filter: its min_side (filters: - name: resolution)",
+    "resize.max_aspect_ratio": "moved to the resolution filter: its max_aspect_ratio (filters: - name: resolution)",
+    "resize.max_image_area": "moved: use download.max_image_area",
+    "resize.encode_quality": "renamed: use resize.quality",
+    "output.encode_quality": "replaced by resize.quality, the one JPEG quality",
+}
+RETIRED_FILTERS: dict[str, str] = {
+    "resize": "the resize filter is gone: the resize: section sets the output size (resize.size, resize.mode: buckets)",
+}
+
+
+def retired_keys(data: dict) -> list[str]:
+    """`path: what replaces it` for every retired key or filter in a raw config mapping."""
+    found = []
+    for dotted, message in RETIRED_KEYS.items():
+        section, key = dotted.split(".")
+        if isinstance(data.get(section), dict) and key in data[section]:
+            found.append(f"{dotted}: {message}")
+    filters = data.get("filters")
+    for i, spec in enumerate(filters if isinstance(filters, list) else []):
+        if isinstance(spec, dict) and spec.get("name") in RETIRED_FILTERS:
+            found.append(f"filters.{i}: {RETIRED_FILTERS[spec['name']]}")
+    return found
+
+
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config, apply `--set` overrides, validate. Errors are UserError."""
     path = Path(path)
     data = read_config_mapping(path, overrides)
+    retired = retired_keys(data)
+    if retired:
+        raise UserError(f"{path}: {'; '.join(retired)}")
     try:
         config = RunConfig.model_validate(data)
     except ValidationError as exc:
@@ -242,6 +291,21 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         except ValueError as exc:
             raise UserError(f"{path}: filters.{i}: {f.name}: {exc}") from exc
     return config
+
+
+def changed_settings(old: Any, new: Any, may_change: set[str] = frozenset(), path: str = "") -> list[str]:
+    """Dotted paths of the settings that differ between two config mappings (`filters.2.min_similarity`),
+    except those in `may_change` (a path, or a section: `dask`). Used to refuse resuming a run
+    with other settings, naming what changed; shared by `curate run` and `curate train`."""
+    if path in may_change:
+        return []
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [p for key in sorted(set(old) | set(new), key=str)
+                for p in changed_settings(old.get(key), new.get(key), may_change, f"{path}.{key}".lstrip("."))]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [p for i, (a, b) in enumerate(zip(old, new))
+                for p in changed_settings(a, b, may_change, f"{path}.{i}".lstrip("."))]
+    return [] if old == new else [path or "<root>"]
 
 
 def dump_config(config: RunConfig) -> str:

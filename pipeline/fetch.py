@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
-from pipeline.config import DownloadConfig
+from curate.pipeline.config import DownloadConfig
 
 _REDIRECTS = {301, 302, 303, 307, 308}
 _CHUNK = 64 * 1024

@@ -1,16 +1,22 @@
-"""Resolution normalization of one downloaded image (the semantics of img2dataset's Resizer).
+"""The one decode-resize-encode of a downloaded image, to the geometry of the `resize:`
+section (pipeline/geometry.py: keep_ratio / center_crop with img2dataset's Resizer
+semantics, or aspect buckets).
+
+The download stage reads the header first (`read_header`): the `resolution` filter judges
+that size before a pixel is decoded, and `normalize_image` goes on from the same opened
+file. The write stage stores the bytes encoded here as they are.
 
 Differences from img2dataset's OpenCV resizer, each for a reason:
 - EXIF orientation is applied, so every written image is upright.
-- The size and aspect checks read the header only, so a decompression bomb is
-  rejected before a single pixel is decoded (PNG too: PIL would decode a whole PNG to
-  look for its EXIF, so a PNG's orientation is read after the checks).
+- The area check reads the header only, so a decompression bomb is rejected before a
+  single pixel is decoded (PNG too: PIL would decode a whole PNG to look for its EXIF, so
+  a PNG's orientation is read after the checks).
 - The pixels decoded at once in a worker process are capped (`DECODE_BUDGET`), so many
   threads each holding a large but allowed image cannot exhaust memory together.
 - JPEGs are decoded at reduced size (libjpeg's DCT scaling via PIL's `draft`) when
   they will be shrunk anyway: several times less decoding work for large photos.
-- An upright RGB JPEG that needs no resize is passed through byte for byte after a
-  cheap validating decode, instead of being decoded and re-encoded (which costs time
+- An upright RGB JPEG that needs no resize or crop is passed through byte for byte after
+  a cheap validating decode, instead of being decoded and re-encoded (which costs time
   and quality).
 """
 
@@ -20,16 +26,28 @@ import contextlib
 import io
 import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.config import ResizeConfig
+from curate.pipeline.config import MAX_IMAGE_AREA, ResizeConfig
+from curate.pipeline.geometry import Geometry, plan
 
 _ORIENTATION_TAG = 0x0112
 _SWAPS_SIDES = {5, 6, 7, 8}
 # Modes that resize as they are; the others (palette, CMYK, 16-bit ...) become RGB first.
 _RESIZABLE_MODES = {"RGB", "RGBA", "L", "LA"}
+
+# What an enlargement may create (Pillow's own decompression-bomb limit): with upscale, a
+# 2 x 4000 sliver at size 4096 would become 4096 x 8192000.
+MAX_OUTPUT_PIXELS = 89_478_485
+
+INTERPOLATIONS = {
+    "lanczos": Image.Resampling.LANCZOS,
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "area": Image.Resampling.BOX,  # each output pixel the mean of its footprint (OpenCV's INTER_AREA)
+}
 
 
 class PixelBudget:
@@ -68,7 +86,7 @@ class PixelBudget:
                 self._cond.notify_all()
 
 
-# About one and a half images of the default max_image_area: small images never wait.
+# About one and a half images of the default download.max_image_area: small images never wait.
 DECODE_BUDGET = PixelBudget(128 * 1024 * 1024)
 
 
@@ -87,17 +105,72 @@ class NormalizedImage:
     original_width: int  # upright, before resizing
     original_height: int
     reencoded: bool
+    bucket: Optional[tuple[int, int]] = None  # resize.mode buckets: the aspect bucket chosen
 
 
-def target_size(width: int, height: int, cfg: ResizeConfig) -> tuple[int, int] | None:
-    """Size to resize to (before any crop), or None when the image keeps its size."""
-    if cfg.resize_mode == "none":
+@dataclass
+class ImageHeader:
+    """An image opened from its bytes with only its header read: no pixel decoded yet."""
+
+    image: Image.Image
+    stored: tuple[int, int]  # width, height as stored
+    width: int  # upright (EXIF orientation applied), as far as the header tells
+    height: int
+    orientation: Optional[int]  # None: a PNG, whose orientation is known only once decoded
+
+    def close(self) -> None:
+        self.image.close()
+
+
+def _upright(stored: tuple[int, int], orientation: Optional[int]) -> tuple[int, int]:
+    return (stored[1], stored[0]) if orientation in _SWAPS_SIDES else stored
+
+
+def orientation_of(im: Image.Image, decoded: bool = False) -> int | None:
+    """The EXIF orientation, or None when it cannot be known without decoding the pixels: PIL
+    decodes a whole PNG to look for an eXIf chunk after the image data, which must not happen
+    before the size checks (a bomb would be decoded to be rejected)."""
+    if im.format == "PNG" and "exif" not in im.info and not decoded:
         return None
-    short = min(width, height)
-    if short == cfg.image_size or (cfg.resize_only_if_bigger and short <= cfg.image_size):
-        return None
-    scale = cfg.image_size / short
-    return max(1, round(width * scale)), max(1, round(height * scale))
+    try:
+        return im.getexif().get(_ORIENTATION_TAG, 1)
+    except Exception:  # a broken EXIF block is not worth losing the image for
+        return 1
+
+
+def read_header(data: bytes) -> ImageHeader:
+    """Open an image and read its header: size and orientation, no pixels. Raises ImageRejected
+    (`decode_error`: not an image; `image_area_too_large`: beyond PIL's own bomb limit)."""
+    if not data:
+        raise ImageRejected("decode_error", "empty body")
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected("image_area_too_large", str(exc)) from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ImageRejected("decode_error", f"not a recognised image ({type(exc).__name__})") from exc
+    orientation = orientation_of(im)
+    width, height = _upright(im.size, orientation)
+    return ImageHeader(im, im.size, width, height, orientation)
+
+
+def normalize_image(data: bytes, cfg: ResizeConfig, max_image_area: int = MAX_IMAGE_AREA,
+                    header: Optional[ImageHeader] = None) -> NormalizedImage:
+    """Check the area, then orient, resize, crop and encode one image, decoding it once.
+    `header`: the file as `read_header` opened it (closed here), so the header is read once.
+    Raises ImageRejected with a reason."""
+    if header is None:
+        header = read_header(data)
+    try:
+        return _normalize_opened(header, data, cfg, max_image_area)
+    except ImageRejected:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected("image_area_too_large", str(exc)) from exc
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
+        raise ImageRejected("decode_error", f"{type(exc).__name__}: {exc}"[:200]) from exc
+    finally:
+        header.close()
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -123,88 +196,55 @@ def _encode_jpeg(im: Image.Image, quality: int) -> bytes:
     return out.getvalue()
 
 
-def normalize_image(data: bytes, cfg: ResizeConfig) -> NormalizedImage:
-    """Check, orient, resize and encode one image. Raises ImageRejected with a reason."""
-    if not data:
-        raise ImageRejected("decode_error", "empty body")
-    try:
-        im = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:
-        raise ImageRejected("image_area_too_large", str(exc)) from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise ImageRejected("decode_error", f"not a recognised image ({type(exc).__name__})") from exc
-
-    try:
-        return _normalize_opened(im, data, cfg)
-    except ImageRejected:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise ImageRejected("image_area_too_large", str(exc)) from exc
-    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
-        raise ImageRejected("decode_error", f"{type(exc).__name__}: {exc}"[:200]) from exc
-    finally:
-        im.close()
+def _resample(cfg: ResizeConfig, shrinking: bool) -> Image.Resampling:
+    if cfg.interpolation == "auto":
+        # Shrinking: BOX averages each output pixel's footprint, i.e. img2dataset's
+        # default "area" interpolation, and is several times cheaper than LANCZOS.
+        # Enlarging: LANCZOS, img2dataset's default upscale interpolation.
+        return Image.Resampling.BOX if shrinking else Image.Resampling.LANCZOS
+    return INTERPOLATIONS[cfg.interpolation]
 
 
-def orientation_of(im: Image.Image, decoded: bool = False) -> int | None:
-    """The EXIF orientation, or None when it cannot be known without decoding the pixels: PIL
-    decodes a whole PNG to look for an eXIf chunk after the image data, which must not happen
-    before the size checks (a bomb would be decoded to be rejected)."""
-    if im.format == "PNG" and "exif" not in im.info and not decoded:
-        return None
-    try:
-        return im.getexif().get(_ORIENTATION_TAG, 1)
-    except Exception:  # a broken EXIF block is not worth losing the image for
-        return 1
+def _planned(width: int, height: int, cfg: ResizeConfig) -> Geometry:
+    geometry = plan(width, height, cfg)
+    if geometry.resize is not None and geometry.resize[0] * geometry.resize[1] > MAX_OUTPUT_PIXELS:
+        w, h = geometry.resize
+        raise ImageRejected("image_area_too_large", f"{width}x{height} would become {w}x{h} > {MAX_OUTPUT_PIXELS} pixels")
+    return geometry
 
 
-def _plan(width: int, height: int, cfg: ResizeConfig) -> tuple[tuple[int, int] | None, bool]:
-    """(size to resize to or None, whether to center-crop) for an upright width x height."""
-    resize_to = target_size(width, height, cfg)
-    sized_w, sized_h = resize_to or (width, height)
-    # An image left smaller than image_size (resize_only_if_bigger) is not cropped.
-    crop = cfg.resize_mode == "center_crop" and min(sized_w, sized_h) >= cfg.image_size and sized_w != sized_h
-    return resize_to, crop
+def _normalize_opened(header: ImageHeader, data: bytes, cfg: ResizeConfig, max_image_area: int) -> NormalizedImage:
+    im, (stored_w, stored_h), width, height = header.image, header.stored, header.width, header.height
+    # The area does not depend on the orientation: checked from the header even when the
+    # orientation is known only after decoding.
+    if width * height > max_image_area:
+        raise ImageRejected("image_area_too_large", f"{width}x{height} > {max_image_area} pixels")
 
-
-def _normalize_opened(im: Image.Image, data: bytes, cfg: ResizeConfig) -> NormalizedImage:
-    stored_w, stored_h = im.size  # from the header; nothing decoded yet
-    orientation = orientation_of(im)
-    width, height = (stored_h, stored_w) if orientation in _SWAPS_SIDES else (stored_w, stored_h)
-
-    # Area, shortest side and aspect ratio do not depend on the orientation: checked from the
-    # header even when the orientation is known only after decoding.
-    if width * height > cfg.max_image_area:
-        raise ImageRejected("image_area_too_large", f"{width}x{height} > {cfg.max_image_area} pixels")
-    if min(width, height) < cfg.min_image_size:
-        raise ImageRejected("image_too_small", f"{width}x{height}, min side {cfg.min_image_size}")
-    if max(width, height) / max(1, min(width, height)) > cfg.max_aspect_ratio:
-        raise ImageRejected("aspect_ratio_too_large", f"{width}x{height} > {cfg.max_aspect_ratio}")
-
-    resize_to, crop = _plan(width, height, cfg)
-    if resize_to is None and not crop and im.format == "JPEG" and im.mode == "RGB" and orientation == 1:
+    geometry = _planned(width, height, cfg)
+    if geometry.unchanged and im.format == "JPEG" and im.mode == "RGB" and header.orientation == 1:
         # Decoding at 1/8 scale still reads every entropy-coded byte, so a truncated or
         # corrupt file is caught at a fraction of the cost of a full decode.
         im.draft("RGB", (max(1, stored_w // 8), max(1, stored_h // 8)))
         with DECODE_BUDGET.hold(im.width * im.height):
             im.load()
-        return NormalizedImage(data, width, height, width, height, reencoded=False)
+        return NormalizedImage(data, width, height, width, height, reencoded=False, bucket=geometry.bucket)
 
-    if resize_to is not None and im.format == "JPEG":
+    if geometry.resize is not None and im.format == "JPEG":
         # draft() keeps the decoded image at least this large, so quality is unaffected.
-        want = (resize_to[1], resize_to[0]) if orientation in _SWAPS_SIDES else resize_to
-        im.draft("RGB", want)
+        im.draft("RGB", _upright(geometry.resize, header.orientation))
     with DECODE_BUDGET.hold(im.width * im.height):  # after draft(): the size actually decoded
-        return _decode_and_resize(im, orientation, (stored_w, stored_h), cfg)
+        return _decode_and_resize(header, geometry, cfg)
 
 
-def _decode_and_resize(im: Image.Image, orientation: int | None, stored: tuple[int, int],
-                       cfg: ResizeConfig) -> NormalizedImage:
+def _decode_and_resize(header: ImageHeader, geometry: Geometry, cfg: ResizeConfig) -> NormalizedImage:
+    im = header.image
     im.load()
+    orientation, width, height = header.orientation, header.width, header.height
     if orientation is None:  # a PNG: its eXIf chunk, if any, has been read with the pixels
         orientation = orientation_of(im, decoded=True)
-    width, height = (stored[1], stored[0]) if orientation in _SWAPS_SIDES else stored
-    resize_to, crop = _plan(width, height, cfg)
+        width, height = _upright(header.stored, orientation)
+        if (width, height) != (header.width, header.height):
+            geometry = _planned(width, height, cfg)
     if orientation != 1:
         im = ImageOps.exif_transpose(im)
     if im.mode not in _RESIZABLE_MODES:
@@ -212,16 +252,12 @@ def _decode_and_resize(im: Image.Image, orientation: int | None, stored: tuple[i
     # Otherwise resize first, then make RGB: a large greyscale or RGBA image is never
     # held as a full-size RGB copy too (resizing RGBA premultiplies alpha, so the
     # composite on white comes out the same either way).
-    if resize_to is not None:
-        # Shrinking: BOX averages each output pixel's footprint, i.e. img2dataset's
-        # default "area" interpolation, and is several times cheaper than LANCZOS.
-        # Enlarging: LANCZOS, img2dataset's default upscale interpolation.
-        shrinking = resize_to[0] < im.width
-        im = im.resize(resize_to, Image.Resampling.BOX if shrinking else Image.Resampling.LANCZOS)
-    if crop:
-        side = cfg.image_size
-        left = (im.width - side) // 2
-        top = (im.height - side) // 2
-        im = im.crop((left, top, left + side, top + side))
+    if geometry.resize is not None:
+        im = im.resize(geometry.resize, _resample(cfg, shrinking=geometry.resize[0] < im.width))
+    if geometry.crop is not None:
+        crop_w, crop_h = geometry.crop
+        left, top = (im.width - crop_w) // 2, (im.height - crop_h) // 2
+        im = im.crop((left, top, left + crop_w, top + crop_h))
     im = _to_rgb(im)
-    return NormalizedImage(_encode_jpeg(im, cfg.encode_quality), im.width, im.height, width, height, reencoded=True)
+    return NormalizedImage(_encode_jpeg(im, cfg.quality), im.width, im.height, width, height,
+                           reencoded=True, bucket=geometry.bucket)

@@ -19,9 +19,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import InputConfig
-from pipeline.errors import UserError
-from pipeline.shards import atomic_path, shard_name
+from curate.pipeline.config import InputConfig
+from curate.pipeline.errors import UserError
+from curate.pipeline.records import RECORD_COLUMNS
+from curate.pipeline.shards import atomic_path, shard_name
 
 _SUFFIX_FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
 _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
@@ -74,8 +75,6 @@ def _columns_of(path: str, fmt: str) -> list[str]:
 
 def check_inputs(cfg: InputConfig) -> list[str]:
     """Fail before any work if a file is missing, unreadable or lacks a configured column."""
-    from pipeline.download import RECORD_COLUMNS  # here: download imports this module
-
     clashing = [c for c in cfg.extra_cols if c in RECORD_COLUMNS]
     if clashing:
         # An input column named `key` or `status` would overwrite what curate records about the

@@ -14,34 +14,30 @@ import errno
 import json
 import shutil
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 
 import yaml
-from distributed import as_completed
 from tqdm import tqdm
 
-from pipeline.clip_model import check_model_source
-from pipeline.cluster import dask_client, gpu_resources, local_gpu_count
-from pipeline.config import RunConfig, dump_config
-from pipeline.dedup import dask_runner, dedup_spec, finish_dedup, run_dedup_pass
-from pipeline.download import download_shard
-from pipeline.errors import UserError
-from pipeline.reader import check_inputs, write_input_shards
-from pipeline.layout import RunLayout
-from pipeline.report import build_report
-from pipeline.score import merge_histograms, score_shard, threshold_for_top_fraction
-from pipeline.shards import atomic_path, is_done, read_marker, remove_shard, shard_name
-from pipeline.write import write_shard
+from curate.filters.dedup import dedup_spec
+from curate.pipeline.cluster import dask_client, gpu_resources, local_gpu_count
+from curate.pipeline.config import RunConfig, changed_settings, dump_config
+from curate.pipeline.embeddings import merge_histograms, threshold_for_top_fraction
+from curate.pipeline.errors import UserError
+from curate.pipeline.executor import DaskExecutor
+from curate.pipeline.layout import RunLayout
+from curate.pipeline.models.clip import check_model_source
+from curate.pipeline.reader import check_inputs, write_input_shards
+from curate.pipeline.report.page import build_report
+from curate.pipeline.shards import atomic_path, is_done, read_marker, remove_shard
+from curate.pipeline.stages.dedup import finish_dedup, run_dedup_pass
+from curate.pipeline.stages.download import download_shard
+from curate.pipeline.stages.score import score_shard
+from curate.pipeline.stages.write import write_shard
 
-
-
-def _comparable(config_dump: str) -> dict:
-    data = yaml.safe_load(config_dump)
-    data.pop("dask", None)
-    data.get("download", {}).pop("threads", None)
-    return data
+# Settings a rerun into the same output may change: where and how fast it runs, not what it writes.
+MAY_CHANGE = {"dask", "download.threads"}
 
 
 def _prepare_output(cfg: RunConfig, layout: RunLayout, overwrite: bool) -> None:
@@ -54,11 +50,13 @@ def _prepare_output(cfg: RunConfig, layout: RunLayout, overwrite: bool) -> None:
             raise UserError(f"--overwrite: {layout.root} holds files but no curate run (no config.yaml); not deleting it")
         shutil.rmtree(layout.root)
     resolved = dump_config(cfg)
-    if layout.config.exists() and _comparable(layout.config.read_text()) != _comparable(resolved):
-        raise UserError(
-            f"{layout.root} holds a run made with a different config; "
-            "rerun with --overwrite, or choose another output.path"
-        )
+    if layout.config.exists():
+        changed = changed_settings(yaml.safe_load(layout.config.read_text()) or {}, yaml.safe_load(resolved), MAY_CHANGE)
+        if changed:
+            raise UserError(
+                f"{layout.root} holds a run made with a different config ({', '.join(changed)}); "
+                "rerun with --overwrite, or choose another output.path"
+            )
     try:
         for folder in (layout.input, layout.download, layout.shards):
             folder.mkdir(parents=True, exist_ok=True)
@@ -149,7 +147,7 @@ def needs_all_scores(cfg: RunConfig) -> bool:
 
 
 def _run_shards(client, cfg: RunConfig, layout: RunLayout, n_shards: int, progress: bool) -> tuple[list[dict], dict]:
-    token = uuid.uuid4().hex[:8]  # task keys unique per run, so runs can share a cluster
+    executor = DaskExecutor(client)
     stages = ["download"] + (["score"] if cfg.clip.enabled else []) + ["write"]
     bars = {
         stage: tqdm(total=n_shards, desc=f"{stage:8s}", unit="shard", disable=not progress)
@@ -157,14 +155,16 @@ def _run_shards(client, cfg: RunConfig, layout: RunLayout, n_shards: int, progre
     }
     written: dict[int, dict] = {}
     upstream: dict[int, dict] = {}  # shard → {"download": future or stats, "score": ...}
-    futures = []
-    seen: set = set()  # keys of finished tasks already counted
+    counted: set = set()  # keys of finished tasks already counted
     score_options = {"resources": gpu_resources(client)} if cfg.clip.enabled else {}
 
-    def submit(stage, fn, i, *args, **options):
-        future = client.submit(fn, *args, key=f"{stage}-{token}-{i}", **options)
-        futures.append(future)
-        return future
+    def finish_submitted():
+        """Wait for the tasks submitted so far and not yet counted; yields (stage, shard, result)."""
+        pending = [f for f in executor.submitted if f.key not in counted]
+        counted.update(f.key for f in pending)
+        for stage, i, result in executor.finished(pending):
+            bars[stage].update(1)
+            yield stage, i, result
 
     try:
         for i in range(n_shards):
@@ -177,12 +177,12 @@ def _run_shards(client, cfg: RunConfig, layout: RunLayout, n_shards: int, progre
                 if cfg.clip.enabled:
                     upstream[i] = {"score": read_marker(layout.score, i)}
                 continue
-            input_path = str(layout.input / f"{shard_name(i)}.parquet")
-            downloaded = submit("download", download_shard, i, input_path, i, str(layout.download), cfg)
+            downloaded = executor.submit("download", i, download_shard, str(layout.input_shard(i)), i,
+                                         str(layout.download), cfg)
             upstream[i] = {"download": downloaded, "score": None}
             if cfg.clip.enabled:
-                upstream[i]["score"] = submit(
-                    "score", score_shard, i, i, downloaded, str(layout.download), str(layout.embeddings),
+                upstream[i]["score"] = executor.submit(
+                    "score", i, score_shard, i, downloaded, str(layout.download), str(layout.embeddings),
                     str(layout.score), cfg.clip, **score_options,
                 )
 
@@ -190,41 +190,25 @@ def _run_shards(client, cfg: RunConfig, layout: RunLayout, n_shards: int, progre
         specs = cfg.filter_specs()
         if needs_all_scores(cfg):
             # The barrier: every shard's score before the threshold, the threshold before any write.
-            for _ in _wait(futures, seen, bars, token):
+            for _ in finish_submitted():
                 pass
             score_stats = [u["score"] if isinstance(u["score"], dict) else u["score"].result() for u in upstream.values()]
             specs, resolved = resolve_filter_specs(cfg, score_stats)
         if dedup_spec(specs) is not None and len(written) < n_shards:
             # Dedup's barrier: every shard downloaded (and scored) before its global pass, the
-            # pass before any write. A rerun skips a finished pass (pipeline/dedup.py).
-            for _ in _wait(futures, seen, bars, token):
+            # pass before any write. A rerun skips a finished pass (pipeline/stages/dedup.py).
+            for _ in finish_submitted():
                 pass
-            run_dedup_pass(dask_runner(client, token), str(layout.root), dedup_spec(specs), n_shards,
+            run_dedup_pass(executor.map, str(layout.root), dedup_spec(specs), n_shards,
                            cfg.input.rows_per_shard, cfg.clip.enabled, cfg.output.keep_intermediate)
         for i, up in sorted(upstream.items()):
             if i not in written:
-                submit("write", write_shard, i, i, up, str(layout.root), cfg, specs)
-        for stage, i, result in _wait(futures, seen, bars, token):
+                executor.submit("write", i, write_shard, i, up, str(layout.root), cfg, specs)
+        for stage, i, result in finish_submitted():
             if stage == "write":
                 written[i] = result
     finally:
         for bar in bars.values():
             bar.close()
-        client.cancel(futures)
+        executor.cancel()
     return [written[i] for i in range(n_shards)], resolved
-
-
-def _wait(futures: list, seen: set, bars: dict, token: str):
-    """Yield (stage, shard, result) as tasks not yet seen finish; a failed task fails the
-    run with its shard named."""
-    for future in as_completed([f for f in futures if f.key not in seen]):
-        seen.add(future.key)
-        stage, _, shard = future.key.partition(f"-{token}-")
-        try:
-            result = future.result()
-        except (UserError, OSError):
-            raise
-        except Exception as exc:
-            raise RuntimeError(f"{stage} of shard {shard_name(int(shard))} failed: {type(exc).__name__}: {exc}") from exc
-        bars[stage].update(1)
-        yield stage, int(shard), result

@@ -32,9 +32,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 
-from pipeline.tarshard import iter_sample_spans, iter_tar_samples
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from curate.pipeline.tarshard import iter_sample_spans, iter_tar_samples
 
 
 @dataclass
@@ -119,11 +117,11 @@ class ReaderPool:
         if self._helpers and all(h.poll() is None for h in self._helpers):
             return
         self.close()
+        # The helpers import curate as this process did (an install, or PYTHONPATH).
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         self._helpers = [
             subprocess.Popen(
-                [sys.executable, "-m", "pipeline.score_reader", self.model],
+                [sys.executable, "-m", "curate.pipeline.score_reader", self.model],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
             )
             for _ in range(self.processes)
@@ -195,7 +193,7 @@ def serve(model: str, requests, answers) -> None:
     """A helper's loop: for each request (tar path, batch size, part, parts), send a "batch" frame
     (keys; jpg offsets, jpg sizes, token ids) for every batch number ≡ part (mod parts), then an
     "end" frame; or an "error" frame at the first failure. Returns when `requests` closes."""
-    from pipeline.clip_model import load_tokenizer
+    from curate.pipeline.models.clip import load_tokenizer
 
     tokenizer = load_tokenizer(model)
     while True:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 SHARD_DIGITS = 5
 
@@ -75,3 +76,26 @@ def remove_shard(stage_dir: Path, shard_id: int) -> None:
         if not path.name.endswith(".done.json"):
             path.unlink(missing_ok=True)
     marker_path(stage_dir, shard_id).unlink(missing_ok=True)
+
+
+def run_once(stage_dir: Path, shard_id: int, work: Callable[[], dict], also_clean: Iterable[Path] = ()) -> dict:
+    """One shard's task of a stage under the done-marker protocol, which every stage uses:
+
+    - a shard whose marker exists is done: its marker (the stats) is returned, nothing redone;
+    - otherwise whatever an interrupted attempt left is removed (the stage folder's files of
+      this shard, and `also_clean`: its outputs kept elsewhere), then `work()` writes the
+      shard's outputs (each atomically) and returns its stats;
+    - the stats, with the task's `seconds` unless `work` set them, become the marker, written last.
+    """
+    stage_dir = Path(stage_dir)
+    if is_done(stage_dir, shard_id):
+        return read_marker(stage_dir, shard_id)
+    clean_shard(stage_dir, shard_id)
+    for leftover in also_clean:
+        Path(leftover).unlink(missing_ok=True)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    stats = work()
+    stats.setdefault("seconds", round(time.time() - started, 3))
+    mark_done(stage_dir, shard_id, stats)
+    return stats

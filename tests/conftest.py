@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.devserver import DevServer
-from pipeline.synthetic import generate_dataset
+from curate.pipeline.demo.devserver import DevServer
+from curate.pipeline.demo.synthetic import generate_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,13 +38,20 @@ def server(tmp_path):
         yield srv
 
 
-def write_config(path: Path, urls: Path | str, output: Path, **sections) -> Path:
-    """A small run config for tests: private addresses allowed (the server is 127.0.0.1)."""
+# The size rule of every test run: the served dataset's planted too-small and extreme-aspect
+# images are rejected from their header (`resolution: side<64`, `resolution: aspect>3`).
+RESOLUTION = {"min_side": 64, "max_aspect_ratio": 3.0}
+
+
+def write_config(path: Path, urls: Path | str, output: Path, resolution: dict | None = RESOLUTION,
+                 **sections) -> Path:
+    """A small run config for tests: private addresses allowed (the server is 127.0.0.1).
+    `resolution`: the resolution filter's parameters, appended to `filters:` (None: no such filter)."""
     cfg = {
         "input": {"paths": [str(urls)], "extra_cols": ["truth"], "rows_per_shard": 100},
         "output": {"path": str(output)},
         "download": {"timeout": 3, "threads": 8, "allow_private_addresses": True},
-        "resize": {"image_size": 128, "min_image_size": 64, "max_aspect_ratio": 3.0},
+        "resize": {"size": 128},
         "dask": {"n_workers": 2},
     }
     for name, values in sections.items():
@@ -53,13 +60,15 @@ def write_config(path: Path, urls: Path | str, output: Path, **sections) -> Path
             cfg[name].update(values)
         else:
             cfg[name] = values
+    if resolution is not None:
+        cfg["filters"] = [*cfg.get("filters", []), {"name": "resolution", **resolution}]
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
 def curate_command(*args: str) -> list[str]:
     """The installed CLI, run as a user would (a fresh process)."""
-    return [sys.executable, "-m", "pipeline.cli", *args]
+    return [sys.executable, "-m", "curate.pipeline.cli", *args]
 
 
 def kill_group(proc: subprocess.Popen) -> None:

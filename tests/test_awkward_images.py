@@ -24,8 +24,8 @@ from PIL import Image
 
 from conftest import run_curate, write_config
 from dask_processes import dask_processes, worker_pids
-from pipeline.devserver import DevServer
-from pipeline.tarshard import iter_tar_samples
+from curate.pipeline.demo.devserver import DevServer
+from curate.pipeline.tarshard import iter_tar_samples
 
 RED, BLUE, WHITE = (220, 30, 30), (30, 70, 220), (255, 255, 255)
 GREY_LIGHT, GREY_DARK, ORANGE = (200, 200, 200), (32, 32, 32), (200, 100, 50)
@@ -170,8 +170,8 @@ def worker_memory(client) -> dict:
     """Peak RSS of the (one) worker process and what its decode budget saw."""
 
     def measure() -> dict:  # nested: shipped to the worker by value, not imported there
-        import pipeline.download  # noqa: F401  what a download task imports, so the baseline counts it
-        from pipeline.image import DECODE_BUDGET
+        import curate.pipeline.stages.download  # noqa: F401  what a download task imports, so the baseline counts it
+        from curate.pipeline.image import DECODE_BUDGET
 
         return {
             "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

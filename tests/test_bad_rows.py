@@ -29,8 +29,8 @@ import yaml
 from PIL import Image
 
 from conftest import REPO, curate_command, kill_group, run_curate, write_config
-from pipeline.devserver import DevServer
-from pipeline.tarshard import TarShardWriter, iter_tar_samples
+from curate.pipeline.demo.devserver import DevServer
+from curate.pipeline.tarshard import TarShardWriter, iter_tar_samples
 
 ENV = {k: v for k, v in os.environ.items() if k != "DASK_SCHEDULER_ADDRESS"}
 LONG_CAPTION = ("a very long caption " * 5000)[:100_000]
@@ -382,7 +382,7 @@ class _Payload:
 
 def test_a_checkpoint_that_carries_code_is_refused_not_run(tmp_path):
     torch = pytest.importorskip("torch")
-    from pipeline.clip_model import TINY_CLIP_DIR, load_clip
+    from curate.pipeline.models.clip import TINY_CLIP_DIR, load_clip
 
     model_dir = tmp_path / "hostile-clip"
     model_dir.mkdir()

@@ -6,9 +6,9 @@ import open_clip
 import pytest
 import torch
 
-from pipeline.clip_model import TINY_CLIP, load_clip
-from pipeline.clip_text import FastClipTokenizer, can_trim_text, encode_text_trimmed, fast_tokenizer, trim_tokens
-from pipeline.synthetic import caption, random_scene
+from curate.pipeline.models.clip import TINY_CLIP, load_clip
+from curate.pipeline.models.clip_text import FastClipTokenizer, can_trim_text, encode_text_trimmed, fast_tokenizer, trim_tokens
+from curate.pipeline.demo.synthetic import caption, random_scene
 
 AWKWARD = [
     "Café crème brûlée — “quoted” text", "&amp; Tom &amp;amp; Jerry", "A  long\ttext\nwith spaces",
@@ -68,7 +68,7 @@ def test_tiny_clip_uses_the_fast_path():
 
 @pytest.mark.parametrize("size", [224, 230])  # 230: the conv drops the 6 pixels past the last whole patch
 def test_patch_embedding_as_matmul_equals_the_convolution(size):
-    from pipeline.clip_model import PatchEmbedMatmul
+    from curate.pipeline.models.clip import PatchEmbedMatmul
 
     torch.manual_seed(0)
     model = open_clip.create_model("ViT-B-32").eval()

@@ -16,7 +16,7 @@ import pytest
 from distributed import Client
 
 from conftest import kill_group, run_curate, write_config
-from pipeline.tarshard import iter_tar_samples
+from curate.pipeline.tarshard import iter_tar_samples
 
 DASK = str(Path(sys.executable).parent / "dask")
 
@@ -153,8 +153,8 @@ def test_gpu_cluster_layout_each_gpu_worker_sees_one_device_and_cpu_workers_none
 
     from distributed import Client
 
-    from pipeline.cluster import SCORE_TASKS_PER_GPU, _local_cluster, gpu_resources
-    from pipeline.config import DaskConfig
+    from curate.pipeline.cluster import SCORE_TASKS_PER_GPU, _local_cluster, gpu_resources
+    from curate.pipeline.config import DaskConfig
 
     with _local_cluster(DaskConfig(n_workers=1), gpus=2) as cluster, Client(cluster) as client:
         client.wait_for_workers(3, timeout=60)

@@ -7,8 +7,8 @@ import math
 import pytest
 import yaml
 
-from pipeline.config import RunConfig, apply_override, dump_config, load_config
-from pipeline.errors import UserError
+from curate.pipeline.config import RunConfig, apply_override, dump_config, load_config
+from curate.pipeline.errors import UserError
 
 
 def _write(tmp_path, data, name="run.yaml"):
@@ -33,7 +33,8 @@ def test_minimal_config_gets_defaults(tmp_path):
     assert cfg.input.url_col == "URL" and cfg.input.caption_col == "TEXT"
     assert cfg.download.allow_private_addresses is False
     assert cfg.download.timeout == 10.0
-    assert math.isinf(cfg.resize.max_aspect_ratio)
+    assert (cfg.resize.size, cfg.resize.mode, cfg.resize.upscale, cfg.resize.quality) == (512, "keep_ratio", False, 95)
+    assert cfg.download.max_image_area == 89_478_485
     assert cfg.filters == []
 
 
@@ -163,13 +164,13 @@ def test_load_config_applies_overrides_after_file(tmp_path):
         overrides=[
             "download.timeout=1.5",
             "input.paths=[x.parquet, y.csv]",
-            "resize.image_size=64",
+            "resize.size=64",
             "filters=[{name: caption_length, min_words: 2}]",
         ],
     )
     assert cfg.download.timeout == 1.5
     assert cfg.input.paths == ["x.parquet", "y.csv"]
-    assert cfg.resize.image_size == 64
+    assert cfg.resize.size == 64
     assert cfg.filter_specs() == [{"name": "caption_length", "min_words": 2}]
 
 
@@ -220,21 +221,91 @@ def test_dump_config_round_trips_through_load(tmp_path):
     data = _minimal(
         input={"paths": ["a.parquet", "b.csv.gz"], "extra_cols": ["WIDTH"], "rows_per_shard": 7},
         download={"timeout": 2.5, "allow_private_addresses": True, "disallowed_header_directives": ["noai"]},
-        resize={"image_size": 64, "resize_mode": "center_crop"},
-        filters=[{"name": "caption_length", "min_words": 2, "max_chars": 80}],
+        resize={"size": 64, "mode": "center_crop"},
+        filters=[{"name": "caption_length", "min_words": 2, "max_chars": 80},
+                 {"name": "resolution", "max_aspect_ratio": math.inf}],
     )
     original = load_config(_write(tmp_path, data))
-    assert math.isinf(original.resize.max_aspect_ratio)
+    assert math.isinf(original.filter_specs()[1]["max_aspect_ratio"])
     text = dump_config(original)
     assert ".inf" in text
     again = load_config(_write(tmp_path, text, name="resolved.yaml"))
     assert again == original
-    assert math.isinf(again.resize.max_aspect_ratio)
-    assert again.filter_specs() == [{"name": "caption_length", "min_words": 2, "max_chars": 80}]
+    assert math.isinf(again.filter_specs()[1]["max_aspect_ratio"])
+    assert again.filter_specs()[0] == {"name": "caption_length", "min_words": 2, "max_chars": 80}
 
 
 def test_dump_config_round_trips_finite_aspect(tmp_path):
-    original = load_config(_write(tmp_path, _minimal(resize={"max_aspect_ratio": 2.5})))
+    original = load_config(_write(tmp_path, _minimal(resize={"size": 256, "mode": "buckets", "bucket_max_ratio": 2.5})))
     again = RunConfig.model_validate(yaml.safe_load(dump_config(original)))
-    assert again.resize.max_aspect_ratio == 2.5
+    assert again.resize.bucket_max_ratio == 2.5
     assert again == original
+
+
+# --- retired keys: each is an error that says what replaces it ----------------------------
+
+
+@pytest.mark.parametrize(
+    "sections, message",
+    [
+        ({"resize": {"image_size": 384}}, "resize.image_size: renamed: use resize.size"),
+        ({"resize": {"resize_mode": "center_crop"}}, "resize.resize_mode: renamed: use resize.mode"),
+        ({"resize": {"resize_only_if_bigger": True}},
+         "resize.resize_only_if_bigger: replaced by resize.upscale, its opposite "
+         "(resize_only_if_bigger: true is upscale: false)"),
+        ({"resize": {"min_image_size": 64}},
+         "resize.min_image_size: moved to the resolution filter: its min_side (filters: - name: resolution)"),
+        ({"resize": {"max_aspect_ratio": 3.0}},
+         "resize.max_aspect_ratio: moved to the resolution filter: its max_aspect_ratio (filters: - name: resolution)"),
+        ({"resize": {"max_image_area": 10_000}}, "resize.max_image_area: moved: use download.max_image_area"),
+        ({"resize": {"encode_quality": 90}}, "resize.encode_quality: renamed: use resize.quality"),
+        ({"output": {"encode_quality": 90}}, "output.encode_quality: replaced by resize.quality, the one JPEG quality"),
+        ({"filters": [{"name": "caption_length"}, {"name": "resize", "size": 256, "mode": "buckets"}]},
+         "filters.1: the resize filter is gone: the resize: section sets the output size "
+         "(resize.size, resize.mode: buckets)"),
+    ],
+)
+def test_retired_key_says_what_replaces_it(tmp_path, sections, message):
+    path = _write(tmp_path, _minimal(**sections))
+    with pytest.raises(UserError) as exc:
+        load_config(path)
+    assert str(exc.value) == f"{path}: {message}"
+
+
+def test_retired_keys_are_all_named_on_one_line(tmp_path):
+    path = _write(tmp_path, _minimal(resize={"image_size": 256, "min_image_size": 64, "size": 256}))
+    with pytest.raises(UserError) as exc:
+        load_config(path)
+    assert str(exc.value) == (f"{path}: resize.image_size: renamed: use resize.size; resize.min_image_size: "
+                              "moved to the resolution filter: its min_side (filters: - name: resolution)")
+
+
+def test_retired_key_given_with_set_is_refused_too(tmp_path):
+    with pytest.raises(UserError, match=r"resize\.image_size: renamed: use resize\.size$"):
+        load_config(_write(tmp_path, _minimal()), overrides=["resize.image_size=512"])
+
+
+def test_the_new_keys_load(tmp_path):
+    cfg = load_config(_write(tmp_path, _minimal(
+        resize={"size": 384, "mode": "buckets", "upscale": True, "bucket_max_ratio": 3.0,
+                "interpolation": "lanczos", "quality": 90},
+        download={"max_image_area": 50_000_000},
+        filters=[{"name": "resolution", "min_side": 64, "max_aspect_ratio": 4}])))
+    assert (cfg.resize.size, cfg.resize.mode, cfg.resize.upscale) == (384, "buckets", True)
+    assert (cfg.resize.bucket_max_ratio, cfg.resize.interpolation, cfg.resize.quality) == (3.0, "lanczos", 90)
+    assert cfg.download.max_image_area == 50_000_000
+
+
+@pytest.mark.parametrize(
+    "resize, message",
+    [
+        ({"size": 300, "mode": "buckets"}, r"resize\.size: for mode buckets, a multiple of 64 \(got 300\)$"),
+        ({"mode": "stretch"}, r"resize\.mode: "),
+        ({"interpolation": "nearest"}, r"resize\.interpolation: "),
+        ({"quality": 0}, r"resize\.quality: "),
+        ({"bucket_max_ratio": 0.5}, r"resize\.bucket_max_ratio: "),
+    ],
+)
+def test_resize_section_errors_name_the_key(tmp_path, resize, message):
+    with pytest.raises(UserError, match=message):
+        load_config(_write(tmp_path, _minimal(resize=resize)))

@@ -22,25 +22,17 @@ import yaml
 from PIL import Image, ImageOps
 
 from conftest import run_curate, write_config
-from pipeline.clip_model import TINY_CLIP, TINY_CLIP_DIR
-from pipeline.config import ResizeConfig, load_config
-from pipeline.dedup import (
-    finish_dedup,
-    order_key,
-    phash_bands,
-    phash_hex,
-    read_decisions,
-    run_dedup_pass,
-    sample_order,
-    serial_runner,
-)
-from pipeline.devserver import DevServer
-from pipeline.errors import UserError
-from pipeline.image import normalize_image
-from pipeline.layout import RunLayout
-from pipeline.score import score_outputs
-from pipeline.shards import sample_key, shard_name
-from pipeline.synthetic import caption, photo_like_jpeg, random_scene, render
+from curate.pipeline.models.clip import TINY_CLIP, TINY_CLIP_DIR
+from curate.pipeline.config import ResizeConfig, load_config
+from curate.pipeline.dedup_store import order_key, phash_hex, read_decisions, sample_order
+from curate.pipeline.executor import run_serially
+from curate.pipeline.stages.dedup import finish_dedup, phash_bands, run_dedup_pass
+from curate.pipeline.demo.devserver import DevServer
+from curate.pipeline.errors import UserError
+from curate.pipeline.image import normalize_image
+from curate.pipeline.layout import RunLayout
+from curate.pipeline.shards import sample_key, shard_name
+from curate.pipeline.demo.synthetic import caption, photo_like_jpeg, random_scene, render
 
 # --- helpers: the real files the pass reads ----------------------------------------------
 
@@ -63,7 +55,7 @@ def write_download_parquet(root, shard_id: int, rows: list[dict]) -> None:
 
 def write_embeddings(root, shard_id: int, vectors: np.ndarray, failed: set = frozenset()) -> None:
     """The score stage's files for a shard: img_emb rows aligned with metadata keys."""
-    out = score_outputs(RunLayout(root).embeddings, shard_id)
+    out = RunLayout(root).embedding_files(shard_id)
     for path in out.values():
         path.parent.mkdir(parents=True, exist_ok=True)
     vectors = vectors.copy()
@@ -78,7 +70,7 @@ def write_embeddings(root, shard_id: int, vectors: np.ndarray, failed: set = fro
 
 def run_pass(root, n_shards: int, scored: bool = False, keep: bool = True, **params) -> dict:
     spec = {"name": "dedup", **params}
-    return run_dedup_pass(serial_runner, str(root), spec, n_shards, 100, scored, keep)
+    return run_dedup_pass(run_serially, str(root), spec, n_shards, 100, scored, keep)
 
 
 def all_decisions(root, n_shards: int) -> dict[str, tuple[str, str]]:

@@ -17,8 +17,8 @@ from urllib.parse import quote
 
 import pytest
 
-from pipeline.devserver import DevServer
-from pipeline.synthetic import photo_like_jpeg
+from curate.pipeline.demo.devserver import DevServer
+from curate.pipeline.demo.synthetic import photo_like_jpeg
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SECRET = b"top secret, outside the served root"
@@ -291,7 +291,7 @@ def test_stop_closes_the_port(root):
 
 
 def test_command_line_prints_the_base_url_and_exits_cleanly_on_ctrl_c(root, photo):
-    command = [sys.executable, "-m", "pipeline.devserver", str(root), "--port", "0"]
+    command = [sys.executable, "-m", "curate.pipeline.demo.devserver", str(root), "--port", "0"]
     with subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
         try:
             base_url = process.stdout.readline().decode().strip()

@@ -26,9 +26,9 @@ import pytest
 
 from conftest import REPO, curate_command, kill_group, run_curate, sigkill_group, write_config
 from dask_processes import dask_processes, executing, worker_pids
-from pipeline.devserver import DevServer
-from pipeline.shards import is_done
-from pipeline.tarshard import iter_tar_samples
+from curate.pipeline.demo.devserver import DevServer
+from curate.pipeline.shards import is_done
+from curate.pipeline.tarshard import iter_tar_samples
 
 ROWS, ROWS_PER_SHARD = 200, 50
 N_SHARDS = ROWS // ROWS_PER_SHARD

@@ -14,9 +14,9 @@ from urllib.parse import quote
 import pytest
 from PIL import Image
 
-from pipeline.config import DownloadConfig
-from pipeline.devserver import DevServer
-from pipeline.fetch import address_block_reason, fetch
+from curate.pipeline.config import DownloadConfig
+from curate.pipeline.demo.devserver import DevServer
+from curate.pipeline.fetch import address_block_reason, fetch
 
 ALLOW = DownloadConfig(timeout=3, allow_private_addresses=True)
 

@@ -3,8 +3,8 @@
 import pandas as pd
 import pyarrow.parquet as pq
 
-from filters import build_stage_chain
-from filters.blocklist import CaptionBlocklist
+from curate.filters import build_stage_chain
+from curate.filters.blocklist import CaptionBlocklist
 from tests.conftest import write_config
 
 
@@ -34,8 +34,8 @@ def test_invisible_characters_and_entities_do_not_split_a_blocked_word():
 def test_extra_columns_of_any_type_survive_the_write_stage(dataset, tmp_path):
     """Timestamps in an extra column used to become text on written rows only, and the shard's
     parquet failed to write (mixed types in one column)."""
-    from pipeline.config import load_config
-    from pipeline.run import run
+    from curate.pipeline.config import load_config
+    from curate.pipeline.run import run
 
     _, urls, _ = dataset
     table = pd.read_parquet(urls).head(60)
@@ -54,10 +54,10 @@ def test_a_redirect_onto_a_blocked_url_is_refused(server):
     """The URL blocklist judges the input URL before the fetch, and every redirect target during it."""
     from urllib.parse import quote
 
-    from filters.blocklist import UrlBlocklist
-    from pipeline.config import DownloadConfig
-    from pipeline.download import redirect_check
-    from pipeline.fetch import fetch
+    from curate.filters.blocklist import UrlBlocklist
+    from curate.pipeline.config import DownloadConfig
+    from curate.pipeline.stages.download import redirect_check
+    from curate.pipeline.fetch import fetch
 
     (server.root_dir / "images").mkdir(exist_ok=True)
     (server.root_dir / "images" / "a.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")

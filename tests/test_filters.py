@@ -6,8 +6,8 @@ from typing import ClassVar
 
 import pytest
 
-from filters import FILTERS, Filter, FilterConfigError, apply_chain, build_chain
-from filters.caption import CaptionLength
+from curate.filters import FILTERS, Filter, FilterConfigError, apply_chain, build_chain
+from curate.filters.caption import CaptionLength
 
 
 def sample(caption):

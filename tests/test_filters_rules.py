@@ -13,15 +13,15 @@ import pytest
 import yaml
 from PIL import Image, ImageDraw
 
-from filters import FILTERS, FilterConfigError, build_chain
-from filters.blocklist import CaptionBlocklist, UrlBlocklist, normalize_host, words_of
-from filters.caption import CaptionBoilerplate, CaptionClean, CaptionLanguage, clean_caption
-from filters.laion import LaionColumns
-from filters.resolution import Resize, Resolution, aspect_buckets, choose_bucket
-from pipeline.config import load_config
-from pipeline.errors import UserError
-from pipeline.synthetic import caption as scene_caption
-from pipeline.synthetic import random_scene
+from curate.filters import FILTERS, FilterConfigError, build_chain
+from curate.filters.blocklist import CaptionBlocklist, UrlBlocklist, normalize_host, words_of
+from curate.filters.caption import CaptionBoilerplate, CaptionClean, CaptionLanguage, clean_caption
+from curate.filters.laion import LaionColumns
+from curate.filters.resolution import Resize, Resolution, aspect_buckets, choose_bucket
+from curate.pipeline.config import load_config
+from curate.pipeline.errors import UserError
+from curate.pipeline.demo.synthetic import caption as scene_caption
+from curate.pipeline.demo.synthetic import random_scene
 
 
 def row(caption="a caption", url="http://example.org/a.jpg", **meta):

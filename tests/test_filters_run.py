@@ -17,7 +17,7 @@ import webdataset as wds
 from PIL import Image
 
 from conftest import run_curate, write_config
-from filters.resolution import aspect_buckets
+from curate.filters.resolution import aspect_buckets
 
 N_ROWS = 150
 SIZE = 192  # buckets (128, 256), (192, 192), (256, 128) with max_ratio 2

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import ResizeConfig
-from pipeline.image import ImageRejected, normalize_image
+from curate.pipeline.config import ResizeConfig
+from curate.pipeline.image import ImageRejected, normalize_image
 
 RED, GREEN, BLUE, WHITE = (220, 30, 30), (30, 160, 50), (30, 70, 220), (255, 255, 255)
 

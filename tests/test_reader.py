@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import InputConfig
-from pipeline.errors import UserError
-from pipeline.reader import check_inputs, file_format, read_input_shard, write_input_shards
-from pipeline.shards import shard_name
+from curate.pipeline.config import InputConfig
+from curate.pipeline.errors import UserError
+from curate.pipeline.reader import check_inputs, file_format, read_input_shard, write_input_shards
+from curate.pipeline.shards import shard_name
 
 EXTRA = ["WIDTH", "HEIGHT", "similarity", "hash"]
 
@@ -314,8 +314,8 @@ _MEASURE = textwrap.dedent(
     """
     import resource, sys
     from pathlib import Path
-    from pipeline.config import InputConfig
-    from pipeline.reader import check_inputs, write_input_shards
+    from curate.pipeline.config import InputConfig
+    from curate.pipeline.reader import check_inputs, write_input_shards
     cfg = InputConfig(paths=[sys.argv[1]], extra_cols=["WIDTH"], rows_per_shard=2000, read_batch_rows=1000)
     summary = write_input_shards(cfg, check_inputs(cfg), Path(sys.argv[2]))
     print(summary["rows"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)

@@ -18,10 +18,10 @@ import pytest
 from PIL import Image
 
 from conftest import run_curate, write_config
-from pipeline.cli import main
-from pipeline.clip_model import TINY_CLIP, TINY_CLIP_DIR
-from pipeline.devserver import DevServer
-from pipeline.report import (
+from curate.pipeline.cli import main
+from curate.pipeline.models.clip import TINY_CLIP, TINY_CLIP_DIR
+from curate.pipeline.demo.devserver import DevServer
+from curate.pipeline.report.page import (
     CaptionExamples,
     build_report,
     choose_samples,
@@ -33,8 +33,8 @@ from pipeline.report import (
     read_config,
     read_stats,
 )
-from pipeline.report_samples import SCHEMA, THUMBNAIL_SIDE, ReportSamples, is_safety_reason, parse_threshold
-from pipeline.synthetic import generate_dataset
+from curate.pipeline.report.samples import SCHEMA, THUMBNAIL_SIDE, ReportSamples, is_safety_reason, parse_threshold
+from curate.pipeline.demo.synthetic import generate_dataset
 
 CHROMIUM = Path("/usr/bin/chromium")
 THRESHOLD = 0.5

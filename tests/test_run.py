@@ -17,7 +17,7 @@ import webdataset as wds
 from PIL import Image
 
 from conftest import run_curate, write_config
-from pipeline.config import load_config
+from curate.pipeline.config import load_config
 
 IMAGE_SIZE = 128
 MIN_WORDS = 9  # splits the synthetic captions (7 to 13 words) into kept and dropped

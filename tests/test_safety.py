@@ -31,18 +31,18 @@ import torch
 from PIL import Image
 
 from conftest import run_curate, write_config
-from filters import FilterConfigError, build_chain
-from filters.concepts import ConceptFilter, concept_embeddings
-from filters.hashes import HashBlocklist
-from filters.head_nets import AestheticMlp, LaionNsfwMlp
-from filters.heads import AestheticHead, NsfwHead
-from pipeline.clip_model import TINY_CLIP, TINY_CLIP_DIR, load_clip
-from pipeline.config import ClipConfig, ResizeConfig, load_config
-from pipeline.devserver import DevServer
-from pipeline.errors import UserError
-from pipeline.image import normalize_image
-from pipeline.report_samples import parse_threshold
-from pipeline.synthetic import POSITIONS, SHAPES, Scene, SceneObject, caption, random_scene, render
+from curate.filters import FilterConfigError, build_chain
+from curate.filters.concepts import ConceptFilter, concept_embeddings
+from curate.filters.hashes import HashBlocklist
+from curate.pipeline.models.head_nets import AestheticMlp, LaionNsfwMlp
+from curate.filters.heads import AestheticHead, NsfwHead
+from curate.pipeline.models.clip import TINY_CLIP, TINY_CLIP_DIR, load_clip
+from curate.pipeline.config import ClipConfig, ResizeConfig, load_config
+from curate.pipeline.demo.devserver import DevServer
+from curate.pipeline.errors import UserError
+from curate.pipeline.image import normalize_image
+from curate.pipeline.report.samples import parse_threshold
+from curate.pipeline.demo.synthetic import POSITIONS, SHAPES, Scene, SceneObject, caption, random_scene, render
 
 pytestmark = pytest.mark.skipif(not (TINY_CLIP_DIR / "open_clip_config.json").exists(), reason="tiny CLIP not built")
 

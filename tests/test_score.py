@@ -11,20 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.clip_model import TINY_CLIP, TINY_CLIP_DIR
-from pipeline.config import ClipConfig
-from pipeline.score import (
-    HIST_BINS,
-    histogram,
-    merge_histograms,
-    read_scores,
-    score_outputs,
-    score_shard,
-    threshold_for_top_fraction,
-)
-from pipeline.shards import sample_key
-from pipeline.synthetic import caption, random_scene, render, wrong_caption
-from pipeline.tarshard import TarShardWriter
+from curate.pipeline.models.clip import TINY_CLIP, TINY_CLIP_DIR
+from curate.pipeline.config import ClipConfig
+from curate.pipeline.embeddings import HIST_BINS, histogram, merge_histograms, read_scores, threshold_for_top_fraction
+from curate.pipeline.layout import embedding_files
+from curate.pipeline.stages.score import score_shard
+from curate.pipeline.shards import sample_key
+from curate.pipeline.demo.synthetic import caption, random_scene, render, wrong_caption
+from curate.pipeline.tarshard import TarShardWriter
 from conftest import curate_command, write_config
 
 pytestmark = pytest.mark.skipif(not (TINY_CLIP_DIR / "open_clip_config.json").exists(), reason="tiny CLIP not built")
@@ -69,7 +63,7 @@ def test_score_shard_writes_row_aligned_embeddings_and_separates_captions(tmp_pa
     truth = _raw_shard(download / "00000.tar", 40, seed=123, corrupt={5})
     stats = score_shard(0, {}, str(download), str(tmp_path / "emb"), str(tmp_path / "markers"), CLIP)
 
-    out = score_outputs(tmp_path / "emb", 0)
+    out = embedding_files(tmp_path / "emb", 0)
     img, txt = np.load(out["img_emb"]), np.load(out["text_emb"])
     meta = pq.read_table(out["metadata"]).to_pylist()
     assert img.dtype == np.float16 and img.shape == txt.shape and img.shape[0] == 40 == len(meta)

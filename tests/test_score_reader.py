@@ -15,12 +15,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.clip_model import TINY_CLIP, TINY_CLIP_DIR, load_tokenizer
-from pipeline.config import ClipConfig
-from pipeline.score import _prefetched, score_outputs, score_shard
-from pipeline.score_reader import ReaderError, ReaderPool, read_batches
-from pipeline.shards import sample_key
-from pipeline.tarshard import TarShardWriter
+from curate.pipeline.models.clip import TINY_CLIP, TINY_CLIP_DIR, load_tokenizer
+from curate.pipeline.config import ClipConfig
+from curate.pipeline.layout import embedding_files
+from curate.pipeline.stages.score import _prefetched, score_shard
+from curate.pipeline.score_reader import ReaderError, ReaderPool, read_batches
+from curate.pipeline.shards import sample_key
+from curate.pipeline.tarshard import TarShardWriter
 from conftest import alive
 from test_score import _raw_shard
 
@@ -164,7 +165,7 @@ def _scored(download, shard_id, processes, out):
     cfg = ClipConfig(enabled=True, model=TINY_CLIP, pretrained=None, device="cpu", batch_size=8,
                      reader_processes=processes)
     stats = score_shard(shard_id, {}, str(download), str(out / "emb"), str(out / "markers"), cfg)
-    files = score_outputs(out / "emb", shard_id)
+    files = embedding_files(out / "emb", shard_id)
     return (stats["scored"], stats["decode_errors"], pq.read_table(files["metadata"]).to_pylist(),
             np.load(files["img_emb"]), np.load(files["text_emb"]))
 
@@ -185,7 +186,7 @@ def test_two_shards_at_once_share_the_reader_processes(tmp_path):
     the model and the reader processes (pipeline/cluster.py): each shard gets its own results."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipeline.cluster import SCORE_TASKS_PER_GPU
+    from curate.pipeline.cluster import SCORE_TASKS_PER_GPU
 
     download = tmp_path / "download"
     download.mkdir()

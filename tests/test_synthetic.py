@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.synthetic import (
+from curate.pipeline.demo.synthetic import (
     COLOURS,
     MAX_COUNT,
     SHAPES,

@@ -18,9 +18,9 @@ pytest.importorskip("open_clip")
 
 from PIL import Image  # noqa: E402
 
-from pipeline import synthetic  # noqa: E402
-from pipeline.clip_model import TINY_CLIP, TINY_CLIP_DIR, load_clip  # noqa: E402
-from pipeline.errors import UserError  # noqa: E402
+from curate.pipeline.demo import synthetic  # noqa: E402
+from curate.pipeline.models.clip import TINY_CLIP, TINY_CLIP_DIR, load_clip  # noqa: E402
+from curate.pipeline.errors import UserError  # noqa: E402
 
 N_SCENES = 200
 FRESH_SEED = "test-tiny-clip-fresh-data"  # training uses random.Random(int) and "tiny-clip-eval-{seed}"

@@ -25,15 +25,15 @@ import yaml
 from PIL import Image
 
 from conftest import run_curate, write_config
-from pipeline.cli import main as curate_main
-from pipeline.errors import UserError
-from pipeline.tarshard import TarShardWriter
-from train.config import load_train_config
-from train.data import shard_urls, training_stream
-from train.latents import encode, fit_crop, latent_from_bytes, scale_latents, to_pixels
-from train.model import load_components
-from train.objective import diffusion_loss
-from train.tokenizer import clip_tokenizer
+from curate.pipeline.cli import main as curate_main
+from curate.pipeline.errors import UserError
+from curate.pipeline.tarshard import TarShardWriter
+from curate.train.config import load_train_config
+from curate.train.data import shard_urls, training_stream
+from curate.pipeline.models.latents import encode, fit_crop, latent_from_bytes, scale_latents, to_pixels
+from curate.train.model import load_components
+from curate.train.objective import diffusion_loss
+from curate.train.tokenizer import clip_tokenizer
 
 RESOLUTION = 32  # the tiny VAE halves it: 16 x 16 latents
 STEPS = 20
@@ -297,7 +297,7 @@ def test_two_ranks_with_torchrun(shards, tmp_path):
                           checkpoints__every=2, data__workers=0, validation__every=0, validation__prompts=[])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "pipeline.cli", "train", str(config), "--no-progress"]
+               "-m", "curate.pipeline.cli", "train", str(config), "--no-progress"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("steps ") == 1  # one summary, from rank 0
@@ -314,8 +314,8 @@ def test_objective_targets_follow_ddpm(prediction_type):
     from diffusers import DDPMScheduler
     from diffusers.training_utils import compute_snr
 
-    from train.model import SD_SCHEDULE
-    from train.objective import snr_weights
+    from curate.train.model import SD_SCHEDULE
+    from curate.train.objective import snr_weights
 
     scheduler = DDPMScheduler(**SD_SCHEDULE, prediction_type=prediction_type)
     x0, embeddings = torch.randn(6, 4, 8, 8), torch.zeros(6, 77, 32)
@@ -339,7 +339,7 @@ def test_objective_targets_follow_ddpm(prediction_type):
 
 
 def test_caption_dropout_gives_the_empty_caption(shards, tmp_path):
-    from train.loop import Ranks, Trainer
+    from curate.train.loop import Ranks, Trainer
 
     cfg = load_train_config(train_config(tmp_path / "t.yaml", shards, tmp_path / "out", training__caption_dropout=0.5))
     trainer = Trainer(cfg, Ranks(), torch.device("cpu"))

@@ -13,8 +13,8 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.config import read_config_mapping, validation_message
-from pipeline.errors import UserError
+from curate.pipeline.config import read_config_mapping, validation_message
+from curate.pipeline.errors import UserError
 
 
 class Section(BaseModel):
@@ -136,19 +136,8 @@ class TrainConfig(Section):
 
 # Settings a resumed run may change: how long to train, how often to save and sample,
 # how much to log, how many reader processes. Anything else would silently mix two runs.
-RESUMABLE_CHANGES = {("training", "steps"), ("training", "log_every"), ("data", "workers"),
-                     ("checkpoints", "keep"), ("validation", "every"), ("validation", "prompts")}
-
-
-def changed_settings(old: dict, new: dict) -> list[str]:
-    """Dotted paths of settings that differ between two config dicts, ignoring RESUMABLE_CHANGES."""
-    changed = []
-    for section in sorted(set(old) | set(new)):
-        a, b = old.get(section) or {}, new.get(section) or {}
-        for key in sorted(set(a) | set(b)):
-            if (section, key) not in RESUMABLE_CHANGES and a.get(key) != b.get(key):
-                changed.append(f"{section}.{key}")
-    return changed
+RESUMABLE_CHANGES = {"training.steps", "training.log_every", "data.workers",
+                     "checkpoints.keep", "validation.every", "validation.prompts"}
 
 
 def load_train_config(path: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:

@@ -34,9 +34,9 @@ from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_expander
 from webdataset.utils import pytorch_worker_info
 
-from pipeline.errors import UserError
-from train.config import DataConfig
-from train.latents import (
+from curate.pipeline.errors import UserError
+from curate.train.config import DataConfig
+from curate.pipeline.models.latents import (
     LATENT_EXT, META_FINGERPRINT, META_SIZE, fit_crop, latent_from_bytes, to_pixels,
 )
 

@@ -12,7 +12,7 @@ Read top to bottom:
     clip, step, LR, EMA; log; checkpoint every N steps; validation grid every M steps
     at the end: a StableDiffusionPipeline folder (output/pipeline), EMA weights if on
 
-Multi-GPU: start with `torchrun --nproc-per-node N -m pipeline.cli train CONFIG` (or
+Multi-GPU: start with `torchrun --nproc-per-node N -m curate.pipeline.cli train CONFIG` (or
 `accelerate launch`, which sets the same variables). Each rank reads its own resampled
 stream; rank 0 writes checkpoints, samples and the result.
 
@@ -39,15 +39,16 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
-from pipeline.errors import UserError
-from train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from train.config import TrainConfig, changed_settings, dump_train_config
-from train.data import check_readable, shard_urls, training_loader
-from train.ema import EMA
-from train.latents import encode, scale_latents
-from train.model import Components, load_components, save_pipeline
-from train.objective import diffusion_loss
-from train.samples import sample_grid, save_grid
+from curate.pipeline.errors import UserError
+from curate.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from curate.pipeline.config import changed_settings
+from curate.train.config import RESUMABLE_CHANGES, TrainConfig, dump_train_config
+from curate.train.data import check_readable, shard_urls, training_loader
+from curate.train.ema import EMA
+from curate.pipeline.models.latents import encode, scale_latents
+from curate.train.model import Components, load_components, save_pipeline
+from curate.train.objective import diffusion_loss
+from curate.train.samples import sample_grid, save_grid
 
 
 @dataclass
@@ -91,7 +92,7 @@ def check_output(cfg: TrainConfig, out: Path, overwrite: bool) -> None:
     """Refuse to continue a run in `out` that had other settings (nothing is written here)."""
     saved = out / "train-config.yaml"
     if not overwrite and saved.is_file():
-        changed = changed_settings(yaml.safe_load(saved.read_text()) or {}, cfg.model_dump())
+        changed = changed_settings(yaml.safe_load(saved.read_text()) or {}, cfg.model_dump(), RESUMABLE_CHANGES)
         if changed:
             raise UserError(f"{out} holds a training run with other settings ({', '.join(changed)}); "
                             "use --overwrite to start over or another output.path")

@@ -24,8 +24,8 @@ from typing import Optional
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from train.tokenizer import clip_tokenizer, has_tokenizer
-from train.vae import TINY, check_source, from_pretrained, load_vae, seeded, tiny_vae, vae_fingerprint, vae_name
+from curate.train.tokenizer import clip_tokenizer, has_tokenizer
+from curate.pipeline.models.vae import TINY, check_source, from_pretrained, load_vae, seeded, tiny_vae, vae_fingerprint, vae_name
 
 # Shaped like SD 1.5 (cross-attention UNet; the VAE is in train/vae.py; CLIP text encoder
 # with CLIP's 49,408-token vocabulary and 77 positions), scaled down.

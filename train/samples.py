@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from train.config import ValidationConfig
-from train.model import Components, inference_pipeline
+from curate.train.config import ValidationConfig
+from curate.train.model import Components, inference_pipeline
 
 
 def image_grid(images: list[Image.Image], columns: int = 4) -> Image.Image:

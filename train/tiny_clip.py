@@ -1,6 +1,6 @@
 """Train the tiny CLIP that curate ships, on curate's own synthetic captioned images.
 
-    python -m train.tiny_clip --out pipeline/assets/tiny-clip --steps 300 --seed 0
+    python -m curate.train.tiny_clip --out pipeline/assets/tiny-clip --steps 300 --seed 0
 
 Nothing is downloaded: the images and captions come from `pipeline.synthetic`
 (coloured shapes on a coloured background, captions derived from the same
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
-from pipeline import synthetic
+from curate.pipeline.demo import synthetic
 
 # ---------------------------------------------------------------------------
 # The model: a few MB.  The text token embedding (49408 x text width, the
@@ -309,7 +309,7 @@ def main() -> None:
             print(f"step {done:5d}  held-out ROC AUC {auc:.4f}  (vs one-change captions {hard_auc:.4f})", flush=True)
 
     info = {
-        "command": f"python -m train.tiny_clip --out {args.out} --steps {args.steps} --seed {args.seed}",
+        "command": f"python -m curate.train.tiny_clip --out {args.out} --steps {args.steps} --seed {args.seed}",
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "parameters": n_params,
         "train_seconds": round(time.time() - start, 1),

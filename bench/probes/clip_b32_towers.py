@@ -3,7 +3,7 @@ import sys
 sys.path.insert(0, ".")
 import torch
 import open_clip
-from pipeline.clip_text import encode_text_trimmed, trim_tokens
+from curate.pipeline.models.clip_text import encode_text_trimmed, trim_tokens
 
 from bench.clip_score import make_captions
 from bench.probes.timing import images_per_second

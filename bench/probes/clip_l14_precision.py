@@ -3,7 +3,7 @@ import sys, time, copy
 sys.path.insert(0, ".")
 import torch, torch.nn as nn
 import open_clip
-from pipeline.clip_text import encode_text_trimmed, trim_tokens
+from curate.pipeline.models.clip_text import encode_text_trimmed, trim_tokens
 from bench.probes.timing import images_per_second
 
 torch.manual_seed(0)

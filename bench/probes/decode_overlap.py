@@ -34,8 +34,8 @@ SECONDS = 2.0
 
 def main():
     shards, _ = make_shards(5000, 5000, 4000, os.cpu_count())
-    from pipeline.score import ClipScorer, gpu_preprocess
-    from pipeline.score_reader import read_batches
+    from curate.pipeline.stages.score import ClipScorer, gpu_preprocess
+    from curate.pipeline.score_reader import read_batches
 
     cfg = clip_cfg("ViT-B-32", "cuda", "bf16", 1024)
     scorer = ClipScorer(cfg)

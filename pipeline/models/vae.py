@@ -10,7 +10,9 @@ from typing import Optional
 import torch
 from diffusers import AutoencoderKL
 
-from pipeline.errors import UserError
+from curate.pipeline.errors import UserError
+from curate.pipeline.models.cache import cached
+from curate.pipeline.models.device import resolve_device
 
 TINY = "tiny"
 
@@ -76,3 +78,15 @@ def vae_fingerprint(vae: AutoencoderKL) -> str:
 
 def vae_name(source: str, tiny_seed: int = 0) -> str:
     return f"{TINY}:{tiny_seed}" if source == TINY else source
+
+
+def cached_vae(source: str, tiny_seed: int = 0, device: str = "auto") -> tuple:
+    """(vae in eval mode on its device, name, fingerprint, torch device), loaded once per process."""
+
+    def build() -> tuple:
+        vae = load_vae(source, tiny_seed).float()
+        fingerprint = vae_fingerprint(vae)  # of the fp32 weights, before any move
+        where = torch.device(resolve_device(device))
+        return vae.to(where).eval().requires_grad_(False), vae_name(source, tiny_seed), fingerprint, where
+
+    return cached(("vae", source, tiny_seed, device), build)

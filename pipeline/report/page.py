@@ -51,12 +51,12 @@ import yaml
 from markupsafe import Markup
 from plotly.offline import get_plotlyjs
 
-from filters import FILTERS
-from pipeline.errors import UserError
-from pipeline.layout import RunLayout
-from pipeline.report_samples import BottomK, is_safety_reason, metric_matches, parse_threshold
-from pipeline.shards import atomic_path
-from pipeline.tarshard import iter_tar_samples
+from curate.filters import FILTERS
+from curate.pipeline.errors import UserError
+from curate.pipeline.layout import RunLayout
+from curate.pipeline.report.samples import BottomK, is_safety_reason, metric_matches, parse_threshold
+from curate.pipeline.shards import atomic_path
+from curate.pipeline.tarshard import iter_tar_samples
 
 KEPT_SHOWN = 24          # random kept samples in the grid
 DROPPED_SHOWN = 12       # dropped samples shown per reason
@@ -505,7 +505,7 @@ def _html(fig: go.Figure, div_id: str) -> Markup:
 
 
 def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(loader=jinja2.PackageLoader("pipeline", "templates"), autoescape=True,
+    env = jinja2.Environment(loader=jinja2.PackageLoader("curate.pipeline.report", "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined)
     env.filters["num"] = lambda n: f"{n:,}" if isinstance(n, int) else (f"{n:,.1f}" if n is not None else "–")
     return env

@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.devserver import DevServer
-from pipeline.synthetic import generate_dataset
+from curate.pipeline.demo.devserver import DevServer
+from curate.pipeline.demo.synthetic import generate_dataset
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"generating {args.rows} captioned images with planted faults into {data}/ ...", flush=True)
         urls = generate_dataset(data, args.rows, base_url=server.base_url, seed=0)
         print(f"  done in {time.time() - started:.1f}s; serving them at {server.base_url}", flush=True)
-        command = [sys.executable, "-m", "pipeline.cli", "run", args.config,
+        command = [sys.executable, "-m", "curate.pipeline.cli", "run", args.config,
                    "--set", f"input.paths=[{urls}]", "--overwrite", *extra]
         print("$ curate run " + " ".join(command[4:]), flush=True)
         code = subprocess.call(command)

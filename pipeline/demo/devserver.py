@@ -23,7 +23,7 @@ http://HOST/images/000001.jpg -> http://HOST/slow/2/images/000001.jpg.
 It binds only to loopback: it serves files and follows no authentication, so
 it must never be reachable from another machine.
 
-    python -m pipeline.devserver ROOT [--port N]
+    python -m curate.pipeline.demo.devserver ROOT [--port N]
 """
 
 from __future__ import annotations
@@ -348,7 +348,7 @@ class DevServer:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.devserver",
+        prog="python -m curate.pipeline.demo.devserver",
         description="Serve ROOT on loopback with deliberately misbehaving routes (see module docstring).",
     )
     parser.add_argument("root", help="directory to serve, e.g. the output of synthetic.generate_dataset")

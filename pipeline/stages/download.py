@@ -9,29 +9,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from filters import apply_chain, build_stage_chain, chain_counts
-from filters.base import Filter
-from pipeline.config import RunConfig
-from pipeline.dedup import needs_phash, phash_hex
-from pipeline.fetch import fetch
-from pipeline.image import ImageRejected, normalize_image
-from pipeline.reader import read_input_shard
-from pipeline.shards import atomic_path, clean_shard, is_done, mark_done, read_marker, sample_key, shard_name
-from pipeline.tarshard import TarShardWriter
-
-# Columns every stage's parquet carries, before the input's extra columns.
-RECORD_COLUMNS = [
-    "key", "url", "caption", "status", "reason", "error_message",
-    "width", "height", "original_width", "original_height", "sha256", "bytes",
-]
+from curate.filters import apply_chain, build_stage_chain, chain_counts
+from curate.filters.base import Filter
+from curate.pipeline.config import RunConfig
+from curate.filters.dedup import needs_phash
+from curate.pipeline.dedup_store import phash_hex
+from curate.pipeline.fetch import fetch
+from curate.pipeline.image import ImageRejected, normalize_image, read_header
+from curate.pipeline.reader import read_input_shard
+from curate.pipeline.records import records_table, sample_meta
+from curate.pipeline.shards import atomic_path, run_once, sample_key, shard_name
+from curate.pipeline.tarshard import TarShardWriter
 
 
 def _process_row(row: dict, cfg: RunConfig, bytes_chain: list[Filter], phash: bool = False,
@@ -44,35 +38,51 @@ def _process_row(row: dict, cfg: RunConfig, bytes_chain: list[Filter], phash: bo
         return record, None
     record["sha256"] = hashlib.sha256(got.data).hexdigest()
     record["bytes"] = len(got.data)
-    if bytes_chain:
-        # Before anything is stored: an image these filters drop is never written anywhere.
-        sample = {**row, "data": got.data, "sha256": record["sha256"]}
-        reason = apply_chain(bytes_chain, sample)
-        if reason is not None:
-            record.update(reason=reason, error_message=None)
-            return record, None
+    # The header, read once: the size the bytes filters judge (resolution) and the report charts,
+    # and the opened file normalize_image goes on from. Unreadable: the size is unknown, and the
+    # rejection waits until the bytes filters (the hash blocklist first) have seen the bytes.
+    header = unreadable = None
     try:
-        img = normalize_image(got.data, cfg.resize)
-        # For the dedup filter's near-duplicate pass: the hash of the image as it is stored.
-        perceptual = phash_hex(img.data) if phash else None
+        header = read_header(got.data)
+        record.update(original_width=header.width, original_height=header.height)
     except ImageRejected as exc:
-        record.update(reason=exc.reason, error_message=exc.detail)
-        return record, None
+        unreadable = exc
     except Exception as exc:  # one strange image must never fail the shard
-        record.update(reason="decode_error", error_message=f"{type(exc).__name__}: {exc}"[:200])
-        return record, None
+        unreadable = ImageRejected("decode_error", f"{type(exc).__name__}: {exc}"[:200])
+    try:
+        if bytes_chain:
+            # Before anything is decoded or stored: an image these filters drop is never written anywhere.
+            sample = {**row, "data": got.data, "sha256": record["sha256"],
+                      "original_width": record.get("original_width"), "original_height": record.get("original_height")}
+            reason = apply_chain(bytes_chain, sample)
+            if reason is not None:
+                record.update(reason=reason, error_message=None)
+                return record, None
+        if unreadable is not None:
+            record.update(reason=unreadable.reason, error_message=unreadable.detail)
+            return record, None
+        try:
+            img = normalize_image(got.data, cfg.resize, cfg.download.max_image_area, header)
+            # For the dedup filter's near-duplicate pass: the hash of the image as it is stored.
+            perceptual = phash_hex(img.data) if phash else None
+        except ImageRejected as exc:
+            record.update(reason=exc.reason, error_message=exc.detail)
+            return record, None
+        except Exception as exc:  # one strange image must never fail the shard
+            record.update(reason="decode_error", error_message=f"{type(exc).__name__}: {exc}"[:200])
+            return record, None
+    finally:
+        if header is not None:
+            header.close()  # normalize_image has closed it already when it ran; twice is harmless
     record.update(
         status="ok", width=img.width, height=img.height,
         original_width=img.original_width, original_height=img.original_height,
     )
+    if img.bucket is not None:
+        record["bucket"] = list(img.bucket)  # resize.mode buckets: training batches by it
     if perceptual is not None:
         record["phash"] = perceptual
     return record, img.data
-
-
-def sample_meta(record: dict) -> dict:
-    """The json stored beside each image: everything known about the sample except bulky bytes."""
-    return {k: v for k, v in record.items() if k not in ("status", "reason", "error_message")}
 
 
 def redirect_check(row_chain: list[Filter]):
@@ -94,13 +104,10 @@ def redirect_check(row_chain: list[Filter]):
 
 def download_shard(input_path: str, shard_id: int, stage_dir: str, cfg: RunConfig) -> dict:
     """Download one shard. Returns its stats; a done shard is not redone."""
-    stage_dir = Path(stage_dir)
-    if is_done(stage_dir, shard_id):
-        return read_marker(stage_dir, shard_id)
-    clean_shard(stage_dir, shard_id)
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
+    return run_once(Path(stage_dir), shard_id, lambda: _download(input_path, shard_id, Path(stage_dir), cfg))
 
+
+def _download(input_path: str, shard_id: int, stage_dir: Path, cfg: RunConfig) -> dict:
     rows = read_input_shard(Path(input_path)).to_pylist()
     extra_cols = list(cfg.input.extra_cols)
     context = {"clip": cfg.clip, "root": str(stage_dir)}
@@ -158,21 +165,11 @@ def download_shard(input_path: str, shard_id: int, stage_dir: str, cfg: RunConfi
     with atomic_path(stage_dir / f"{name}.parquet") as pq_tmp:
         pq.write_table(records_table(records, extra_cols), pq_tmp)
 
-    stats = {
+    return {
         "shard": shard_id,
         "rows": len(records),
         "ok": sum(1 for r in records if r["status"] == "ok"),
         "rejected": dict(reasons),
         "bytes_downloaded": sum(r.get("bytes") or 0 for r in records),
         "filters": {**chain_counts(row_chain), **chain_counts(bytes_chain)},
-        "seconds": round(time.time() - started, 3),
     }
-    mark_done(stage_dir, shard_id, stats)
-    return stats
-
-
-def records_table(records: list[dict], extra_cols: list[str]) -> pa.Table:
-    """Records as a table with a stable column order (missing values are nulls)."""
-    columns = RECORD_COLUMNS + [c for c in extra_cols if c not in RECORD_COLUMNS]
-    columns += sorted({k for r in records for k in r} - set(columns))
-    return pa.Table.from_pydict({c: [r.get(c) for r in records] for c in columns})

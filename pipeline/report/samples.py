@@ -37,8 +37,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from filters.base import is_safety_reason  # the one definition; re-exported for the report
-from pipeline.shards import atomic_path
+from curate.filters.base import is_safety_reason  # the one definition; re-exported for the report
+from curate.pipeline.shards import atomic_path
 
 THUMBNAIL_SIDE = 128
 KEPT_PER_SHARD = 8

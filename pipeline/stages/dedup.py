@@ -79,13 +79,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from filters.dedup import Dedup
-from pipeline.errors import UserError
-from pipeline.layout import RunLayout
-from pipeline.shards import atomic_path, clean_shard, is_done, mark_done, read_marker, sample_key, shard_name
-
-KINDS = ("url", "sha256", "phash", "semantic")  # most exact first: the reason a sample gets
-URL, SHA256, PHASH, SEMANTIC = range(4)
+from curate.filters.dedup import dedup_params
+from curate.pipeline.dedup_store import (
+    DECISION_SCHEMA, PHASH, SEMANTIC, SHA256, URL, dedup_dir, most_exact, read_batch, sample_order, write_batches,
+)
+from curate.pipeline.layout import RunLayout
+from curate.pipeline.shards import atomic_path, clean_shard, is_done, mark_done, read_marker, shard_name
 
 ROWS_PER_PARTITION = 1_000_000  # input rows whose records one find task holds
 ROWS_PER_CLUSTER = 5_000  # default semantic cluster size
@@ -99,46 +98,9 @@ HASH_SCHEMA = pa.schema([
     ("kind", pa.int8()), ("key_hi", pa.uint64()), ("key_lo", pa.uint64()),
     ("order", pa.int64()), ("phash", pa.uint64()),
 ])
-DECISION_SCHEMA = pa.schema([("order", pa.int64()), ("original", pa.int64()), ("kind", pa.int8())])
 
 
 # --- settings -----------------------------------------------------------------------------
-
-def dedup_spec(specs: list[dict]) -> Optional[dict]:
-    """The configured dedup filter's spec (YAML name and parameters), or None."""
-    return next((spec for spec in specs if spec["name"] == "dedup"), None)
-
-
-def _params(spec: dict) -> Dedup:
-    return Dedup(**{k: v for k, v in spec.items() if k != "name"})
-
-
-def needs_phash(specs: list[dict]) -> bool:
-    """Whether the download stage must compute each image's perceptual hash."""
-    spec = dedup_spec(specs)
-    return spec is not None and _params(spec).phash_max_distance is not None
-
-
-def phash_hex(jpg: bytes) -> str:
-    """imagehash.phash of a JPEG as 16 hex digits. pHash looks at a 32x32 grey image, so the
-    JPEG is decoded at reduced size (libjpeg DCT scaling): 0.6-1.9 ms at 256-512 px instead
-    of 1.3-5 ms, about a tenth of what normalizing the image costs."""
-    import imagehash
-    from PIL import Image
-
-    with Image.open(io.BytesIO(jpg)) as im:
-        im.draft("L", (64, 64))
-        return str(imagehash.phash(im))
-
-
-def sample_order(shard_id: int, index: int) -> int:
-    """(shard, row) as one sortable integer: the order that decides which copy is kept."""
-    return (shard_id << 32) | index
-
-
-def order_key(order: int) -> str:
-    return sample_key(order >> 32, order & 0xFFFFFFFF)
-
 
 def _mix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """A well-spread 64-bit hash of two uint64 arrays (splitmix64's finalizer); it picks a
@@ -168,20 +130,16 @@ def _digest128(values: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
 
 # --- the pass -----------------------------------------------------------------------------
 
-def dedup_dir(root: str | Path) -> Path:
-    return RunLayout(root).dedup
-
-
 def run_dedup_pass(run_tasks: Callable, root: str, spec: dict, n_shards: int, rows_per_shard: int,
                    scored: bool, keep_intermediate: bool) -> dict:
     """Run the whole pass (skipped when done). `run_tasks(step, fn, arg_tuples)` runs fn on
-    each argument tuple (as Dask tasks: see dask_runner) and returns the results in order."""
+    each argument tuple and returns the results in order: an executor's `map` (pipeline/executor.py)."""
     folder = dedup_dir(root)
     if (folder / "done.json").exists():
         return json.loads((folder / "done.json").read_text())
     started = time.time()
     folder.mkdir(parents=True, exist_ok=True)
-    params = _params(spec)
+    params = dedup_params(spec)
     semantic = params.semantic_eps is not None
     if semantic and not scored:
         raise RuntimeError("dedup: semantic_eps needs clip.enabled: true")
@@ -227,40 +185,13 @@ def finish_dedup(root: str, keep_intermediate: bool) -> Optional[dict]:
     return json.loads((folder / "done.json").read_text())
 
 
-def serial_runner(step: str, fn: Callable, arg_tuples: list[tuple]) -> list:
-    """run_tasks in this process, one after the other (tests, and a cluster-less caller)."""
-    return [fn(*args) for args in arg_tuples]
-
-
-def dask_runner(client, token: str) -> Callable:
-    """run_tasks on a Dask cluster: one task per call; a failed task fails the pass, named."""
-    from distributed import as_completed
-
-    def run_tasks(step: str, fn: Callable, arg_tuples: list[tuple]) -> list:
-        futures = [client.submit(fn, *args, key=f"{step}-{token}-{i}") for i, args in enumerate(arg_tuples)]
-        try:
-            for future in as_completed(futures):
-                try:
-                    future.result()
-                except (UserError, OSError):  # run.py turns a full disk into its one-line error
-                    raise
-                except Exception as exc:
-                    raise RuntimeError(f"{step} {futures.index(future)} failed: {type(exc).__name__}: {exc}") from exc
-            return [f.result() for f in futures]
-        finally:
-            client.cancel(futures)
-
-    return run_tasks
-
-
 # --- step 0: k-means centroids (semantic) -------------------------------------------------
 
 def _scored_ok(layout: RunLayout, shard_id: int) -> tuple[list[str], np.ndarray]:
     """Keys of the shard's score metadata (row-aligned with its embeddings) and the mask of
     those that were embedded (a CLIP decode error leaves a zero row)."""
-    from pipeline.score import score_outputs
 
-    meta = pq.read_table(score_outputs(layout.embeddings, shard_id)["metadata"], columns=["key", "status"])
+    meta = pq.read_table(layout.embedding_files(shard_id)["metadata"], columns=["key", "status"])
     return meta.column("key").to_pylist(), np.array([s == "ok" for s in meta.column("status").to_pylist()], bool)
 
 
@@ -290,13 +221,12 @@ def nearest_centroid(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 def fit_centroids(root: str, spec: dict, n_shards: int) -> int:
     """Fit the semantic clusters on a bounded random sample of the saved image embeddings;
     writes work/dedup/centroids.npy (skipped when present). Returns the number of clusters."""
-    from pipeline.score import score_outputs
 
     layout = RunLayout(root)
     path = dedup_dir(root) / "centroids.npy"
     if path.exists():
         return int(np.load(path).shape[0])
-    params = _params(spec)
+    params = dedup_params(spec)
     masks = [_scored_ok(layout, i)[1] for i in range(n_shards)]
     total = int(sum(m.sum() for m in masks))
     k = params.semantic_clusters or math.ceil(total / ROWS_PER_CLUSTER)
@@ -307,7 +237,7 @@ def fit_centroids(root: str, spec: dict, n_shards: int) -> int:
         take = min(len(ok), math.ceil(want * len(ok) / total)) if total else 0
         if take:
             rows = np.sort(np.random.default_rng([SEED, i]).choice(ok, take, replace=False))
-            emb = np.load(score_outputs(layout.embeddings, i)["img_emb"], mmap_mode="r")
+            emb = np.load(layout.embedding_files(i)["img_emb"], mmap_mode="r")
             parts.append(np.asarray(emb[rows], dtype=np.float32))
     sample = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
     centroids = kmeans(sample, k) if len(sample) else sample
@@ -319,32 +249,10 @@ def fit_centroids(root: str, spec: dict, n_shards: int) -> int:
 
 # --- step 1: hash records per shard ------------------------------------------------------
 
-def _write_batches(path: Path, schema: pa.Schema, columns: dict, group: np.ndarray, n_groups: int) -> None:
-    """Write `columns` (arrays of equal length) as one record batch per group 0..n_groups-1."""
-    by_group = np.argsort(group, kind="stable")
-    bounds = np.searchsorted(group[by_group], np.arange(n_groups + 1))
-    with atomic_path(path) as tmp:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-            for g in range(n_groups):
-                rows = by_group[bounds[g]:bounds[g + 1]]
-                writer.write_batch(pa.record_batch(
-                    [pa.array(columns[f.name][rows], f.type) if not pa.types.is_fixed_size_list(f.type)
-                     else _fixed_list(columns[f.name][rows], f.type) for f in schema], schema=schema))
-
-
-def _fixed_list(matrix: np.ndarray, typ: pa.DataType) -> pa.Array:
-    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), typ.value_type), typ.list_size)
-
-
-def _read_batch(path: Path, index: int) -> pa.RecordBatch:
-    with pa.OSFile(str(path), "rb") as source:
-        return pa.ipc.open_file(source).get_batch(index)
-
-
 def hash_shard(root: str, shard_id: int, spec: dict, partitions: int, scored: bool) -> dict:
     """Step 1 for one shard: its records, split by partition. Done shards are not redone."""
     layout = RunLayout(root)
-    params = _params(spec)
+    params = dedup_params(spec)
     out = dedup_dir(root) / "hashes"
     if is_done(out, shard_id):
         return read_marker(out, shard_id)
@@ -387,7 +295,7 @@ def hash_shard(root: str, shard_id: int, spec: dict, partitions: int, scored: bo
         "phash": np.concatenate([p[4] for p in parts]) if parts else np.zeros(0, np.uint64),
     }
     partition = (_mix(_mix(cols["kind"], cols["key_hi"]), cols["key_lo"]) % np.uint64(partitions)).astype(np.int64)
-    _write_batches(out / f"{name}.arrow", HASH_SCHEMA, cols, partition, partitions)
+    write_batches(out / f"{name}.arrow", HASH_SCHEMA, cols, partition, partitions)
 
     if params.semantic_eps is not None:
         _hash_embeddings(layout, shard_id, out / f"{name}.sem.arrow", rows, table["key"], orders, partitions)
@@ -401,12 +309,11 @@ def hash_shard(root: str, shard_id: int, spec: dict, partitions: int, scored: bo
 def _hash_embeddings(layout: RunLayout, shard_id: int, path: Path, rows: list[int], all_keys: list[str],
                      orders: np.ndarray, partitions: int) -> None:
     """The shard's image embeddings with their nearest centroid, split by partition (of the cluster)."""
-    from pipeline.score import score_outputs
 
     centroids = np.load(dedup_dir(layout.root) / "centroids.npy")
     keys, _ = _scored_ok(layout, shard_id)
     position = {k: j for j, k in enumerate(keys)}
-    emb = np.load(score_outputs(layout.embeddings, shard_id)["img_emb"], mmap_mode="r")
+    emb = np.load(layout.embedding_files(shard_id)["img_emb"], mmap_mode="r")
     picked = np.array([position[all_keys[i]] for i in rows], np.int64)
     # Every shard's batches need one list size, also a shard with nothing embedded (saved as [0, 0]).
     dim = centroids.shape[1] if len(centroids) else emb.shape[1]
@@ -416,7 +323,7 @@ def _hash_embeddings(layout: RunLayout, shard_id: int, path: Path, rows: list[in
                         ("emb", pa.list_(pa.float16(), vectors.shape[1]))])
     partition = (_mix(np.full(len(cluster), SEMANTIC, np.uint64), cluster.astype(np.uint64))
                  % np.uint64(partitions)).astype(np.int64)
-    _write_batches(path, schema, {"cluster": cluster, "order": orders, "emb": vectors}, partition, partitions)
+    write_batches(path, schema, {"cluster": cluster, "order": orders, "emb": vectors}, partition, partitions)
 
 
 # --- step 2: find duplicates per partition -----------------------------------------------
@@ -485,7 +392,7 @@ def _near(group_keys: tuple, order: np.ndarray, close_fn: Callable, labels_fn: C
 
 def find_duplicates(root: str, partition: int, spec: dict, n_shards: int) -> dict:
     """Step 2 for one partition: (sample, original, kind) decisions, one record batch per shard."""
-    params = _params(spec)
+    params = dedup_params(spec)
     folder = dedup_dir(root)
     out = folder / "decisions"
     if is_done(out, partition):
@@ -495,7 +402,7 @@ def find_duplicates(root: str, partition: int, spec: dict, n_shards: int) -> dic
     started = time.time()
 
     table = pa.Table.from_batches(
-        [_read_batch(folder / "hashes" / f"{shard_name(i)}.arrow", partition) for i in range(n_shards)],
+        [read_batch(folder / "hashes" / f"{shard_name(i)}.arrow", partition) for i in range(n_shards)],
         schema=HASH_SCHEMA)
     cols = {name: table.column(name).to_numpy() for name in HASH_SCHEMA.names}
     found: list[tuple[np.ndarray, np.ndarray, int]] = []
@@ -517,7 +424,7 @@ def find_duplicates(root: str, partition: int, spec: dict, n_shards: int) -> dic
         found.append((dup, orig, PHASH))
         comparisons += n
     if params.semantic_eps is not None:
-        sem = pa.Table.from_batches([_read_batch(folder / "hashes" / f"{shard_name(i)}.sem.arrow", partition)
+        sem = pa.Table.from_batches([read_batch(folder / "hashes" / f"{shard_name(i)}.sem.arrow", partition)
                                      for i in range(n_shards)])
         cluster, order = sem.column("cluster").to_numpy(), sem.column("order").to_numpy()
         emb = sem.column("emb").combine_chunks()
@@ -533,12 +440,12 @@ def find_duplicates(root: str, partition: int, spec: dict, n_shards: int) -> dic
         found.append((dup, orig, SEMANTIC))
         comparisons += n
 
-    order, original, kind = _most_exact(
+    order, original, kind = most_exact(
         np.concatenate([f[0] for f in found]) if found else np.zeros(0, np.int64),
         np.concatenate([f[1] for f in found]) if found else np.zeros(0, np.int64),
         np.concatenate([np.full(len(f[0]), f[2], np.int8) for f in found]) if found else np.zeros(0, np.int8),
     )
-    _write_batches(out / f"{shard_name(partition)}.arrow", DECISION_SCHEMA,
+    write_batches(out / f"{shard_name(partition)}.arrow", DECISION_SCHEMA,
                    {"order": order, "original": original, "kind": kind}, order >> 32, n_shards)
     stats = {"partition": partition, "decisions": int(len(order)), "comparisons": int(comparisons),
              "seconds": round(time.time() - started, 3)}
@@ -546,25 +453,3 @@ def find_duplicates(root: str, partition: int, spec: dict, n_shards: int) -> dic
     return stats
 
 
-def _most_exact(order: np.ndarray, original: np.ndarray, kind: np.ndarray):
-    """One decision per sample: its most exact kind, then its earliest original."""
-    idx = np.lexsort((original, kind, order))
-    order, original, kind = order[idx], original[idx], kind[idx]
-    first = np.ones(len(order), bool)
-    first[1:] = order[1:] != order[:-1]
-    return order[first], original[first], kind[first]
-
-
-# --- step 3: a shard's decisions (read by the dedup filter) ------------------------------
-
-def read_decisions(root: str | Path, shard_id: int) -> dict[str, tuple[str, str]]:
-    """key → (kind, key of the earlier sample it duplicates) for the duplicates of one shard."""
-    folder = dedup_dir(root)
-    if not (folder / "done.json").exists():
-        raise RuntimeError("dedup: the dedup pass has not run for this output (work/dedup/done.json missing)")
-    plan = json.loads((folder / "plan.json").read_text())
-    batches = [_read_batch(folder / "decisions" / f"{shard_name(p)}.arrow", shard_id)
-               for p in range(plan["partitions"])]
-    table = pa.Table.from_batches(batches, schema=DECISION_SCHEMA)
-    order, original, kind = _most_exact(*(table.column(c).to_numpy() for c in DECISION_SCHEMA.names))
-    return {order_key(int(o)): (KINDS[int(k)], order_key(int(g))) for o, g, k in zip(order, original, kind)}

@@ -14,14 +14,14 @@ from collections import Counter
 
 import pyarrow.parquet as pq
 
-from filters import apply_chain, build_stage_chain, chain_counts, is_safety_reason
-from pipeline.config import RunConfig
-from pipeline.download import records_table, sample_meta
-from pipeline.layout import RunLayout
-from pipeline.report_samples import ReportSamples
-from pipeline.score import read_embeddings, read_scores
-from pipeline.shards import atomic_path, clean_shard, is_done, mark_done, read_marker, remove_shard, shard_name
-from pipeline.tarshard import TarShardWriter, iter_tar_samples
+from curate.filters import apply_chain, build_stage_chain, chain_counts, is_safety_reason
+from curate.pipeline.config import RunConfig
+from curate.pipeline.embeddings import read_embeddings, read_scores
+from curate.pipeline.layout import RunLayout
+from curate.pipeline.records import records_table, sample_meta
+from curate.pipeline.report.samples import ReportSamples
+from curate.pipeline.shards import atomic_path, remove_shard, run_once, shard_name
+from curate.pipeline.tarshard import TarShardWriter, iter_tar_samples
 
 
 def write_shard(shard_id: int, upstream: dict, root: str, cfg: RunConfig, filter_specs: list[dict]) -> dict:
@@ -33,13 +33,16 @@ def write_shard(shard_id: int, upstream: dict, root: str, cfg: RunConfig, filter
     top_fraction) already resolved to a threshold.
     """
     layout = RunLayout(root)
+    stats = run_once(layout.shards, shard_id, lambda: _write(shard_id, upstream, layout, cfg, filter_specs))
+    if not cfg.output.keep_intermediate:
+        remove_shard(layout.download, shard_id)
+    return stats
+
+
+def _write(shard_id: int, upstream: dict, layout: RunLayout, cfg: RunConfig, filter_specs: list[dict]) -> dict:
+    started = time.time()
     download_dir, out_dir = layout.download, layout.shards
     downloaded, scored = upstream["download"], upstream.get("score")
-    if is_done(out_dir, shard_id):
-        return read_marker(out_dir, shard_id)
-    clean_shard(out_dir, shard_id)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
     name = shard_name(shard_id)
 
     records = pq.read_table(download_dir / f"{name}.parquet").to_pylist()
@@ -114,8 +117,5 @@ def write_shard(shard_id: int, upstream: dict, root: str, cfg: RunConfig, filter
             "write": round(time.time() - started, 3),
         },
     }
-    report_samples.save(layout.report_samples / f"{name}.parquet")  # before the marker, like every output
-    mark_done(out_dir, shard_id, stats)
-    if not cfg.output.keep_intermediate:
-        remove_shard(download_dir, shard_id)
+    report_samples.save(layout.report_samples_file(shard_id))  # before the marker, like every output
     return stats

@@ -33,46 +33,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.clip_model import LoadedClip, load_clip, resolve_device
-from pipeline.config import ClipConfig
-from pipeline.score_reader import Batch, ReaderPool, read_batches
-from pipeline.shards import atomic_path, is_done, mark_done, read_marker, shard_name
+from curate.pipeline.config import ClipConfig
+from curate.pipeline.embeddings import histogram
+from curate.pipeline.layout import embedding_files
+from curate.pipeline.models.cache import cached
+from curate.pipeline.models.clip import LoadedClip, load_clip
+from curate.pipeline.models.device import resolve_device
+from curate.pipeline.score_reader import Batch, ReaderPool, read_batches
+from curate.pipeline.shards import atomic_path, run_once, shard_name
+
+# The reason of a sample whose image CLIP's decoder could not read (the write stage rejects it).
+DECODE_ERROR = "decode_error"
 
 # Threads decoding and preprocessing batches on the GPU while the model runs: nvJPEG's
 # CPU-side Huffman decoding is the slow part, and two threads decode ~1.35x faster than one
 # (H200 host: 16,700 → 22,300 images/s; four threads are no faster).
 PREPARE_THREADS = 2
-
-# Fixed bins over [-1, 1] for similarity histograms: merged across shards, they give
-# the dataset-wide quantile for `top_fraction` without holding any scores in memory.
-HIST_BINS = 20_000
-
-
-def histogram(similarities: np.ndarray) -> dict[str, int]:
-    """Sparse histogram {bin index: count}, small enough for a shard's done-marker."""
-    counts, _ = np.histogram(similarities, bins=HIST_BINS, range=(-1.0, 1.0))
-    return {str(i): int(counts[i]) for i in np.flatnonzero(counts)}
-
-
-def merge_histograms(sparse: list[dict[str, int]]) -> np.ndarray:
-    total = np.zeros(HIST_BINS, dtype=np.int64)
-    for h in sparse:
-        for i, c in h.items():
-            total[int(i)] += c
-    return total
-
-
-def threshold_for_top_fraction(hist: np.ndarray, fraction: float) -> float:
-    """The similarity above which `fraction` of all scored samples lie (bin resolution 1e-4)."""
-    total = int(hist.sum())
-    if total == 0:
-        return 1.0
-    keep = fraction * total
-    above = np.cumsum(hist[::-1])  # samples in this bin or higher, from the top bin down
-    top_bin = int(np.searchsorted(above, keep))  # first bin (from the top) reaching the fraction
-    edges = np.linspace(-1.0, 1.0, HIST_BINS + 1)
-    return float(edges[HIST_BINS - 1 - min(top_bin, HIST_BINS - 1)])
-
 
 def _prefetched(batches: Iterator[Batch], depth: int = 2) -> Iterator[Batch]:
     """Read the next batches in a thread while the model computes. When the consumer stops
@@ -320,24 +296,6 @@ def _on_device(values: list, device):
     return tensor.to(device, non_blocking=True)
 
 
-def _clean_score_outputs(folder: Path, shard_id: int) -> None:
-    name = shard_name(shard_id)
-    for sub, prefix in (("img_emb", "img_emb"), ("text_emb", "text_emb"), ("metadata", "metadata")):
-        for leftover in (folder / sub).glob(f"{prefix}_{name}.*"):
-            leftover.unlink(missing_ok=True)
-
-
-def score_outputs(folder: Path, shard_id: int) -> dict[str, Path]:
-    name = shard_name(shard_id)
-    return {
-        "img_emb": folder / "img_emb" / f"img_emb_{name}.npy",
-        "text_emb": folder / "text_emb" / f"text_emb_{name}.npy",
-        "metadata": folder / "metadata" / f"metadata_{name}.parquet",
-    }
-
-
-_scorers: dict[tuple, ClipScorer] = {}
-_reader_pools: dict[tuple[str, int], ReaderPool] = {}
 
 # Reader processes per GPU scorer when `clip.reader_processes` is "auto" (one tokenizes ~20,000
 # captions/s; two keep ahead of the GPU). The CPU path reads in-process: there the model is
@@ -353,7 +311,7 @@ def _reader_pool(cfg: ClipConfig) -> Optional[ReaderPool]:
         processes = GPU_READER_PROCESSES if resolve_device(cfg.device).startswith("cuda") else 0
     if not processes:
         return None
-    pool = _reader_pools.setdefault((cfg.model, processes), ReaderPool(cfg.model, processes))
+    pool = cached(("reader_pool", cfg.model, processes), lambda: ReaderPool(cfg.model, processes))
     pool.start()
     return pool
 
@@ -361,80 +319,55 @@ def _reader_pool(cfg: ClipConfig) -> Optional[ReaderPool]:
 def score_shard(shard_id: int, downloaded: dict, download_dir: str, emb_dir: str, marker_dir: str, cfg: ClipConfig) -> dict:
     """Score one downloaded shard. Returns its stats (with a similarity histogram); done shards
     are not redone. `downloaded` orders this task after the shard's download."""
-    emb_dir, marker_dir = Path(emb_dir), Path(marker_dir)
-    if is_done(marker_dir, shard_id):
-        return read_marker(marker_dir, shard_id)
-    _clean_score_outputs(emb_dir, shard_id)
-    marker_dir.mkdir(parents=True, exist_ok=True)
-    for sub in ("img_emb", "text_emb", "metadata"):
-        (emb_dir / sub).mkdir(parents=True, exist_ok=True)
-    started = time.time()
+    out = embedding_files(emb_dir, shard_id)
 
-    pool = _reader_pool(cfg)
-    key = (cfg.model, cfg.pretrained, cfg.device, cfg.precision, cfg.gpu_decode)
-    scorer = _scorers.setdefault(key, ClipScorer(cfg))
-    keys, sims, img_parts, txt_parts, statuses, reasons = [], [], [], [], [], []
-    tar_path = Path(download_dir) / f"{shard_name(shard_id)}.tar"
-    # Reading the tar and tokenizing run beside the model: in reader processes, or in the prefetch thread.
-    if pool is None:
-        batches = read_batches(tar_path, cfg.batch_size, scorer.clip.tokenizer)
-    else:
-        batches = pool.batches(tar_path, cfg.batch_size)
-    for batch, img, txt, errors in scorer.embed_all(_prefetched(batches)):
-        sim = (img * txt).sum(axis=1)
-        for k, s, e in zip(batch.keys, sim, errors):
-            keys.append(k)
-            sims.append(None if e else float(s))
-            statuses.append("rejected" if e else "ok")
-            reasons.append("decode_error" if e else None)
-        img_parts.append(img.astype(np.float16))
-        txt_parts.append(txt.astype(np.float16))
+    def work() -> dict:
+        for path in out.values():
+            path.parent.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        pool = _reader_pool(cfg)
+        key = (cfg.model, cfg.pretrained, cfg.device, cfg.precision, cfg.gpu_decode)
+        scorer = cached(("scorer", *key), lambda: ClipScorer(cfg))
+        keys, sims, img_parts, txt_parts = [], [], [], []
+        tar_path = Path(download_dir) / f"{shard_name(shard_id)}.tar"
+        # Reading the tar and tokenizing run beside the model: in reader processes, or in the prefetch thread.
+        if pool is None:
+            batches = read_batches(tar_path, cfg.batch_size, scorer.clip.tokenizer)
+        else:
+            batches = pool.batches(tar_path, cfg.batch_size)
+        for batch, img, txt, errors in scorer.embed_all(_prefetched(batches)):
+            sim = (img * txt).sum(axis=1)
+            keys.extend(batch.keys)
+            sims.extend(None if e else float(s) for s, e in zip(sim, errors))
+            img_parts.append(img.astype(np.float16))
+            txt_parts.append(txt.astype(np.float16))
+        embedded = time.time() - started  # the rest is writing the files
 
-    embedded = time.time() - started  # the rest is writing the files
-    out = score_outputs(emb_dir, shard_id)
-    dim = img_parts[0].shape[1] if img_parts else 0
-    for name, parts in (("img_emb", img_parts), ("text_emb", txt_parts)):
-        with atomic_path(out[name]) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, np.concatenate(parts) if parts else np.zeros((0, dim), np.float16))
-    table = pa.table({
-        "key": pa.array(keys, pa.string()),
-        "clip_similarity": pa.array(sims, pa.float32()),
-        "clip_model": pa.array([scorer.clip.name] * len(keys), pa.string()),
-        "status": pa.array(statuses, pa.string()),
-        "reason": pa.array(reasons, pa.string()),
-    })
-    with atomic_path(out["metadata"]) as tmp:
-        pq.write_table(table, tmp)
+        dim = img_parts[0].shape[1] if img_parts else 0
+        for name, parts in (("img_emb", img_parts), ("text_emb", txt_parts)):
+            with atomic_path(out[name]) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, np.concatenate(parts) if parts else np.zeros((0, dim), np.float16))
+        failed = [s is None for s in sims]  # the image did not decode for CLIP
+        table = pa.table({
+            "key": pa.array(keys, pa.string()),
+            "clip_similarity": pa.array(sims, pa.float32()),
+            "clip_model": pa.array([scorer.clip.name] * len(keys), pa.string()),
+            "status": pa.array(["rejected" if f else "ok" for f in failed], pa.string()),
+            "reason": pa.array([DECODE_ERROR if f else None for f in failed], pa.string()),
+        })
+        with atomic_path(out["metadata"]) as tmp:
+            pq.write_table(table, tmp)
 
-    scored = np.array([s for s in sims if s is not None], dtype=np.float32)
-    stats = {
-        "shard": shard_id,
-        "scored": int(len(scored)),
-        "decode_errors": int(len(sims) - len(scored)),
-        "histogram": histogram(scored),
-        "model": scorer.clip.name,
-        "device": scorer.clip.device,
-        "seconds": round(time.time() - started, 3),
-        "embed_seconds": round(embedded, 3),
-    }
-    mark_done(marker_dir, shard_id, stats)
-    return stats
+        scored = np.array([s for s in sims if s is not None], dtype=np.float32)
+        return {
+            "shard": shard_id,
+            "scored": int(len(scored)),
+            "decode_errors": int(len(sims) - len(scored)),
+            "histogram": histogram(scored),
+            "model": scorer.clip.name,
+            "device": scorer.clip.device,
+            "embed_seconds": round(embedded, 3),
+        }
 
-
-def read_embeddings(emb_dir: Path, shard_id: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """key → (image embedding, text embedding), float32 and L2-normalized, for one scored shard."""
-    out = score_outputs(Path(emb_dir), shard_id)
-    keys = pq.read_table(out["metadata"], columns=["key"]).column("key").to_pylist()
-    img = np.load(out["img_emb"]).astype(np.float32)
-    txt = np.load(out["text_emb"]).astype(np.float32)
-    return {k: (img[i], txt[i]) for i, k in enumerate(keys)}
-
-
-def read_scores(emb_dir: Path, shard_id: int) -> dict[str, tuple[Optional[float], str, Optional[str]]]:
-    """key → (clip_similarity, clip_model, rejection reason or None) for one scored shard."""
-    table = pq.read_table(score_outputs(Path(emb_dir), shard_id)["metadata"])
-    return {
-        r["key"]: (r["clip_similarity"], r["clip_model"], r["reason"])
-        for r in table.to_pylist()
-    }
+    return run_once(Path(marker_dir), shard_id, work, also_clean=out.values())

@@ -14,19 +14,17 @@ at `local-dir:` + TINY_CLIP_DIR, used by the demo and the tests.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from pipeline.clip_text import can_trim_text, fast_tokenizer
-from pipeline.errors import UserError
+from curate.pipeline.errors import UserError
+from curate.pipeline.models.cache import cached
+from curate.pipeline.models.clip_text import can_trim_text, fast_tokenizer
+from curate.pipeline.models.device import resolve_device
 
-TINY_CLIP_DIR = Path(__file__).resolve().parent / "assets" / "tiny-clip"
+TINY_CLIP_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-clip"
 TINY_CLIP = f"local-dir:{TINY_CLIP_DIR}"
-
-_cache: dict[tuple, "LoadedClip"] = {}
-_lock = threading.Lock()
 
 
 @dataclass
@@ -49,13 +47,13 @@ class LoadedClip:
         padding columns cut where `trim_text` (same result, pipeline/clip_text.py). Cutting on
         the CPU matters: finding the length on the GPU would wait for the GPU once per batch,
         so the CPU could never queue a batch's kernels while the previous batch computes."""
-        from pipeline.clip_text import trim_tokens
+        from curate.pipeline.models.clip_text import trim_tokens
 
         return trim_tokens(tokens) if self.trim_text else tokens
 
     def encode_text(self, tokens):
         """L2-normalized text embeddings of `prepare_tokens` output already on `device`."""
-        from pipeline.clip_text import encode_text_trimmed
+        from curate.pipeline.models.clip_text import encode_text_trimmed
 
         if self.trim_text:
             return encode_text_trimmed(self.model, tokens)
@@ -105,16 +103,6 @@ class PatchEmbedMatmul:
                 return out.reshape(b, gh, gw, -1).permute(0, 3, 1, 2)
 
         return _PatchEmbed()
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"clip.device is {device!r} but no CUDA device is available")
-    return device
 
 
 def resolve_dtype(precision: str, device: str):
@@ -175,11 +163,7 @@ def load_tokenizer(model: str):
 def load_clip(model: str, pretrained: Optional[str] = None, device: str = "auto", precision: str = "auto") -> LoadedClip:
     """The model for these settings, loaded at most once per process (thread-safe)."""
     device = resolve_device(device)
-    key = (model, pretrained, device, precision)
-    with _lock:
-        if key not in _cache:
-            _cache[key] = _load(model, pretrained, device, precision)
-        return _cache[key]
+    return cached(("clip", model, pretrained, device, precision), lambda: _load(model, pretrained, device, precision))
 
 
 def _load(model: str, pretrained: Optional[str], device: str, precision: str) -> LoadedClip:
