@@ -53,7 +53,7 @@ cfg = RunConfig.model_validate({
     "input": {"paths": [urls], "rows_per_shard": shard_rows},
     "output": {"path": out},
     "download": {"timeout": 10, "retries": 0, "threads": 32, "allow_private_addresses": True},
-    "resize": {"image_size": 512, "resize_mode": "keep_ratio", "resize_only_if_bigger": True},
+    "resize": {"size": 512, "mode": "keep_ratio", "upscale": False},  # img2dataset's resize_only_if_bigger
     "dask": {"n_workers": cores, "threads_per_worker": 1},
 })
 t = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Filters: each answers keep, or drop with a reason.
+"""Filters: each answers keep, or drop with a Rejection (reason, and the measure it compared).
 
 Adding a filter: write a module with a `Filter` subclass, add it to FILTERS below,
 add a test. The YAML names it in `filters:` with its parameters, in order.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from curate.filters.base import STAGES, Filter, apply_chain, chain_counts, is_safety_reason
+from curate.filters.base import STAGES, Filter, Rejection, apply_chain, chain_counts, is_safety_reason
 from curate.filters.blocklist import CaptionBlocklist, UrlBlocklist
 from curate.filters.caption import CaptionBoilerplate, CaptionClean, CaptionLanguage, CaptionLength
 from curate.filters.clip import ClipSimilarity
@@ -73,7 +73,12 @@ def build_stage_chain(specs: list[dict], stage: str, context: dict | None = None
     return chain
 
 
+def score_fields(chain: list[Filter]) -> list[str]:
+    """The score fields the filters of a chain write into the samples' json, each once."""
+    return list(dict.fromkeys(field for f in chain for field in f.score_fields()))
+
+
 __all__ = [
-    "FILTERS", "Filter", "FilterConfigError", "apply_chain", "build_chain", "build_stage_chain",
-    "chain_counts", "is_safety_reason",
+    "FILTERS", "Filter", "FilterConfigError", "Rejection", "apply_chain", "build_chain", "build_stage_chain",
+    "chain_counts", "is_safety_reason", "score_fields",
 ]

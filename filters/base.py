@@ -1,9 +1,12 @@
-"""The filter contract: keep, or drop with a reason.
+"""The filter contract: keep, or drop with a `Rejection`.
 
 A filter is a small pydantic model: its fields are its parameters (so a misspelled
-parameter in the YAML is an error naming it), and `keep(sample)` answers True or
-(False, reason). Calling the filter counts kept and dropped-per-reason by itself,
-so every filter's effect shows up in the shard's stats without any code of its own.
+parameter in the YAML is an error naming it), and `keep(sample)` answers True or a
+`Rejection` (pipeline/records.py), made with `self.reject(reason, metric, value,
+threshold)`: the countable reason, and for a threshold decision the measure it compared,
+this sample's value and the limit. Calling the filter counts kept and dropped-per-reason
+by itself, so every filter's effect shows up in the shard's stats without any code of its
+own; the stages store the rejection as columns of the row's record (the report reads them).
 
 When a filter runs is its `stage`, chosen by what it needs to look at:
 
@@ -19,8 +22,9 @@ When a filter runs is its `stage`, chosen by what it needs to look at:
             `text_emb` (L2-normalized float32 CLIP embeddings). Runs in the write stage.
 
 Within a stage filters run in the order of the YAML list; the stages run in the order
-above. A filter may also change the sample (clean the caption, resize the image, add
-a score to `meta`, or add tar members to `sample["extra"]` as {extension: bytes}).
+above. A filter may also change the sample (clean the caption, add a score to `meta`,
+or add tar members to `sample["extra"]` as {extension: bytes}); the score fields it
+writes into `meta` it declares in `score_fields()`.
 
 Reasons of safety filters start with "unsafe:" (see `is_safety_reason`): the report
 never shows the images of such rows.
@@ -28,23 +32,22 @@ never shows the images of such rows.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import Counter
 from typing import Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr
 
-Decision = Union[bool, tuple[bool, str]]
+from curate.pipeline.records import Rejection, is_safety_reason
+
+Decision = Union[Literal[True], Rejection]
 Stage = Literal["row", "bytes", "sample"]
 STAGES: tuple[str, ...] = ("row", "bytes", "sample")
 CLEANING, SAFETY, OTHER = 0, 1, 2  # Filter.priority
 
-SAFETY_PREFIX = "unsafe"
-
-
-def is_safety_reason(reason: Optional[str]) -> bool:
-    """True for rejections made for safety (their images are never shown or stored)."""
-    return bool(reason) and reason.startswith(SAFETY_PREFIX)
+__all__ = ["CLEANING", "OTHER", "SAFETY", "STAGES", "Decision", "Filter", "Rejection", "apply_chain",
+           "chain_counts", "is_safety_reason"]
 
 
 class Filter(BaseModel):
@@ -79,37 +82,53 @@ class Filter(BaseModel):
         in `input.extra_cols` (checked before any work starts)."""
         return []
 
+    def score_fields(self) -> list[str]:
+        """The numeric score fields this filter writes into `sample["meta"]` (so into the
+        json beside the image and the shard parquet): the report charts them."""
+        return []
+
     def check(self, context: dict[str, Any]) -> None:
         """Called when the config is read, before any work, with `clip` (the run's
         ClipConfig): raise ValueError for a parameter that does not fit the rest of the
         config (a head's input size vs the CLIP model's). Must be cheap: load no model."""
 
     def keep(self, sample: dict[str, Any]) -> Decision:
+        """True to keep the sample, or `self.reject(...)` to drop it."""
         raise NotImplementedError
 
-    def __call__(self, sample: dict[str, Any]) -> Optional[str]:
-        """Apply the filter; returns None to keep, or the drop reason."""
+    def reject(self, reason: str, metric: Optional[str] = None, value: Optional[float] = None,
+               threshold: Optional[float] = None) -> Rejection:
+        """This filter's drop: `reason` is what stats count; a threshold rule also says on what
+        `metric` it decided, the sample's `value` and the `threshold`, e.g.
+        `self.reject(f"clip_similarity<{t:.4g}", "clip_similarity", score, t)`."""
+        return Rejection(reason, filter=self.name, metric=metric, value=value, threshold=threshold)
+
+    def __call__(self, sample: dict[str, Any]) -> Optional[Rejection]:
+        """Apply the filter; returns None to keep, or the Rejection."""
         decision = self.keep(sample)
-        if decision is True or decision == (True, ""):
-            reason, label = None, "kept"
+        if decision is True:
+            rejection, label = None, "kept"
+        elif isinstance(decision, Rejection):
+            rejection = decision if decision.filter is not None else dataclasses.replace(decision, filter=self.name)
+            label = f"dropped: {rejection.reason}"
         else:
-            reason = decision[1] if isinstance(decision, tuple) else self.name
-            label = f"dropped: {reason}"
+            raise TypeError(f"filter {self.name}: keep() must return True or a Rejection "
+                            f"(self.reject(...)), not {decision!r}")
         with self._lock:
             self._counts[label] += 1
-        return reason
+        return rejection
 
     @property
     def counts(self) -> dict[str, int]:
         return dict(self._counts)
 
 
-def apply_chain(chain: list[Filter], sample: dict[str, Any]) -> Optional[str]:
+def apply_chain(chain: list[Filter], sample: dict[str, Any]) -> Optional[Rejection]:
     """Run filters in order; the first drop wins (later filters do not see the sample)."""
     for f in chain:
-        reason = f(sample)
-        if reason is not None:
-            return reason
+        rejection = f(sample)
+        if rejection is not None:
+            return rejection
     return None
 
 

@@ -8,42 +8,18 @@ workers that use it may run elsewhere (they must see the same path, like the out
 
 from __future__ import annotations
 
-import functools
 import ipaddress
-import os
 import html
 import re
 import unicodedata
-from pathlib import Path
 from typing import Optional
 from urllib.parse import urlsplit
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from curate.filters.base import SAFETY, Decision, Filter
-
-
-@functools.lru_cache(maxsize=16)
-def _read_lines(path: str, mtime_ns: int, size: int) -> tuple[str, ...]:
-    # Keyed on mtime and size as well, so an edited file is read again.
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    return tuple(s for s in (line.strip() for line in lines) if s and not s.startswith("#"))
-
-
-def read_list_file(path: str) -> tuple[str, ...]:
-    """The entries of a list file: stripped non-empty lines, `#` comment lines skipped.
-    Cached per process: each shard's task builds its filters again."""
-    st = os.stat(path)
-    return _read_lines(path, st.st_mtime_ns, st.st_size)
-
-
-def _existing_file(path: Optional[str]) -> Optional[str]:
-    if path is None:
-        return None
-    path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.isfile(path):
-        raise ValueError(f"list file not found: {path}")
-    return path
+from curate.filters.base import SAFETY, Decision, Filter, Rejection
+from curate.filters.lists import existing_file, read_list_file
+from curate.pipeline.urls import normalize_host
 
 
 # --- caption keywords ------------------------------------------------------------------------
@@ -87,7 +63,7 @@ class CaptionBlocklist(Filter):
     @field_validator("path")
     @classmethod
     def _file_exists(cls, path: Optional[str]) -> Optional[str]:
-        return _existing_file(path)
+        return existing_file(path)
 
     @model_validator(mode="after")
     def _load(self):
@@ -106,25 +82,11 @@ class CaptionBlocklist(Filter):
         for n in range(1, self._longest + 1):
             for i in range(len(words) - n + 1):
                 if words[i:i + n] in phrases:
-                    return False, "unsafe: caption_blocklist"
+                    return self.reject("unsafe: caption_blocklist")
         return True
 
 
 # --- URLs and domains ----------------------------------------------------------------------
-
-
-def normalize_host(host: str) -> str:
-    """Lower case, no trailing dot, internationalized names in their ASCII (IDNA) form:
-    "Bücher.Example." → "xn--bcher-kva.example"; IP addresses in their canonical form."""
-    host = host.strip().strip("[]").rstrip(".").lower()
-    try:
-        return str(ipaddress.ip_address(host))
-    except ValueError:
-        pass
-    try:
-        return host.encode("idna").decode("ascii")
-    except UnicodeError:
-        return host  # not a valid IDNA name: compared as written
 
 
 def _is_ip(host: str) -> bool:
@@ -170,7 +132,7 @@ class UrlBlocklist(Filter):
     @field_validator("path")
     @classmethod
     def _file_exists(cls, path: Optional[str]) -> Optional[str]:
-        return _existing_file(path)
+        return existing_file(path)
 
     @model_validator(mode="after")
     def _load(self):
@@ -198,22 +160,21 @@ class UrlBlocklist(Filter):
         labels = host.split(".")
         return any(".".join(labels[i:]) in self._domains for i in range(len(labels)))
 
-    def url_reason(self, url: str) -> Optional[str]:
-        """The rejection reason for `url`, or None. The download stage also asks it about
-        every redirect target, so a redirect cannot lead onto a blocked domain (such rows are
-        counted as kept by this filter, rejected by the fetch with this reason)."""
+    def url_rejection(self, url: str) -> Optional[Rejection]:
+        """The rejection of `url`, or None. The download stage also asks it about every
+        redirect target, so a redirect cannot lead onto a blocked domain (such rows are
+        counted as kept by this filter, rejected by the fetch with this rejection)."""
         try:
             host = urlsplit(url.strip()).hostname or ""
         except ValueError:
             return None  # not a URL: the fetch rejects it with its own reason
         if self._domains and self.blocked_domain(host):
-            return "unsafe: url_blocklist"
+            return self.reject("unsafe: url_blocklist")
         if self._prefixes:
             normalized = _normalize_url(url)
             if normalized is not None and normalized.startswith(self._prefixes):
-                return "unsafe: url_blocklist"
+                return self.reject("unsafe: url_blocklist")
         return None
 
     def keep(self, sample) -> Decision:
-        reason = self.url_reason(sample.get("url") or "")
-        return (False, reason) if reason else True
+        return self.url_rejection(sample.get("url") or "") or True

@@ -30,13 +30,13 @@ class CaptionLength(Filter):
         caption = sample.get("caption") or ""
         words = len(caption.split())
         if words < self.min_words:
-            return False, f"caption_too_short: <{self.min_words} words"
+            return self.reject(f"caption_too_short: <{self.min_words} words", "words", words, self.min_words)
         if self.max_words is not None and words > self.max_words:
-            return False, f"caption_too_long: >{self.max_words} words"
+            return self.reject(f"caption_too_long: >{self.max_words} words", "words", words, self.max_words)
         if len(caption) < self.min_chars:
-            return False, f"caption_too_short: <{self.min_chars} chars"
+            return self.reject(f"caption_too_short: <{self.min_chars} chars", "chars", len(caption), self.min_chars)
         if self.max_chars is not None and len(caption) > self.max_chars:
-            return False, f"caption_too_long: >{self.max_chars} chars"
+            return self.reject(f"caption_too_long: >{self.max_chars} chars", "chars", len(caption), self.max_chars)
         return True
 
 
@@ -75,7 +75,7 @@ class CaptionClean(Filter):
 
     def keep(self, sample) -> Decision:
         sample["caption"] = clean_caption(sample.get("caption") or "")
-        return True if sample["caption"] else (False, "caption_empty")
+        return True if sample["caption"] else self.reject("caption_empty")
 
 
 # Alt text that names a file or a placeholder instead of describing the image.
@@ -125,9 +125,9 @@ class CaptionBoilerplate(Filter):
         if not caption:
             return True  # an empty caption is caption_clean's or caption_length's to judge
         if any(p.fullmatch(caption) for p in self._compiled):
-            return False, "caption_boilerplate"
+            return self.reject("caption_boilerplate")
         if _TRAILING_NUMBERING.sub("", caption).casefold() in BOILERPLATE_WORDS:
-            return False, "caption_boilerplate"
+            return self.reject("caption_boilerplate")
         return True
 
 
@@ -167,4 +167,12 @@ class CaptionLanguage(Filter):
         language, score = language_identifier().classify(sample.get("caption") or "")
         sample["meta"]["language"], sample["meta"]["language_score"] = language, round(score, 4)
         detected = language if score >= self.min_confidence else "und"
-        return True if detected in self.languages else (False, f"caption_language: {detected}")
+        if detected in self.languages:
+            return True
+        # A confident detection of another language is not a threshold decision; "und" is.
+        if detected == "und":
+            return self.reject("caption_language: und", "language_score", score, self.min_confidence)
+        return self.reject(f"caption_language: {detected}")
+
+    def score_fields(self) -> list[str]:
+        return ["language_score"]

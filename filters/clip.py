@@ -36,5 +36,5 @@ class ClipSimilarity(Filter):
         if score is None:
             raise RuntimeError("clip_similarity filter needs clip.enabled: true (the sample has no score)")
         if score < self.min_similarity:
-            return False, f"clip_similarity<{self.min_similarity:.4g}"
+            return self.reject(f"clip_similarity<{self.min_similarity:.4g}", "clip_similarity", score, self.min_similarity)
         return True

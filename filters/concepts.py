@@ -107,5 +107,9 @@ class ConceptFilter(Filter):
             sample["meta"][f"concept_{concept.name}"] = round(float(score), 4)
         for concept, score in zip(self.concepts, scores):
             if score >= concept.threshold:
-                return False, f"unsafe: concept {concept.name}"
+                return self.reject(f"unsafe: concept {concept.name}", f"concept_{concept.name}", float(score),
+                                   concept.threshold)
         return True
+
+    def score_fields(self) -> list[str]:
+        return [f"concept_{c.name}" for c in self.concepts]

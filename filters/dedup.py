@@ -66,7 +66,7 @@ class Dedup(Filter):
             return True
         kind, original = found
         sample["meta"]["duplicate_of"] = original
-        return False, f"duplicate: {kind}"
+        return self.reject(f"duplicate: {kind}")
 
 
 def dedup_spec(specs: list[dict]) -> Optional[dict]:

@@ -28,27 +28,27 @@ from pathlib import Path
 from pydantic import Field, PrivateAttr, field_validator
 
 from curate.filters.base import SAFETY, Decision, Filter
+from curate.filters.lists import read_list_lines
 
 _HEX = re.compile(r"[0-9a-f]+")
 
 
 @functools.lru_cache(maxsize=16)
-def _read_list(path: str, mtime_ns: int, size: int) -> tuple[frozenset, frozenset]:
+def _digests(path: str, mtime_ns: int, size: int) -> tuple[frozenset, frozenset]:
     """(sha256 digests, md5 digests) of one list file; cached per process and file version."""
     sha256, md5 = set(), set()
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            fields = line.split("#", 1)[0].split()
-            if not fields:
-                continue
-            digest = fields[0].lower()
-            if _HEX.fullmatch(digest) and len(digest) == 64:
-                sha256.add(digest)
-            elif _HEX.fullmatch(digest) and len(digest) == 32:
-                md5.add(digest)
-            else:
-                raise ValueError(f"{path}:{number}: {digest[:80]!r} is not a sha256 (64 hex digits) "
-                                 "or md5 (32 hex digits) digest")
+    for number, line in read_list_lines(path):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        digest = fields[0].lower()
+        if _HEX.fullmatch(digest) and len(digest) == 64:
+            sha256.add(digest)
+        elif _HEX.fullmatch(digest) and len(digest) == 32:
+            md5.add(digest)
+        else:
+            raise ValueError(f"{path}:{number}: {digest[:80]!r} is not a sha256 (64 hex digits) "
+                             "or md5 (32 hex digits) digest")
     return frozenset(sha256), frozenset(md5)
 
 
@@ -57,7 +57,7 @@ def read_blocklist(path: str | os.PathLike) -> tuple[frozenset, frozenset]:
     if not path.is_file():
         raise ValueError(f"hash list not found: {path}")
     stat = path.stat()
-    return _read_list(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    return _digests(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
 
 
 class HashBlocklist(Filter):
@@ -93,8 +93,8 @@ class HashBlocklist(Filter):
         data = sample["data"]
         sha256 = sample.get("sha256") or hashlib.sha256(data).hexdigest()
         if sha256 in self._sha256:
-            return False, "unsafe: hash_blocklist"
+            return self.reject("unsafe: hash_blocklist")
         # md5 only when some list has md5 digests: most lists are sha256 only.
         if self._md5 and hashlib.md5(data, usedforsecurity=False).hexdigest() in self._md5:
-            return False, "unsafe: hash_blocklist"
+            return self.reject("unsafe: hash_blocklist")
         return True

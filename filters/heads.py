@@ -99,14 +99,17 @@ class NsfwHead(_EmbeddingHead):
         punsafe = self.score(sample)
         sample["meta"]["punsafe"] = round(punsafe, 4)
         if punsafe >= self.threshold:
-            return False, f"unsafe: nsfw punsafe>={self.threshold:g}"
+            return self.reject(f"unsafe: nsfw punsafe>={self.threshold:g}", "punsafe", punsafe, self.threshold)
         return True
+
+    def score_fields(self) -> list[str]:
+        return ["punsafe"]
 
 
 class AestheticHead(_EmbeddingHead):
     """The LAION aesthetic predictor's rating (about 1–10), written as `aesthetic_score`;
-    drops scores below `min_score` as "aesthetic_score<5" (the reason names the json field,
-    so the report can show the dropped samples nearest the threshold). Without `min_score`
+    drops scores below `min_score` as "aesthetic_score<5" (its rejection's metric is the json
+    field, so the report can show the dropped samples nearest the threshold). Without `min_score`
     it only scores. LAION-Aesthetics V2 published the subsets scoring ≥ 4.5, 5, 6, 6.25 and
     6.5; Stable Diffusion v1 was fine-tuned on the 5+ one. Architecture and state_dict keys:
     `curate.pipeline.models.head_nets.AestheticMlp`."""
@@ -119,5 +122,8 @@ class AestheticHead(_EmbeddingHead):
         score = self.score(sample)
         sample["meta"]["aesthetic_score"] = round(score, 4)
         if self.min_score is not None and score < self.min_score:
-            return False, f"aesthetic_score<{self.min_score:g}"
+            return self.reject(f"aesthetic_score<{self.min_score:g}", "aesthetic_score", score, self.min_score)
         return True
+
+    def score_fields(self) -> list[str]:
+        return ["aesthetic_score"]

@@ -71,11 +71,13 @@ class LaionColumns(Filter):
             if punsafe is None:
                 self._missing("punsafe")
             elif punsafe >= self.punsafe_threshold:
-                return False, f"unsafe: laion_punsafe>={self.punsafe_threshold:g}"
+                return self.reject(f"unsafe: laion_punsafe>={self.punsafe_threshold:g}", "punsafe", punsafe,
+                                   self.punsafe_threshold)
         if self.pwatermark_threshold is not None:
             pwatermark = _value(meta, "pwatermark")
             if pwatermark is None:
                 self._missing("pwatermark")
             elif pwatermark >= self.pwatermark_threshold:
-                return False, f"watermark: pwatermark>={self.pwatermark_threshold:g}"
+                return self.reject(f"watermark: pwatermark>={self.pwatermark_threshold:g}", "pwatermark", pwatermark,
+                                   self.pwatermark_threshold)
         return True

@@ -34,14 +34,16 @@ class Resolution(Filter):
     def keep(self, sample) -> Decision:
         width, height = sample.get("original_width"), sample.get("original_height")
         if width is not None and height is not None:
-            if min(width, height) < self.min_side:
-                return False, f"resolution: side<{self.min_side}"
-            if width * height < self.min_area:
-                return False, f"resolution: area<{self.min_area}"
-            if self.max_area is not None and width * height > self.max_area:
-                return False, f"resolution: area>{self.max_area}"
-            if self.max_aspect_ratio is not None and max(width, height) > self.max_aspect_ratio * min(width, height):
-                return False, f"resolution: aspect>{self.max_aspect_ratio:g}"
+            side, area, aspect = min(width, height), width * height, max(width, height) / max(1, min(width, height))
+            if side < self.min_side:
+                return self.reject(f"resolution: side<{self.min_side}", "side", side, self.min_side)
+            if area < self.min_area:
+                return self.reject(f"resolution: area<{self.min_area}", "area", area, self.min_area)
+            if self.max_area is not None and area > self.max_area:
+                return self.reject(f"resolution: area>{self.max_area}", "area", area, self.max_area)
+            if self.max_aspect_ratio is not None and max(width, height) > self.max_aspect_ratio * side:
+                return self.reject(f"resolution: aspect>{self.max_aspect_ratio:g}", "aspect", aspect,
+                                   self.max_aspect_ratio)
         if len(sample["data"]) < self.min_bytes:
-            return False, f"resolution: bytes<{self.min_bytes}"
+            return self.reject(f"resolution: bytes<{self.min_bytes}", "bytes", len(sample["data"]), self.min_bytes)
         return True

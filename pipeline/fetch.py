@@ -5,15 +5,15 @@ so a URL (or a redirect) naming an internal service would be fetched. Here every
 hop is resolved, each address is checked against the policy, and the socket is
 connected to the checked address itself (no second DNS lookup to race).
 
-Every failure becomes a short, low-cardinality reason (`failed_to_download: HTTP 404`)
-that stats can count, plus a free-text detail for the row's parquet record.
+Every failure becomes a `Rejection` (filter "download") with a short, low-cardinality
+reason (`failed_to_download: HTTP 404`) that stats can count, plus a free-text detail for
+the row's parquet record; a `FetchError` also says whether trying again could help.
 """
 
 from __future__ import annotations
 
 import http.client
 import ipaddress
-import re
 import socket
 import ssl
 import time
@@ -22,31 +22,50 @@ from typing import Callable, Optional
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
 from curate.pipeline.config import DownloadConfig
+from curate.pipeline.records import Rejection
+from curate.pipeline.urls import normalize_host
 
 _REDIRECTS = {301, 302, 303, 307, 308}
 _CHUNK = 64 * 1024
 _BROWSER_UA = "Mozilla/5.0 (X11; Linux x86_64; rv:120.0) Gecko/20100101 Firefox/120.0"
 _SSL_CONTEXT = ssl.create_default_context()
-# What an ASCII DNS name or IP literal (IPv6 without brackets) can hold once lowercased.
-_HOST_CHARS = re.compile(r"[a-z0-9._:-]+")
+
+
+# The stage's name in the rejections it makes (a redirect refused by a URL filter is that filter's).
+FETCH = "download"
 
 
 @dataclass
 class FetchResult:
     data: Optional[bytes]
-    reason: Optional[str] = None  # None on success
-    detail: Optional[str] = None
+    rejection: Optional[Rejection] = None  # None on success
 
     @property
     def ok(self) -> bool:
-        return self.reason is None
+        return self.rejection is None
+
+    @property
+    def reason(self) -> Optional[str]:
+        return None if self.rejection is None else self.rejection.reason
+
+    @property
+    def detail(self) -> Optional[str]:
+        return None if self.rejection is None else self.rejection.detail
+
+
+def _failed(reason: str, detail: str) -> FetchResult:
+    return FetchResult(None, Rejection(reason, filter=FETCH, detail=detail))
 
 
 class FetchError(Exception):
-    def __init__(self, reason: str, detail: str = ""):
+    """A fetch that failed: its rejection, and whether another attempt could succeed
+    (`retryable`: a timeout, a dropped connection, a 5xx may pass next time; a 4xx, an
+    invalid URL, a blocked address or an opt-out will not). Every raise decides it."""
+
+    def __init__(self, reason: str, detail: str = "", *, retryable: bool, filter: str = FETCH):
         super().__init__(reason)
-        self.reason = reason
-        self.detail = detail or reason
+        self.rejection = Rejection(reason, filter=filter, detail=detail or reason)
+        self.retryable = retryable
 
 
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
@@ -107,13 +126,13 @@ def _connector(allow_private: bool):
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
-            raise FetchError("failed_to_download: dns error", f"{host}: {exc}") from exc
+            raise FetchError("failed_to_download: dns error", f"{host}: {exc}", retryable=True) from exc
         last_exc: Exception | None = None
         for family, socktype, proto, _, sockaddr in infos:
             ip = ipaddress.ip_address(sockaddr[0].split("%")[0])
             why = address_block_reason(ip, allow_private)
             if why:
-                raise FetchError("blocked_address", f"{host} resolves to {ip} ({why})")
+                raise FetchError("blocked_address", f"{host} resolves to {ip} ({why})", retryable=False)
             sock = socket.socket(family, socktype, proto)
             try:
                 sock.settimeout(timeout)
@@ -131,33 +150,23 @@ def _split(url: str):
     try:
         return urlsplit(url)
     except ValueError as exc:  # e.g. "http://[::1/x": an unclosed IPv6 bracket
-        raise FetchError("invalid_url: bad host", f"{type(exc).__name__}: {exc}"[:200]) from exc
-
-
-def _ascii_host(hostname: str) -> str:
-    """The host as DNS sees it (IDNA for Unicode names), or FetchError for a host that no DNS
-    name or IP literal can be: spaces, control characters or percent signs must never reach
-    the resolver as a query."""
-    try:
-        host = hostname.encode("idna").decode("ascii")
-    except UnicodeError as exc:
-        raise FetchError("invalid_url: bad host", str(exc)[:200]) from exc
-    if not _HOST_CHARS.fullmatch(host):
-        raise FetchError("invalid_url: bad host", repr(hostname)[:200])
-    return host
+        raise FetchError("invalid_url: bad host", f"{type(exc).__name__}: {exc}"[:200], retryable=False) from exc
 
 
 def _open_connection(url: str, cfg: DownloadConfig, timeout: float) -> tuple[http.client.HTTPConnection, str]:
     parts = _split(url)
     if parts.scheme not in ("http", "https"):
-        raise FetchError("invalid_url: unsupported scheme", f"scheme {parts.scheme or '(none)'!r}")
+        raise FetchError("invalid_url: unsupported scheme", f"scheme {parts.scheme or '(none)'!r}", retryable=False)
     if not parts.hostname:
-        raise FetchError("invalid_url: no host", url)
-    host = _ascii_host(parts.hostname)
+        raise FetchError("invalid_url: no host", url, retryable=False)
+    try:
+        host = normalize_host(parts.hostname, strict=True)
+    except ValueError as exc:
+        raise FetchError("invalid_url: bad host", str(exc), retryable=False) from exc
     try:
         port = parts.port
     except ValueError as exc:
-        raise FetchError("invalid_url: bad port", str(exc)) from exc
+        raise FetchError("invalid_url: bad port", str(exc), retryable=False) from exc
     if parts.scheme == "https":
         conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=_SSL_CONTEXT)
     else:
@@ -199,14 +208,14 @@ def robots_disallowed(headers: http.client.HTTPMessage, cfg: DownloadConfig) -> 
 def _quote_unsafe(url: str) -> str:
     """Percent-encode spaces and non-ASCII characters in path, query and fragment, as browsers
     do. The host is left alone: a Unicode name is IDNA-encoded when connecting, and a host
-    that needs quoting is not a host (`_ascii_host` refuses it)."""
+    that needs quoting is not a host (`normalize_host` refuses it)."""
     parts = _split(url)
     safe = ":/?#[]@!$&'()*+,;=%~"
     return urlunsplit((parts.scheme, parts.netloc, quote(parts.path, safe=safe),
                        quote(parts.query, safe=safe), quote(parts.fragment, safe=safe)))
 
 
-def fetch_once(url: str, cfg: DownloadConfig, check_url: Optional[Callable[[str], Optional[str]]] = None) -> bytes:
+def fetch_once(url: str, cfg: DownloadConfig, check_url: Optional[Callable[[str], Optional[Rejection]]] = None) -> bytes:
     deadline = time.monotonic() + cfg.timeout
     for _hop in range(cfg.max_redirects + 1):
         conn, target = _open_connection(url, cfg, cfg.timeout)
@@ -219,26 +228,31 @@ def fetch_once(url: str, cfg: DownloadConfig, check_url: Optional[Callable[[str]
             if resp.status in _REDIRECTS:
                 location = resp.getheader("Location")
                 if not location:
-                    raise FetchError("failed_to_download: redirect without location", f"HTTP {resp.status}")
+                    raise FetchError("failed_to_download: redirect without location", f"HTTP {resp.status}",
+                                     retryable=False)
                 try:
                     url = _quote_unsafe(urljoin(url, location))
                 except ValueError as exc:
-                    raise FetchError("invalid_url: bad redirect", f"Location {location!r}"[:200]) from exc
+                    raise FetchError("invalid_url: bad redirect", f"Location {location!r}"[:200], retryable=False) from exc
                 refused = check_url(url) if check_url else None
-                if refused:  # e.g. a redirect onto a blocklisted domain
-                    raise FetchError(refused, f"redirect to {url}"[:200])
+                if refused is not None:  # e.g. a redirect onto a blocklisted domain: that filter's rejection
+                    raise FetchError(refused.reason, f"redirect to {url}"[:200], retryable=False, filter=refused.filter)
                 continue
             if resp.status != 200:
-                raise FetchError(f"failed_to_download: HTTP {resp.status}", f"HTTP {resp.status} {resp.reason}")
+                # A 4xx is the server's answer about this URL; a 5xx (or an odd 1xx/2xx/3xx) may pass next time.
+                raise FetchError(f"failed_to_download: HTTP {resp.status}", f"HTTP {resp.status} {resp.reason}",
+                                 retryable=not 400 <= resp.status < 500)
             directive = robots_disallowed(resp.msg, cfg)
             if directive:
-                raise FetchError("disallowed_by_x_robots_tag", f"X-Robots-Tag: {directive}")
+                raise FetchError("disallowed_by_x_robots_tag", f"X-Robots-Tag: {directive}", retryable=False)
             ctype = (resp.getheader("Content-Type") or "").split(";")[0].strip().lower()
             if ctype.startswith("text/"):
-                raise FetchError("failed_to_download: not an image", f"Content-Type {ctype}")
+                # Retried: sites serve error and rate-limit pages as 200 text/html.
+                raise FetchError("failed_to_download: not an image", f"Content-Type {ctype}", retryable=True)
             length = resp.getheader("Content-Length")
             if length and length.isdigit() and int(length) > cfg.max_bytes:
-                raise FetchError("failed_to_download: too large", f"Content-Length {length} > {cfg.max_bytes}")
+                raise FetchError("failed_to_download: too large", f"Content-Length {length} > {cfg.max_bytes}",
+                                 retryable=False)
             chunks, size = [], 0
             while True:
                 chunk = resp.read(_CHUNK)
@@ -246,46 +260,47 @@ def fetch_once(url: str, cfg: DownloadConfig, check_url: Optional[Callable[[str]
                     break
                 size += len(chunk)
                 if size > cfg.max_bytes:
-                    raise FetchError("failed_to_download: too large", f"more than {cfg.max_bytes} bytes")
+                    raise FetchError("failed_to_download: too large", f"more than {cfg.max_bytes} bytes", retryable=False)
                 if time.monotonic() > deadline:
-                    raise FetchError("failed_to_download: timeout", f"body not complete after {cfg.timeout}s")
+                    raise FetchError("failed_to_download: timeout", f"body not complete after {cfg.timeout}s",
+                                     retryable=True)
                 chunks.append(chunk)
             # http.client returns a short body silently when the server hangs up early.
             if length and length.isdigit() and size != int(length):
-                raise FetchError("failed_to_download: incomplete body", f"{size} of {length} bytes")
+                raise FetchError("failed_to_download: incomplete body", f"{size} of {length} bytes", retryable=True)
             return b"".join(chunks)
         finally:
             conn.close()
-    raise FetchError("failed_to_download: too many redirects", f"more than {cfg.max_redirects}")
+    raise FetchError("failed_to_download: too many redirects", f"more than {cfg.max_redirects}", retryable=False)
 
 
-def fetch(url: Optional[str], cfg: DownloadConfig, check_url: Optional[Callable[[str], Optional[str]]] = None) -> FetchResult:
-    """Fetch with retries. Never raises: failures come back as a reason. `check_url(url)` is
-    asked about every redirect target and returns a rejection reason or None."""
+def fetch(url: Optional[str], cfg: DownloadConfig, check_url: Optional[Callable[[str], Optional[Rejection]]] = None) -> FetchResult:
+    """Fetch with retries. Never raises: a failure comes back as a rejection. `check_url(url)` is
+    asked about every redirect target and returns a Rejection or None."""
     if url is None or not str(url).strip():
-        return FetchResult(None, "invalid_url: missing", "empty URL")
+        return _failed("invalid_url: missing", "empty URL")
     try:
         url = _quote_unsafe(str(url).strip())
     except FetchError as exc:
-        return FetchResult(None, exc.reason, exc.detail)
-    result = FetchResult(None, "failed_to_download: not attempted")
+        return FetchResult(None, exc.rejection)
+    result = _failed("failed_to_download: not attempted", "no attempt made")
     for _attempt in range(cfg.retries + 1):
         try:
             return FetchResult(fetch_once(url, cfg, check_url))
         except FetchError as exc:
-            result = FetchResult(None, exc.reason, exc.detail)
-            if exc.reason.startswith(("invalid_url", "blocked_address", "disallowed", "unsafe")) or "HTTP 4" in exc.reason:
-                return result  # retrying cannot change these answers
+            result = FetchResult(None, exc.rejection)
+            if not exc.retryable:
+                return result
         except http.client.IncompleteRead as exc:
-            result = FetchResult(None, "failed_to_download: incomplete body", f"{len(exc.partial)} bytes received")
+            result = _failed("failed_to_download: incomplete body", f"{len(exc.partial)} bytes received")
         except (socket.timeout, TimeoutError):
-            result = FetchResult(None, "failed_to_download: timeout", f"no answer within {cfg.timeout}s")
+            result = _failed("failed_to_download: timeout", f"no answer within {cfg.timeout}s")
         except ssl.SSLError as exc:
-            result = FetchResult(None, "failed_to_download: tls error", str(exc)[:200])
+            result = _failed("failed_to_download: tls error", str(exc)[:200])
         except (ConnectionError, http.client.HTTPException, OSError) as exc:
-            result = FetchResult(None, "failed_to_download: connection error", f"{type(exc).__name__}: {exc}"[:200])
+            result = _failed("failed_to_download: connection error", f"{type(exc).__name__}: {exc}"[:200])
         except UnicodeError as exc:
-            return FetchResult(None, "invalid_url: bad host", str(exc)[:200])
+            return _failed("invalid_url: bad host", str(exc)[:200])
         except Exception as exc:  # one row's surprise must not fail its shard; still counted by name
-            return FetchResult(None, "failed_to_download: unexpected error", f"{type(exc).__name__}: {exc}"[:200])
+            return _failed("failed_to_download: unexpected error", f"{type(exc).__name__}: {exc}"[:200])
     return result

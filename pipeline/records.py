@@ -21,6 +21,8 @@ import pyarrow as pa
 
 # Why a rejection's image is never shown or kept (see `Rejection.is_safety`).
 SAFETY_PREFIX = "unsafe"
+# The score stage's score field (the filters declare theirs: Filter.score_fields).
+CLIP_SIMILARITY = "clip_similarity"
 
 
 @dataclass(frozen=True)

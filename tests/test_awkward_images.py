@@ -200,7 +200,7 @@ def awkward_run(tmp_path_factory):
                       "truth": list(urls)}).to_parquet(tmp / "urls.parquet", index=False)
         config = write_config(tmp / "config.yaml", tmp / "urls.parquet", tmp / "out",
                               download={"threads": 8, "timeout": 20},
-                              resize={"image_size": 64, "min_image_size": 0, "max_aspect_ratio": 100})
+                              resize={"size": 64}, resolution={"max_aspect_ratio": 100})
         pids_before = worker_pids(client)
         before = worker_memory(client)
         result = run_curate(["run", str(config), "--no-progress", "--set", f"dask.scheduler={address}"],

@@ -153,7 +153,7 @@ def bad_run(tmp_path_factory):
         config = write_config(tmp / "config.yaml", inputs[0], tmp / "out",
                               input={"paths": [str(p) for p in inputs], "extra_cols": ["truth", "note"],
                                      "rows_per_shard": 12},
-                              resize={"image_size": 64, "min_image_size": 0}, dask={"n_workers": 1})
+                              resize={"size": 64}, resolution={"max_aspect_ratio": 3.0}, dask={"n_workers": 1})
         before = sorted(p.name for p in tmp.iterdir())
         result = run_curate(["run", str(config), "--no-progress"], ENV)
         after = sorted(p.name for p in tmp.iterdir())

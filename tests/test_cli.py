@@ -82,7 +82,7 @@ def build_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         ["run", str(config("unknown_filter_parameter", filters=[{"name": "caption_length", "min_wrds": 2}]))],
         "filters.0.min_wrds: unknown parameter")
 
-    cases["bad_set_syntax"] = (["run", str(config("bad_set_syntax")), "--set", "resize.image_size"], "expected KEY=VALUE")
+    cases["bad_set_syntax"] = (["run", str(config("bad_set_syntax")), "--set", "resize.size"], "expected KEY=VALUE")
 
     cases["set_into_a_value"] = (["run", str(config("set_into_a_value")), "--set", "input.paths.0.x=1"],
                                  "--set input.paths.0.x: 0 is not a section")

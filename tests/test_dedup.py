@@ -244,7 +244,7 @@ def test_semantic_pass_finds_near_identical_embeddings(tmp_path):
 
 def test_phash_matches_reencoded_resized_copies_and_separates_distinct_images():
     rng = random.Random(7)
-    resize = ResizeConfig(image_size=128)
+    resize = ResizeConfig(size=128)
     originals, copies = [], []
     for _ in range(40):
         jpg = photo_like_jpeg(rng.randint(160, 320), rng.randint(160, 320), rng)

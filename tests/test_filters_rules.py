@@ -1,23 +1,22 @@
 """The rule filters on data whose answer is known: caption cleaning, boilerplate and language,
-keyword and URL blocklists, LAION's columns, resolution limits, resize and aspect buckets."""
+keyword and URL blocklists, LAION's columns, resolution limits (the output size and aspect
+buckets are pipeline/image.py's: tests/test_image.py)."""
 
 from __future__ import annotations
 
-import io
-import math
 import random
 import subprocess
 import sys
 
 import pytest
 import yaml
-from PIL import Image, ImageDraw
 
 from curate.filters import FILTERS, FilterConfigError, build_chain
-from curate.filters.blocklist import CaptionBlocklist, UrlBlocklist, normalize_host, words_of
+from curate.filters.blocklist import CaptionBlocklist, UrlBlocklist, words_of
+from curate.pipeline.urls import normalize_host
 from curate.filters.caption import CaptionBoilerplate, CaptionClean, CaptionLanguage, clean_caption
 from curate.filters.laion import LaionColumns
-from curate.filters.resolution import Resize, Resolution, aspect_buckets, choose_bucket
+from curate.filters.resolution import Resolution
 from curate.pipeline.config import load_config
 from curate.pipeline.errors import UserError
 from curate.pipeline.demo.synthetic import caption as scene_caption
@@ -30,7 +29,7 @@ def row(caption="a caption", url="http://example.org/a.jpg", **meta):
 
 def test_every_rule_filter_is_registered_under_its_name():
     for cls in (CaptionClean, CaptionBoilerplate, CaptionLanguage, CaptionBlocklist, UrlBlocklist,
-                LaionColumns, Resolution, Resize):
+                LaionColumns, Resolution):
         assert FILTERS[cls.name] is cls
 
 
@@ -340,8 +339,16 @@ def test_laion_columns_without_the_columns_in_extra_cols_is_refused_at_config_ti
 
 
 def sized(width, height, nbytes=50_000):
-    return {"key": "0", "jpg": b"", "caption": "x", "meta": {"original_width": width, "original_height": height,
-                                                             "bytes": nbytes, "width": width, "height": height}}
+    """A sample as the download stage gives it to the bytes filters: the fetched bytes and the
+    original upright size read from their header (None: the header could not be read)."""
+    return {"key": "0", "url": "http://example.org/a.jpg", "caption": "x", "meta": {},
+            "data": bytes(nbytes), "sha256": "0" * 64, "original_width": width, "original_height": height}
+
+
+def judge(f, sample):
+    """The reason of the filter's Rejection, or None when it keeps the sample."""
+    rejection = f(sample)
+    return rejection and rejection.reason
 
 
 @pytest.mark.parametrize(
@@ -360,143 +367,30 @@ def sized(width, height, nbytes=50_000):
     ],
 )
 def test_resolution_limits(params, size, reason):
-    assert Resolution(**params)(sized(*size)) == reason
+    assert judge(Resolution(**params), sized(*size)) == reason
+
+
+def test_resolution_drops_say_what_they_measured():
+    rejection = Resolution(min_side=256)(sized(300, 255))
+    assert (rejection.filter, rejection.metric, rejection.value, rejection.threshold) == ("resolution", "side", 255, 256)
+    rejection = Resolution(max_aspect_ratio=2.5)(sized(100, 251))
+    assert (rejection.metric, rejection.value, rejection.threshold) == ("aspect", 2.51, 2.5)
 
 
 def test_resolution_min_bytes_and_order():
     f = Resolution(min_side=64, min_bytes=10_000)
-    assert f(sized(500, 500, nbytes=9_999)) == "resolution: bytes<10000"
-    assert f(sized(500, 500, nbytes=10_000)) is None
-    assert f(sized(50, 500, nbytes=1)) == "resolution: side<64"  # sides are checked first
+    assert judge(f, sized(500, 500, nbytes=9_999)) == "resolution: bytes<10000"
+    assert judge(f, sized(500, 500, nbytes=10_000)) is None
+    assert judge(f, sized(50, 500, nbytes=1)) == "resolution: side<64"  # sides are checked first
 
 
-# --- resize and aspect buckets ------------------------------------------------------------------
-
-
-def jpeg(width, height, colour=(30, 120, 200)):
-    out = io.BytesIO()
-    Image.new("RGB", (width, height), colour).save(out, format="JPEG", quality=95)
-    return out.getvalue()
-
-
-def halves(width, height):
-    """Left half red, right half blue: shows where a crop took its pixels from."""
-    im = Image.new("RGB", (width, height), (220, 30, 30))
-    ImageDraw.Draw(im).rectangle((width // 2, 0, width, height), fill=(30, 70, 220))
-    out = io.BytesIO()
-    im.save(out, format="PNG")  # lossless, so the colour edge is sharp
-    return out.getvalue()
-
-
-def resized(f, data, width=None, height=None):
-    s = {"key": "0", "jpg": data, "caption": "x", "meta": {"width": width, "height": height}}
-    reason = f(s)
-    assert reason is None
-    with Image.open(io.BytesIO(s["jpg"])) as im:
-        im.load()
-        assert im.format == "JPEG" and im.mode == "RGB"
-        assert [s["meta"]["width"], s["meta"]["height"]] == list(im.size)
-        return s, im.copy()
-
-
-@pytest.mark.parametrize("size_in", [(640, 480), (480, 640), (1000, 333), (200, 150), (97, 301), (256, 256)])
-@pytest.mark.parametrize("interpolation", ["lanczos", "area"])
-def test_resize_keep_ratio_keeps_the_aspect_within_a_pixel(size_in, interpolation):
-    w, h = size_in
-    _, im = resized(Resize(size=256, interpolation=interpolation), jpeg(w, h))
-    assert min(im.size) == 256  # small images are enlarged too: every sample at the training size
-    long_in, long_out = max(w, h), max(im.size)
-    assert abs(long_out - long_in * 256 / min(w, h)) <= 1
-    assert (im.width >= im.height) == (w >= h)
-
-
-@pytest.mark.parametrize("interpolation", ["lanczos", "bicubic", "bilinear", "area"])
-def test_resize_center_crop_takes_the_middle(interpolation):
-    s, im = resized(Resize(size=128, mode="center_crop", interpolation=interpolation), halves(400, 200))
-    assert im.size == (128, 128)
-    # 400x200 → 256x128, the middle 128 columns: the red/blue edge is in the middle.
-    left, right = im.getpixel((40, 64)), im.getpixel((88, 64))
-    assert left[0] > 150 > left[2] and right[2] > 150 > right[0]
-    assert "bucket" not in s["meta"]
-
-
-def test_resize_at_target_size_is_not_reencoded():
-    data = jpeg(256, 320)
-    s, _ = resized(Resize(size=256), data)
-    assert s["jpg"] is data
-    s, _ = resized(Resize(size=256, mode="buckets"), jpeg(320, 192))
-    assert s["meta"]["bucket"] == [320, 192]
-
-
-def test_resize_drops_an_image_it_cannot_decode_or_would_make_huge():
-    f = Resize(size=64)
-    s = {"key": "0", "jpg": b"not an image", "caption": "x", "meta": {}}
-    assert f(s) == "decode_error"
-    sliver = {"key": "0", "jpg": jpeg(2, 4000), "caption": "x", "meta": {}}
-    assert Resize(size=4096)(sliver) == "image_area_too_large"  # 4096 x 8192000 if it were made
-    assert Resize(size=4096, mode="center_crop")(sliver) == "image_area_too_large"
-
-
-def test_aspect_buckets_are_multiples_of_64_with_about_the_target_area():
-    assert aspect_buckets(256, 2.0) == ((192, 320), (256, 256), (320, 192))
-    assert aspect_buckets(512, 2.0) == ((384, 640), (448, 576), (512, 512), (576, 448), (640, 384))
-    for size, ratio in [(512, 2.0), (768, 3.0), (1024, 4.0)]:
-        buckets = aspect_buckets(size, ratio)
-        assert (size, size) in buckets
-        for w, h in buckets:
-            assert w % 64 == 0 and h % 64 == 0
-            assert 0.75 * size * size <= w * h <= size * size
-            assert 1 / ratio <= w / h <= ratio
-            assert (h, w) in buckets
-
-
-@pytest.mark.parametrize(
-    "size_in, bucket",
-    [
-        ((1000, 1000), (512, 512)),
-        ((1920, 1080), (640, 384)),  # 16:9 → 5:3, the widest of max_ratio 2
-        ((1080, 1920), (384, 640)),
-        ((800, 600), (576, 448)),  # 4:3 → 9:7
-        ((600, 800), (448, 576)),
-        ((3000, 500), (640, 384)),  # beyond max_ratio: the most elongated bucket
-        ((300, 280), (512, 512)),
-    ],
-)
-def test_bucket_choice_and_output_size(size_in, bucket):
-    assert choose_bucket(*size_in, aspect_buckets(512, 2.0)) == bucket
-    s, im = resized(Resize(size=512, mode="buckets", max_ratio=2.0), jpeg(*size_in))
-    assert im.size == bucket and s["meta"]["bucket"] == list(bucket)
-
-
-def test_bucket_choice_is_the_closest_aspect():
-    buckets = aspect_buckets(512, 2.0)
-    for w, h in [(1000, 700), (500, 900), (640, 641), (1234, 567)]:
-        chosen = choose_bucket(w, h, buckets)
-        best = min(abs(math.log(bw / bh) - math.log(w / h)) for bw, bh in buckets)
-        assert abs(math.log(chosen[0] / chosen[1]) - math.log(w / h)) == best
-
-
-def test_buckets_crop_only_the_minimal_excess_from_the_centre():
-    # 400x600 (2:3) into bucket 192x320 (3:5): scaled to 213x320, 21 columns cropped, about half each side.
-    s, im = resized(Resize(size=256, mode="buckets", interpolation="bicubic"), halves(400, 600))
-    assert s["meta"]["bucket"] == [192, 320] and im.size == (192, 320)
-    red_columns = sum(1 for x in range(im.width) if im.getpixel((x, 160))[0] > 128)
-    assert abs(red_columns - 96) <= 2  # the red/blue edge stays in the middle
-    # An image of exactly a bucket's aspect loses nothing: both colours reach the borders.
-    s, im = resized(Resize(size=256, mode="buckets"), halves(384, 640))
-    assert im.size == (192, 320)
-    assert im.getpixel((0, 160))[0] > 150 and im.getpixel((191, 160))[2] > 150
-
-
-def test_resize_config_errors():
-    with pytest.raises(FilterConfigError, match=r"^filters\.0\.size: .*required"):
-        build_chain([{"name": "resize"}])
-    with pytest.raises(FilterConfigError, match=r"multiple of 64"):
-        build_chain([{"name": "resize", "size": 300, "mode": "buckets"}])
-    with pytest.raises(FilterConfigError, match=r"^filters\.0\.mode: "):
-        build_chain([{"name": "resize", "size": 256, "mode": "stretch"}])
-    with pytest.raises(FilterConfigError, match=r"^filters\.0\.interpolation: "):
-        build_chain([{"name": "resize", "size": 256, "interpolation": "nearest"}])
+def test_resolution_runs_on_the_header_before_decoding():
+    assert Resolution.stage == "bytes"
+    # A header that could not be read: the size is unknown, so the image is kept here and the
+    # decoder rejects it (decode_error); the bytes rule still applies.
+    f = Resolution(min_side=64, max_aspect_ratio=3, min_bytes=100)
+    assert judge(f, sized(None, None, nbytes=500)) is None
+    assert judge(f, sized(None, None, nbytes=50)) == "resolution: bytes<100"
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "laion-subset.yaml"])
@@ -506,4 +400,6 @@ def test_shipped_configs_build_their_filter_chains(name):
     cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / name)
     by_name = {f.name: f for f in build_chain(cfg.filter_specs())}
     assert "caption_clean" in by_name
-    assert by_name["resize"].mode == "buckets"
+    assert by_name["resolution"].min_side == 64 and by_name["resolution"].stage == "bytes"
+    assert "resize" not in FILTERS
+    assert cfg.resize.mode == "buckets" and cfg.resize.upscale is False

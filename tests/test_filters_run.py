@@ -1,6 +1,7 @@
 """The rule filters through a real run (CLI subprocess, LocalCluster, devserver on 127.0.0.1):
-row filters drop before the fetch, reasons land in the parquet, the cleaned caption and the
-aspect bucket land in the written samples."""
+row filters drop before the fetch, `resolution` on the header before decoding, reasons land in
+the parquet, the cleaned caption and the aspect bucket (resize.mode buckets) land in the written
+samples, and a written image is the one the download stage encoded: decoded and encoded once."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import webdataset as wds
 from PIL import Image
 
 from conftest import run_curate, write_config
-from curate.filters.resolution import aspect_buckets
+from curate.pipeline.geometry import aspect_buckets
+from curate.pipeline.tarshard import iter_tar_samples
 
 N_ROWS = 150
 SIZE = 192  # buckets (128, 256), (192, 192), (256, 128) with max_ratio 2
@@ -55,14 +57,16 @@ def run(dataset, tmp_path_factory):
         tmp / "config.yaml", tmp / "urls.parquet", tmp / "out",
         input={"extra_cols": ["truth", "punsafe"], "rows_per_shard": 75},
         download={"timeout": 10},
-        resize={"image_size": SIZE},
+        output={"keep_intermediate": True},  # the download shards, to compare the written images with
+        # Enlarged too (upscale), so that every written image is exactly its bucket.
+        resize={"size": SIZE, "mode": "buckets", "bucket_max_ratio": 2.0, "upscale": True},
+        resolution=None,
         filters=[
             {"name": "caption_clean"},
             {"name": "caption_blocklist", "words": [BLOCKED_WORD.upper()]},
             {"name": "url_blocklist", "prefixes": [base + BLOCKED_PREFIX]},
             {"name": "laion_columns"},
-            {"name": "resolution", "min_side": MIN_SIDE},
-            {"name": "resize", "size": SIZE, "mode": "buckets", "max_ratio": 2.0},
+            {"name": "resolution", "min_side": MIN_SIDE, "max_aspect_ratio": 3.0},
         ],
     )
     before = server.path_requests
@@ -73,7 +77,7 @@ def run(dataset, tmp_path_factory):
     out = tmp / "out"
     rows = pd.concat([pq.read_table(p).to_pandas() for p in sorted((out / "shards").glob("*.parquet"))])
     tars = [str(p) for p in sorted((out / "shards").glob("*.tar"))]
-    return {"result": result, "table": table, "rows": rows.set_index("url"), "requested": requested,
+    return {"result": result, "table": table, "rows": rows.set_index("url"), "requested": requested, "out": out,
             "samples": list(wds.WebDataset(tars, shardshuffle=False)),
             "stats": json.loads((out / "stats.json").read_text())}
 
@@ -145,4 +149,16 @@ def test_filter_counts_in_stats(run):
     reached = table[~table["expected"].isin(["unsafe: caption_blocklist", "unsafe: url_blocklist"])]
     assert laion["unchecked: no punsafe"] == reached["punsafe"].isna().sum() > 0
     assert stats["filters"]["caption_clean"] == {"kept": N_ROWS}
-    assert stats["filters"]["resize"] == {"kept": stats["written"]}
+    assert "resize" not in stats["filters"]  # no such filter: the resize: section sizes the images
+    side = run["rows"]["reason"].eq(f"resolution: side<{MIN_SIDE}").sum()
+    assert stats["filters"]["resolution"][f"dropped: resolution: side<{MIN_SIDE}"] == side > 0
+
+
+def test_written_images_are_the_ones_the_download_stage_encoded(run):
+    """One decode-resize-encode per image: the write stage stores the download stage's JPEG bytes."""
+    out = run["out"]
+    downloaded = {k: f["jpg"] for tar in sorted((out / "work" / "download").glob("*.tar"))
+                  for k, f in iter_tar_samples(tar)}
+    written = {s["__key__"]: s["jpg"] for s in run["samples"]}
+    assert len(written) == run["stats"]["written"] > 20
+    assert all(written[k] == downloaded[k] for k in written)

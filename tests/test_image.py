@@ -1,18 +1,26 @@
-"""Tests for pipeline.image.normalize_image: sizes, rejections, orientation, colour modes, broken files."""
+"""Tests for pipeline.image: the header probe, and normalize_image's one decode-resize-encode to the
+`resize:` geometry (keep_ratio, center_crop, aspect buckets): sizes, rejections, orientation,
+colour modes, broken files; and the download stage's order: header, bytes filters, one decode."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import math
 import struct
 import time
 import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
-from curate.pipeline.config import ResizeConfig
-from curate.pipeline.image import ImageRejected, normalize_image
+from curate.filters import build_stage_chain
+from curate.filters.resolution import Resolution
+from curate.pipeline.config import MAX_IMAGE_AREA, ResizeConfig, RunConfig
+from curate.pipeline.geometry import aspect_buckets, choose_bucket
+from curate.pipeline.image import ImageRejected, normalize_image, read_header
+from curate.pipeline.stages.download import _process_row
 
 RED, GREEN, BLUE, WHITE = (220, 30, 30), (30, 160, 50), (30, 70, 220), (255, 255, 255)
 
@@ -33,9 +41,16 @@ def noise(size, seed=0) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
 
 
-def normalize(data: bytes, **cfg):
+def halves(width, height) -> bytes:
+    """Left half red, right half blue, lossless: shows where a crop took its pixels from."""
+    im = Image.new("RGB", (width, height), (220, 30, 30))
+    ImageDraw.Draw(im).rectangle((width // 2, 0, width, height), fill=(30, 70, 220))
+    return encode(im, "PNG")
+
+
+def normalize(data: bytes, max_image_area: int = MAX_IMAGE_AREA, **cfg):
     """normalize_image, checking what must hold for every output: an RGB JPEG of the stated size."""
-    result = normalize_image(data, ResizeConfig(**cfg))
+    result = normalize_image(data, ResizeConfig(**cfg), max_image_area)
     out = Image.open(io.BytesIO(result.data))
     assert out.format == "JPEG"
     assert out.mode == "RGB"
@@ -44,63 +59,85 @@ def normalize(data: bytes, **cfg):
     return result, out
 
 
-def rejected(data: bytes, **cfg) -> ImageRejected:
+def rejected(data: bytes, max_image_area: int = MAX_IMAGE_AREA, **cfg) -> ImageRejected:
     with pytest.raises(ImageRejected) as exc:
-        normalize_image(data, ResizeConfig(**cfg))
+        normalize_image(data, ResizeConfig(**cfg), max_image_area)
     return exc.value
+
+
+def judged(data: bytes, **rules):
+    """The resolution filter's answer on the header, as the download stage asks it before decoding."""
+    header = read_header(data)
+    try:
+        rejection = Resolution(**rules)({"data": data, "original_width": header.width, "original_height": header.height})
+    finally:
+        header.close()
+    return rejection and rejection.reason
 
 
 def close(pixel, colour, tol=30) -> bool:
     return all(abs(int(a) - int(b)) <= tol for a, b in zip(pixel, colour))
 
 
-# --- sizes ------------------------------------------------------------------------
+# --- sizes: keep_ratio, center_crop, none -----------------------------------------------
 
 
-def test_keep_ratio_shrinks_short_side_to_image_size():
-    result, out = normalize(encode(solid((200, 100)), "PNG"), image_size=64)
+def test_keep_ratio_shrinks_short_side_to_size():
+    result, out = normalize(encode(solid((200, 100)), "PNG"), size=64)
     assert (result.width, result.height) == (128, 64)
     assert (result.original_width, result.original_height) == (200, 100)
-    assert result.reencoded
+    assert result.reencoded and result.bucket is None
     assert close(out.getpixel((64, 32)), RED)
 
 
 def test_keep_ratio_portrait_jpeg():
     # JPEG decoded at reduced size (draft) before resizing: the size must still be exact.
-    result, out = normalize(encode(solid((600, 1800), BLUE), "JPEG", quality=95), image_size=64)
+    result, out = normalize(encode(solid((600, 1800), BLUE), "JPEG", quality=95), size=64)
     assert (result.width, result.height) == (64, 192)
     assert (result.original_width, result.original_height) == (600, 1800)
     assert close(out.getpixel((32, 96)), BLUE)
 
 
 def test_keep_ratio_rounds_the_long_side():
-    result, _ = normalize(encode(solid((800, 600)), "JPEG"), image_size=64)
+    result, _ = normalize(encode(solid((800, 600)), "JPEG"), size=64)
     assert (result.width, result.height) == (85, 64)  # 800 * 64 / 600 = 85.3
 
 
-def test_resize_only_if_bigger_leaves_small_images():
-    result, _ = normalize(encode(solid((50, 40)), "PNG"), image_size=64)
+def test_small_images_are_not_enlarged_by_default():
+    assert ResizeConfig().upscale is False  # img2dataset's resize_only_if_bigger: true
+    result, _ = normalize(encode(solid((50, 40)), "PNG"), size=64)
     assert (result.width, result.height) == (50, 40)
 
 
 def test_small_upright_rgb_jpeg_passes_through_byte_for_byte():
     data = encode(noise((50, 40)), "JPEG", quality=80)
-    result, _ = normalize(data, image_size=64)
+    result, _ = normalize(data, size=64)
     assert result.reencoded is False
     assert result.data == data
     assert (result.width, result.height) == (50, 40)
 
 
-def test_jpeg_exactly_image_size_passes_through():
+def test_jpeg_exactly_size_passes_through():
     data = encode(noise((64, 96)), "JPEG")
-    result, _ = normalize(data, image_size=64)
+    result, _ = normalize(data, size=64)
     assert result.data == data
 
 
-def test_upscale_when_not_only_if_bigger():
-    result, _ = normalize(encode(solid((50, 40)), "JPEG"), image_size=64, resize_only_if_bigger=False)
+def test_upscale_enlarges_small_images():
+    result, _ = normalize(encode(solid((50, 40)), "JPEG"), size=64, upscale=True)
     assert (result.width, result.height) == (80, 64)
     assert result.reencoded
+
+
+@pytest.mark.parametrize("size_in", [(640, 480), (480, 640), (1000, 333), (200, 150), (97, 301), (256, 256)])
+@pytest.mark.parametrize("interpolation", ["auto", "lanczos", "area"])
+def test_keep_ratio_keeps_the_aspect_within_a_pixel(size_in, interpolation):
+    w, h = size_in
+    result, out = normalize(encode(solid(size_in, BLUE), "JPEG", quality=95), size=256, upscale=True,
+                            interpolation=interpolation)
+    assert min(out.size) == 256  # with upscale, small images are enlarged too
+    assert abs(max(out.size) - max(w, h) * 256 / min(w, h)) <= 1
+    assert (out.width >= out.height) == (w >= h)
 
 
 def test_center_crop_gives_a_centred_square():
@@ -108,60 +145,223 @@ def test_center_crop_gives_a_centred_square():
     im = solid((200, 100), GREEN)
     im.paste(RED, (0, 0, 40, 100))
     im.paste(BLUE, (160, 0, 200, 100))
-    result, out = normalize(encode(im, "PNG"), image_size=64, resize_mode="center_crop")
+    result, out = normalize(encode(im, "PNG"), size=64, mode="center_crop")
     assert (result.width, result.height) == (64, 64)
     assert (result.original_width, result.original_height) == (200, 100)
     pixels = np.asarray(out)[:, 3:-3].reshape(-1, 3).astype(int)
     assert (pixels[:, 1] > pixels[:, 0] + 60).all() and (pixels[:, 1] > pixels[:, 2] + 40).all()
 
 
+@pytest.mark.parametrize("interpolation", ["auto", "lanczos", "bicubic", "bilinear", "area"])
+def test_center_crop_takes_the_middle(interpolation):
+    result, out = normalize(halves(400, 200), size=128, mode="center_crop", interpolation=interpolation)
+    assert out.size == (128, 128) and result.bucket is None
+    # 400x200 → 256x128, the middle 128 columns: the red/blue edge is in the middle.
+    left, right = out.getpixel((40, 64)), out.getpixel((88, 64))
+    assert left[0] > 150 > left[2] and right[2] > 150 > right[0]
+
+
 def test_center_crop_portrait():
-    result, _ = normalize(encode(solid((100, 300)), "JPEG"), image_size=64, resize_mode="center_crop")
+    result, _ = normalize(encode(solid((100, 300)), "JPEG"), size=64, mode="center_crop")
     assert (result.width, result.height) == (64, 64)
 
 
 def test_center_crop_of_large_enough_image_without_resize():
-    # Short side already image_size: no resize, but still cropped to a square.
-    result, _ = normalize(encode(solid((64, 100)), "JPEG"), image_size=64, resize_mode="center_crop")
+    # Short side already size: no resize, but still cropped to a square.
+    result, _ = normalize(encode(solid((64, 100)), "JPEG"), size=64, mode="center_crop")
     assert (result.width, result.height) == (64, 64)
     assert result.reencoded
 
 
 def test_center_crop_leaves_small_image_uncropped():
-    result, _ = normalize(encode(solid((50, 40)), "PNG"), image_size=64, resize_mode="center_crop")
+    result, _ = normalize(encode(solid((50, 40)), "PNG"), size=64, mode="center_crop")
     assert (result.width, result.height) == (50, 40)
 
 
-def test_resize_mode_none_keeps_size():
-    result, _ = normalize(encode(solid((300, 200)), "PNG"), image_size=64, resize_mode="none")
+def test_mode_none_keeps_size():
+    result, _ = normalize(encode(solid((300, 200)), "PNG"), size=64, mode="none")
     assert (result.width, result.height) == (300, 200)
     data = encode(noise((300, 200)), "JPEG")
-    result, _ = normalize(data, image_size=64, resize_mode="none")
+    result, _ = normalize(data, size=64, mode="none")
     assert result.data == data and not result.reencoded
+
+
+def test_auto_interpolation_is_area_to_shrink_and_lanczos_to_enlarge():
+    big, small = encode(noise((300, 200)), "PNG"), encode(noise((40, 30)), "PNG")
+    assert normalize(big, size=64)[0].data == normalize(big, size=64, interpolation="area")[0].data
+    assert normalize(big, size=64)[0].data != normalize(big, size=64, interpolation="lanczos")[0].data
+    enlarged = normalize(small, size=64, upscale=True)[0].data
+    assert enlarged == normalize(small, size=64, upscale=True, interpolation="lanczos")[0].data
+    assert enlarged != normalize(small, size=64, upscale=True, interpolation="area")[0].data
+
+
+def test_quality_is_the_jpeg_quality_of_reencoded_images():
+    data = encode(noise((300, 200)), "PNG")
+    low, high = normalize(data, size=128, quality=40)[0], normalize(data, size=128, quality=95)[0]
+    assert len(low.data) < 0.6 * len(high.data)
+
+
+def test_an_enlargement_beyond_the_output_limit_is_refused_before_decoding():
+    sliver = encode(solid((2, 4000)), "JPEG")  # 4096 x 8192000 if it were made
+    for mode in ("keep_ratio", "center_crop"):
+        assert rejected(sliver, size=4096, mode=mode, upscale=True).reason == "image_area_too_large"
+    result, _ = normalize(sliver, size=4096, mode="keep_ratio")  # not enlarged: kept as it is
+    assert (result.width, result.height) == (2, 4000)
+
+
+# --- aspect buckets ------------------------------------------------------------------------
+
+
+def test_aspect_buckets_are_multiples_of_64_with_about_the_target_area():
+    assert aspect_buckets(256, 2.0) == ((192, 320), (256, 256), (320, 192))
+    assert aspect_buckets(512, 2.0) == ((384, 640), (448, 576), (512, 512), (576, 448), (640, 384))
+    for size, ratio in [(512, 2.0), (768, 3.0), (1024, 4.0)]:
+        buckets = aspect_buckets(size, ratio)
+        assert (size, size) in buckets
+        for w, h in buckets:
+            assert w % 64 == 0 and h % 64 == 0
+            assert 0.75 * size * size <= w * h <= size * size
+            assert 1 / ratio <= w / h <= ratio
+            assert (h, w) in buckets
+
+
+def test_bucket_choice_is_the_closest_aspect():
+    buckets = aspect_buckets(512, 2.0)
+    for w, h in [(1000, 700), (500, 900), (640, 641), (1234, 567)]:
+        chosen = choose_bucket(w, h, buckets)
+        best = min(abs(math.log(bw / bh) - math.log(w / h)) for bw, bh in buckets)
+        assert abs(math.log(chosen[0] / chosen[1]) - math.log(w / h)) == best
+
+
+@pytest.mark.parametrize(
+    "size_in, bucket",
+    [
+        ((1000, 1000), (512, 512)),
+        ((1920, 1080), (640, 384)),  # 16:9 → 5:3, the widest of max_ratio 2
+        ((1080, 1920), (384, 640)),
+        ((800, 600), (576, 448)),  # 4:3 → 9:7
+        ((600, 800), (448, 576)),
+        ((3000, 500), (640, 384)),  # beyond max_ratio: the most elongated bucket
+        ((300, 280), (512, 512)),  # smaller than its bucket: enlarged, with upscale
+    ],
+)
+def test_buckets_at_download_give_exactly_the_bucket_when_covering(size_in, bucket):
+    assert choose_bucket(*size_in, aspect_buckets(512, 2.0)) == bucket
+    result, out = normalize(encode(solid(size_in), "JPEG"), size=512, mode="buckets", bucket_max_ratio=2.0,
+                            upscale=True)
+    assert out.size == bucket and result.bucket == bucket
+    assert (result.original_width, result.original_height) == size_in
+
+
+def test_buckets_crop_only_the_minimal_excess_from_the_centre():
+    # 400x600 (2:3) into bucket 192x320 (3:5): scaled to 213x320, 21 columns cropped, about half each side.
+    result, out = normalize(halves(400, 600), size=256, mode="buckets", interpolation="bicubic")
+    assert result.bucket == (192, 320) and out.size == (192, 320)
+    red_columns = sum(1 for x in range(out.width) if out.getpixel((x, 160))[0] > 128)
+    assert abs(red_columns - 96) <= 2  # the red/blue edge stays in the middle
+    # An image of exactly a bucket's aspect loses nothing: both colours reach the borders.
+    result, out = normalize(halves(384, 640), size=256, mode="buckets")
+    assert out.size == (192, 320)
+    assert out.getpixel((0, 160))[0] > 150 and out.getpixel((191, 160))[2] > 150
+
+
+def test_an_image_at_its_bucket_is_not_reencoded():
+    data = encode(noise((320, 192)), "JPEG")
+    result, _ = normalize(data, size=256, mode="buckets")
+    assert result.data == data and not result.reencoded and result.bucket == (320, 192)
+
+
+def test_buckets_do_not_enlarge_without_upscale():
+    # 200x150 → bucket 320x192 (5:3), which it cannot cover: cropped to 5:3 at its own scale,
+    # 200x120; the loader of `curate train` resizes it to the bucket.
+    result, out = normalize(halves(200, 150), size=256, mode="buckets")
+    assert result.bucket == (320, 192) and out.size == (200, 120)
+    assert out.getpixel((2, 60))[0] > 150 and out.getpixel((197, 60))[2] > 150  # only rows cropped
+    # Of exactly the bucket's aspect, smaller: nothing to crop, passed through byte for byte.
+    data = encode(noise((160, 96)), "JPEG")
+    result, _ = normalize(data, size=256, mode="buckets")
+    assert result.data == data and result.bucket == (320, 192)
+
+
+def test_buckets_enlarge_with_upscale():
+    result, out = normalize(halves(200, 150), size=256, mode="buckets", upscale=True)
+    assert result.bucket == (320, 192) and out.size == (320, 192)
+
+
+def test_buckets_judge_the_upright_image():
+    # Stored 1200x800 with orientation 6: shown 800x1200, a portrait bucket.
+    result, out = normalize(_oriented_jpeg((1200, 800), 6), size=256, mode="buckets")
+    assert result.bucket == (192, 320) and out.size == (192, 320)
+    assert close(_corner_colours(out)["top_right"], RED)
+
+
+def test_bucket_size_must_be_a_multiple_of_64():
+    with pytest.raises(ValueError, match="multiple of 64"):
+        ResizeConfig(size=300, mode="buckets")
+    assert ResizeConfig(size=300, mode="keep_ratio").size == 300
+
+
+# --- the header, read once -------------------------------------------------------------------
+
+
+def test_read_header_gives_the_upright_size_and_orientation():
+    header = read_header(_oriented_jpeg((120, 80), 6))
+    assert (header.width, header.height, header.orientation, header.stored) == (80, 120, 6, (120, 80))
+    header.close()
+    png = read_header(encode(solid((30, 20)), "PNG"))
+    assert (png.width, png.height, png.orientation) == (30, 20, None)  # a PNG's is known once decoded
+    png.close()
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_read_header_decodes_nothing():
+    data = _huge_png(10_000, 10_000)  # 100 M pixels if decoded
+    start = time.monotonic()
+    header = read_header(data)
+    assert (header.width, header.height) == (10_000, 10_000)
+    header.close()
+    assert time.monotonic() - start < 0.5
+
+
+def test_normalize_goes_on_from_the_header_it_is_given():
+    data = encode(noise((300, 200)), "JPEG")
+    header = read_header(data)
+    assert normalize_image(data, ResizeConfig(size=64), header=header).data == normalize(data, size=64)[0].data
+
+
+@pytest.mark.parametrize("data", [b"", b"<html>404</html>"])
+def test_read_header_of_a_non_image_is_a_decode_error(data):
+    with pytest.raises(ImageRejected) as exc:
+        read_header(data)
+    assert exc.value.reason == "decode_error"
 
 
 # --- rejections --------------------------------------------------------------------
 
 
-def test_min_image_size():
-    err = rejected(encode(solid((100, 63)), "PNG"), min_image_size=64)
-    assert err.reason == "image_too_small"
-    result, _ = normalize(encode(solid((100, 64)), "PNG"), min_image_size=64, image_size=64)
+def test_min_side_from_the_header():
+    assert judged(encode(solid((100, 63)), "PNG"), min_side=64) == "resolution: side<64"
+    assert judged(encode(solid((100, 64)), "PNG"), min_side=64) is None
+    result, _ = normalize(encode(solid((100, 64)), "PNG"), size=64)
     assert (result.width, result.height) == (100, 64)
 
 
 @pytest.mark.parametrize("size", [(310, 100), (100, 310)])
 def test_max_aspect_ratio(size):
-    assert rejected(encode(solid(size), "PNG"), max_aspect_ratio=3.0).reason == "aspect_ratio_too_large"
+    assert judged(encode(solid(size), "PNG"), max_aspect_ratio=3.0) == "resolution: aspect>3"
 
 
 def test_aspect_ratio_at_the_limit_is_kept():
-    result, _ = normalize(encode(solid((300, 100)), "PNG"), max_aspect_ratio=3.0, image_size=50)
+    data = encode(solid((300, 100)), "PNG")
+    assert judged(data, max_aspect_ratio=3.0) is None
+    result, _ = normalize(data, size=50)
     assert (result.width, result.height) == (150, 50)
 
 
 def test_default_aspect_ratio_is_unlimited():
-    result, _ = normalize(encode(solid((2000, 10)), "PNG"), image_size=64)
+    data = encode(solid((2000, 10)), "PNG")
+    assert judged(data) is None
+    result, _ = normalize(data, size=64)
     assert (result.width, result.height) == (2000, 10)
 
 
@@ -231,7 +431,7 @@ def test_exif_orientation_6_comes_out_upright():
     # Orientation 6: the camera was turned; viewers rotate 90 degrees clockwise, so the
     # stored top-left corner is shown top-right and the stored 120x80 is shown 80x120.
     data = _oriented_jpeg((120, 80), 6)
-    result, out = normalize(data, resize_mode="none")
+    result, out = normalize(data, mode="none")
     assert result.reencoded
     assert (result.original_width, result.original_height) == (80, 120)
     assert out.size == (80, 120)
@@ -243,7 +443,7 @@ def test_exif_orientation_6_comes_out_upright():
 
 def test_exif_orientation_6_with_resize():
     # Decoded at reduced size in its stored orientation, then rotated: upright size exact.
-    result, out = normalize(_oriented_jpeg((1200, 800), 6), image_size=64)
+    result, out = normalize(_oriented_jpeg((1200, 800), 6), size=64)
     assert (result.original_width, result.original_height) == (800, 1200)
     assert out.size == (64, 96)
     assert close(_corner_colours(out)["top_right"], RED)
@@ -252,13 +452,13 @@ def test_exif_orientation_6_with_resize():
 
 def test_small_image_with_orientation_is_not_passed_through():
     data = _oriented_jpeg((60, 40), 6)
-    result, out = normalize(data, image_size=64)
+    result, out = normalize(data, size=64)
     assert result.data != data
     assert out.size == (40, 60)
 
 
 def test_exif_orientation_3_upside_down():
-    result, out = normalize(_oriented_jpeg((120, 80), 3), resize_mode="none")
+    result, out = normalize(_oriented_jpeg((120, 80), 3), mode="none")
     assert out.size == (120, 80)
     assert close(_corner_colours(out)["bottom_right"], RED)
     assert close(_corner_colours(out)["top_left"], WHITE)
@@ -267,7 +467,7 @@ def test_exif_orientation_3_upside_down():
 def test_orientation_swaps_sides_before_the_size_checks():
     # Stored 300x100 but shown 100x300: min side and aspect are judged on the upright image.
     data = _oriented_jpeg((300, 100), 8)
-    result, _ = normalize(data, image_size=50)
+    result, _ = normalize(data, size=50)
     assert (result.original_width, result.original_height) == (100, 300)
     assert (result.width, result.height) == (50, 150)
 
@@ -371,7 +571,7 @@ def test_formats_and_modes_end_as_rgb_jpeg(fmt, mode, colour):
 
 def test_truncated_jpeg_is_a_decode_error():
     data = encode(noise((200, 150)), "JPEG", quality=90)
-    for cfg in ({"image_size": 512}, {"image_size": 64}):  # pass-through check and resize path
+    for cfg in ({"size": 512}, {"size": 64}):  # pass-through check and resize path
         assert rejected(data[: len(data) // 2], **cfg).reason == "decode_error"
 
 
@@ -387,3 +587,67 @@ def test_truncated_png_is_a_decode_error():
 )
 def test_garbage_is_a_decode_error(data):
     assert rejected(data).reason == "decode_error"
+
+
+# --- in the download stage: the header first, then the bytes filters, then one decode ----------
+
+
+def _png_truncated_after_header(size) -> bytes:
+    """A PNG whose header says `size` and whose image data is cut off: unreadable past the header."""
+    data = encode(noise(size), "PNG")
+    return data[: data.index(b"IDAT") + 20]
+
+
+def _download(server, tmp_path, files: dict[str, bytes], filters: list[dict], **resize) -> dict[str, tuple]:
+    """Each file served over HTTP and run through the download stage's row processing."""
+    cfg = RunConfig.model_validate({
+        "input": {"paths": ["unused.parquet"]}, "output": {"path": str(tmp_path / "out")},
+        "download": {"allow_private_addresses": True, "timeout": 10}, "resize": resize, "filters": filters,
+    })
+    chain = build_stage_chain(cfg.filter_specs(), "bytes", {"clip": cfg.clip, "root": str(tmp_path)})
+    results = {}
+    for name, data in files.items():
+        (server.root_dir / "images").mkdir(exist_ok=True)
+        (server.root_dir / "images" / name).write_bytes(data)
+        row = {"key": "0000000000", "url": f"{server.base_url}/images/{name}", "caption": "x", "meta": {}}
+        results[name] = _process_row(row, cfg, chain)
+    return results
+
+
+def test_resolution_rejects_from_the_header_before_decoding(server, tmp_path):
+    files = {
+        "tiny-truncated.png": _png_truncated_after_header((10, 10)),  # header 10x10, no readable pixels
+        "big-truncated.png": _png_truncated_after_header((200, 150)),
+        "wide.png": encode(solid((400, 100)), "PNG"),
+        "garbage.jpg": b"\xff\xd8\xff\xe0" + bytes(5000),
+    }
+    assert rejected(files["tiny-truncated.png"]).reason == "decode_error"  # were it decoded
+    got = _download(server, tmp_path, files, [{"name": "resolution", "min_side": 64, "max_aspect_ratio": 3}])
+    tiny, image = got["tiny-truncated.png"]
+    # Rejected by the rule on the header, not as a decode error: the pixels were never decoded.
+    assert (tiny["reason"], image) == ("resolution: side<64", None)
+    assert (tiny["original_width"], tiny["original_height"]) == (10, 10)  # for the report's size chart
+    big, _ = got["big-truncated.png"]
+    assert big["reason"] == "decode_error" and (big["original_width"], big["original_height"]) == (200, 150)
+    assert got["wide.png"][0]["reason"] == "resolution: aspect>3"
+    # No header, no size: the rule keeps it and the decoder rejects it.
+    garbage, _ = got["garbage.jpg"]
+    assert garbage["reason"] == "decode_error" and garbage.get("original_width") is None
+
+
+def test_the_hash_blocklist_runs_before_resolution(server, tmp_path):
+    small = encode(solid((10, 10)), "PNG")
+    (tmp_path / "blocked.txt").write_text(hashlib.sha256(small).hexdigest() + "\n")
+    filters = [{"name": "resolution", "min_side": 64}, {"name": "hash_blocklist", "paths": [str(tmp_path / "blocked.txt")]}]
+    got = _download(server, tmp_path, {"small.png": small}, filters)
+    assert got["small.png"][0]["reason"] == "unsafe: hash_blocklist"
+
+
+def test_a_kept_image_is_normalized_once_with_its_bucket(server, tmp_path):
+    data = encode(noise((400, 600)), "JPEG", quality=90)
+    got = _download(server, tmp_path, {"photo.jpg": data}, [{"name": "resolution", "min_side": 64}],
+                    size=256, mode="buckets")
+    record, image = got["photo.jpg"]
+    assert record["status"] == "ok" and record["bucket"] == [192, 320]
+    assert (record["width"], record["height"], record["original_width"], record["original_height"]) == (192, 320, 400, 600)
+    assert image == normalize_image(data, ResizeConfig(size=256, mode="buckets")).data

@@ -199,13 +199,17 @@ def test_histograms_count_every_row_by_outcome(run_dir):
     assert caption.counts["rule"].sum() == stats["rejected_by_reason"][CAPTION_REASON]
     assert caption.counts["rule"][MIN_WORDS:].sum() == 0
 
-    # Sizes: rows rejected from their header (too small) are counted, left of min_image_size.
+    # Sizes: rows rejected from their header (too small) are counted, left of min_side; their
+    # sizes are in their records (read from the header), like those of every downloaded row.
     size = charts["size"]
-    too_small = stats["rejected_by_reason"].get("image_too_small", 0)
+    too_small = stats["rejected_by_reason"].get("resolution: side<64", 0)
     assert too_small > 0 and size.counts["rule"].sum() == too_small
     assert size.counts["rule"][size.edges[1:] > 64].sum() == 0
-    downloaded_or_sized = sum(1 for r in rows if r["original_width"] is not None) + too_small \
-        + stats["rejected_by_reason"].get("aspect_ratio_too_large", 0)
+    assert size.markers == [(64.0, "min_side 64")]
+    by_header = [r for r in rows if (r["reason"] or "").startswith("resolution: ")]
+    assert len(by_header) == too_small + stats["rejected_by_reason"].get("resolution: aspect>3", 0)
+    assert all(r["original_width"] is not None and r["original_height"] is not None for r in by_header)
+    downloaded_or_sized = sum(1 for r in rows if r["original_width"] is not None)
     assert size.total == downloaded_or_sized
 
 

@@ -94,7 +94,7 @@ def story(dataset, slow_urls, tmp_path_factory):
     story["rerun_requests"] = server.requests - requests
     story["rerun"] = snapshot(out)
 
-    story["changed_result"] = run_curate([*command, "--set", "resize.image_size=64"], env)
+    story["changed_result"] = run_curate([*command, "--set", "resize.size=64"], env)
     story["after_changed"] = snapshot(out)
 
     (out / "shards" / "stray.txt").write_text("left by someone")

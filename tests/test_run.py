@@ -40,7 +40,7 @@ def finished(dataset, tmp_path_factory):
         tmp / "config.yaml", urls, out,
         input={"extra_cols": ["truth", "WIDTH", "HEIGHT"]},
         download={"timeout": 10},  # a loaded CI machine must not turn a good row into a timeout
-        resize={"image_size": IMAGE_SIZE},
+        resize={"size": IMAGE_SIZE},
         filters=[{"name": "caption_length", "min_words": MIN_WORDS}],
     )
     env = {k: v for k, v in os.environ.items() if k != "DASK_SCHEDULER_ADDRESS"}
@@ -144,8 +144,8 @@ def test_planted_faults_get_their_reasons(finished):
     assert short.any() and (~short).any()  # the filter really splits the data
     by_truth = table[~short].groupby("truth")["reason"]
     assert by_truth.get_group("broken_url").eq("failed_to_download: HTTP 404").all()
-    assert by_truth.get_group("too_small").eq("image_too_small").all()
-    assert by_truth.get_group("extreme_aspect").eq("aspect_ratio_too_large").all()
+    assert by_truth.get_group("too_small").eq("resolution: side<64").all()
+    assert by_truth.get_group("extreme_aspect").eq("resolution: aspect>3").all()
     fine = table[table["truth"].isin(["ok", "wrong_caption"]) & ~short]
     assert (fine["status"] == "ok").all()
 
@@ -163,7 +163,7 @@ def test_caption_filter_counts_in_stats(finished):
 def test_saved_config_loads_back(finished):
     saved = load_config(finished["out"] / "config.yaml")
     assert saved == load_config(finished["config"])
-    assert saved.resize.image_size == IMAGE_SIZE
+    assert saved.resize.size == IMAGE_SIZE
     assert saved.filters[0].name == "caption_length"
 
 

@@ -47,7 +47,7 @@ from curate.pipeline.demo.synthetic import POSITIONS, SHAPES, Scene, SceneObject
 pytestmark = pytest.mark.skipif(not (TINY_CLIP_DIR / "open_clip_config.json").exists(), reason="tiny CLIP not built")
 
 CLIP = ClipConfig(enabled=True, model=TINY_CLIP, pretrained=None, device="cpu", batch_size=64)
-RESIZE = ResizeConfig(image_size=128)  # as write_config's runs normalize the served images
+RESIZE = ResizeConfig(size=128)  # as write_config's runs normalize the served images
 # name → (object colour, background colour)
 CONCEPTS = {"yellow_on_purple": ("yellow", "purple"), "green_on_white": ("green", "white")}
 ZERO_SHOT_CONCEPT = "yellow_on_purple"  # what the concept filter is asked to find

@@ -19,7 +19,7 @@ from curate.pipeline.stages.score import score_shard
 from curate.pipeline.shards import sample_key
 from curate.pipeline.demo.synthetic import caption, random_scene, render, wrong_caption
 from curate.pipeline.tarshard import TarShardWriter
-from conftest import curate_command, write_config
+from conftest import RESOLUTION, curate_command, write_config
 
 pytestmark = pytest.mark.skipif(not (TINY_CLIP_DIR / "open_clip_config.json").exists(), reason="tiny CLIP not built")
 
@@ -126,7 +126,7 @@ def test_run_with_clip_filters_mismatched_captions(clip_run):
 def test_top_fraction_is_resolved_over_the_whole_dataset(clip_run, tmp_path):
     config = yaml.safe_load((clip_run / "config.yaml").read_text())
     config["output"]["path"] = str(tmp_path / "top")
-    config["filters"] = [{"name": "clip_similarity", "top_fraction": 0.5}]
+    config["filters"] = [{"name": "clip_similarity", "top_fraction": 0.5}, {"name": "resolution", **RESOLUTION}]
     (tmp_path / "top.yaml").write_text(yaml.safe_dump(config))
     proc = subprocess.run(curate_command("run", str(tmp_path / "top.yaml"), "--no-progress"),
                           capture_output=True, text=True, timeout=300)

@@ -58,7 +58,7 @@ def shards(dataset, tmp_path_factory):
     config = write_config(
         tmp / "run.yaml", urls, tmp / "out",
         download={"timeout": 10},
-        resize={"image_size": 64, "min_image_size": 32},
+        resize={"size": 64}, resolution={"min_side": 32, "max_aspect_ratio": 3.0},
         filters=[{"name": "vae_latents", "vae": "tiny", "resolution": RESOLUTION, "device": "cpu"}],
         dask={"n_workers": 1},  # one worker process loads the VAE once; the 3 shards take ~1 s each
     )

@@ -3,22 +3,22 @@
 One file per checkpoint, `checkpoints/step-NNNNNNNN.pt`: the step, the UNet's weights,
 the optimizer's and LR schedule's state, the EMA weights, and every random number
 generator (python, numpy, torch CPU and CUDA, the loop's noise generator). Written to a
-temporary name and renamed, so a crash mid-save leaves the previous checkpoint intact.
+temporary name, fsynced and renamed (pipeline/shards.py atomic_path), so a crash mid-save leaves the previous checkpoint intact.
 Everything is tensors and plain containers, so it loads with `weights_only=True` (no
 pickled code runs when a checkpoint is read).
 """
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import uuid
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
+
+from curate.pipeline.shards import atomic_path
 
 NAME = re.compile(r"^step-(\d{8})\.pt$")
 
@@ -44,12 +44,8 @@ def save_checkpoint(folder: Path, step: int, state: dict, keep: int) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(folder, step)
-    tmp = folder / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_path(final) as tmp:  # fsynced, then renamed: a crash leaves the previous checkpoint
         torch.save(state, tmp)
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
     for _, old in list_checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
     return final

@@ -279,9 +279,9 @@ def score_thresholds(stats: dict, config: dict) -> dict[str, list[float]]:
 
 
 def _limits(config: dict, sources: list[tuple[str, str, float]]) -> list[tuple[float, str]]:
-    """Markers from config values: (section or filter name, parameter, offset) → (x, label)."""
+    """Markers from the configured filters: (filter name, parameter, offset) → (x, label)."""
     marks = []
-    sections = [(s, config.get(s)) for s in ("resize",)] + [(f.get("name"), f) for f in config.get("filters") or [] if isinstance(f, dict)]
+    sections = [(f.get("name"), f) for f in config.get("filters") or [] if isinstance(f, dict)]
     for owner, values in sections:
         for source, param, offset in sources:
             value = (values or {}).get(param) if owner == source else None
@@ -321,8 +321,8 @@ def plan_histograms(files: list[Path], stats: dict, config: dict) -> list[Histog
             markers=[(t, f"threshold {t:.4g}") for t in marks],
         ))
 
-    # Size rules: the download's (resize: section) and the resolution filter's.
-    size_marks = _limits(config, [("resize", "min_image_size", 0), ("resolution", "min_side", 0)])
+    # Size rules: the resolution filter's (it judges the header, in the download stage).
+    size_marks = _limits(config, [("resolution", "min_side", 0)])
     spans = [ranges[c] for c in ("original_width", "original_height") if c in ranges]
     largest = max([s[1] for s in spans] + [2 * x for x, _ in size_marks] + [64.0])
     step = max(8.0, math.ceil(largest / SIZE_BINS / 8) * 8)
@@ -331,7 +331,7 @@ def plan_histograms(files: list[Path], stats: dict, config: dict) -> list[Histog
         edges=np.arange(0, largest + step, step), is_rule=_rule(("image_too_small",), ("side",)),
         markers=size_marks,
     ))
-    aspect_marks = _limits(config, [("resize", "max_aspect_ratio", 0), ("resolution", "max_aspect_ratio", 0)])
+    aspect_marks = _limits(config, [("resolution", "max_aspect_ratio", 0)])
     aspect_top = min(ASPECT_MAX, max([3.0] + [x + 1 for x, _ in aspect_marks]))
     charts.append(Histogram(
         key="aspect", title="Aspect ratio (longer side / shorter side)", x_title="ratio",

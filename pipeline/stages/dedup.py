@@ -67,7 +67,6 @@ Layout (work/dedup/; after the run only plan.json and done.json stay, unless out
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import shutil
@@ -84,7 +83,7 @@ from curate.pipeline.dedup_store import (
     DECISION_SCHEMA, PHASH, SEMANTIC, SHA256, URL, dedup_dir, most_exact, read_batch, sample_order, write_batches,
 )
 from curate.pipeline.layout import RunLayout
-from curate.pipeline.shards import atomic_path, clean_shard, is_done, mark_done, read_marker, shard_name
+from curate.pipeline.shards import atomic_path, run_once, shard_name
 
 ROWS_PER_PARTITION = 1_000_000  # input rows whose records one find task holds
 ROWS_PER_CLUSTER = 5_000  # default semantic cluster size
@@ -251,14 +250,13 @@ def fit_centroids(root: str, spec: dict, n_shards: int) -> int:
 
 def hash_shard(root: str, shard_id: int, spec: dict, partitions: int, scored: bool) -> dict:
     """Step 1 for one shard: its records, split by partition. Done shards are not redone."""
+    out = dedup_dir(root) / "hashes"
+    return run_once(out, shard_id, lambda: _hash_shard(root, shard_id, spec, partitions, scored, out))
+
+
+def _hash_shard(root: str, shard_id: int, spec: dict, partitions: int, scored: bool, out: Path) -> dict:
     layout = RunLayout(root)
     params = dedup_params(spec)
-    out = dedup_dir(root) / "hashes"
-    if is_done(out, shard_id):
-        return read_marker(out, shard_id)
-    clean_shard(out, shard_id)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
     name = shard_name(shard_id)
 
     path = layout.download / f"{name}.parquet"
@@ -300,10 +298,7 @@ def hash_shard(root: str, shard_id: int, spec: dict, partitions: int, scored: bo
     if params.semantic_eps is not None:
         _hash_embeddings(layout, shard_id, out / f"{name}.sem.arrow", rows, table["key"], orders, partitions)
 
-    stats = {"shard": shard_id, "samples": len(rows), "records": int(len(kind)),
-             "seconds": round(time.time() - started, 3)}
-    mark_done(out, shard_id, stats)
-    return stats
+    return {"shard": shard_id, "samples": len(rows), "records": int(len(kind))}
 
 
 def _hash_embeddings(layout: RunLayout, shard_id: int, path: Path, rows: list[int], all_keys: list[str],
@@ -391,15 +386,15 @@ def _near(group_keys: tuple, order: np.ndarray, close_fn: Callable, labels_fn: C
 
 
 def find_duplicates(root: str, partition: int, spec: dict, n_shards: int) -> dict:
-    """Step 2 for one partition: (sample, original, kind) decisions, one record batch per shard."""
+    """Step 2 for one partition: (sample, original, kind) decisions, one record batch per shard.
+    A partition's files are named like a shard's, so the same done-marker protocol applies."""
+    out = dedup_dir(root) / "decisions"
+    return run_once(out, partition, lambda: _find_duplicates(root, partition, spec, n_shards, out))
+
+
+def _find_duplicates(root: str, partition: int, spec: dict, n_shards: int, out: Path) -> dict:
     params = dedup_params(spec)
     folder = dedup_dir(root)
-    out = folder / "decisions"
-    if is_done(out, partition):
-        return read_marker(out, partition)
-    clean_shard(out, partition)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
 
     table = pa.Table.from_batches(
         [read_batch(folder / "hashes" / f"{shard_name(i)}.arrow", partition) for i in range(n_shards)],
@@ -447,9 +442,6 @@ def find_duplicates(root: str, partition: int, spec: dict, n_shards: int) -> dic
     )
     write_batches(out / f"{shard_name(partition)}.arrow", DECISION_SCHEMA,
                    {"order": order, "original": original, "kind": kind}, order >> 32, n_shards)
-    stats = {"partition": partition, "decisions": int(len(order)), "comparisons": int(comparisons),
-             "seconds": round(time.time() - started, 3)}
-    mark_done(out, partition, stats)
-    return stats
+    return {"partition": partition, "decisions": int(len(order)), "comparisons": int(comparisons)}
 
 

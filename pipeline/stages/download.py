@@ -12,6 +12,7 @@ import json
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import pyarrow.parquet as pq
 
@@ -23,7 +24,7 @@ from curate.pipeline.dedup_store import phash_hex
 from curate.pipeline.fetch import fetch
 from curate.pipeline.image import ImageRejected, normalize_image, read_header
 from curate.pipeline.reader import read_input_shard
-from curate.pipeline.records import records_table, sample_meta
+from curate.pipeline.records import Rejection, records_table, sample_meta
 from curate.pipeline.shards import atomic_path, run_once, sample_key, shard_name
 from curate.pipeline.tarshard import TarShardWriter
 
@@ -54,9 +55,9 @@ def _process_row(row: dict, cfg: RunConfig, bytes_chain: list[Filter], phash: bo
             # Before anything is decoded or stored: an image these filters drop is never written anywhere.
             sample = {**row, "data": got.data, "sha256": record["sha256"],
                       "original_width": record.get("original_width"), "original_height": record.get("original_height")}
-            reason = apply_chain(bytes_chain, sample)
-            if reason is not None:
-                record.update(reason=reason, error_message=None)
+            rejection = apply_chain(bytes_chain, sample)
+            if rejection is not None:
+                record.update(rejection.columns())
                 return record, None
         if unreadable is not None:
             record.update(reason=unreadable.reason, error_message=unreadable.detail)
@@ -86,17 +87,17 @@ def _process_row(row: dict, cfg: RunConfig, bytes_chain: list[Filter], phash: bo
 
 
 def redirect_check(row_chain: list[Filter]):
-    """A check of redirect targets by the row filters that judge URLs (`url_reason`), so a
+    """A check of redirect targets by the row filters that judge URLs (`url_rejection`), so a
     redirect cannot lead onto a blocked domain; None when there are none."""
-    judges = [f for f in row_chain if hasattr(f, "url_reason")]
+    judges = [f for f in row_chain if hasattr(f, "url_rejection")]
     if not judges:
         return None
 
-    def check(url: str):
+    def check(url: str) -> Optional[Rejection]:
         for f in judges:
-            reason = f.url_reason(url)
-            if reason:
-                return reason
+            rejection = f.url_rejection(url)
+            if rejection is not None:
+                return rejection
         return None
 
     return check
@@ -133,10 +134,10 @@ def _download(input_path: str, shard_id: int, stage_dir: Path, cfg: RunConfig) -
                         "meta": {c: row.get(c) for c in extra_cols},
                     }
                     # Rows the row filters drop are never fetched.
-                    reason = apply_chain(row_chain, sample) if row_chain else None
-                    if reason is not None:
+                    rejection = apply_chain(row_chain, sample) if row_chain else None
+                    if rejection is not None:
                         done = Future()
-                        done.set_result(({"status": "rejected", "reason": reason, "error_message": None}, None))
+                        done.set_result((rejection.columns(), None))
                         window.append((index, sample, done))
                         continue
                     window.append((index, sample, pool.submit(_process_row, sample, cfg, bytes_chain, phash, check_url)))

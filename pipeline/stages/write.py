@@ -14,11 +14,11 @@ from collections import Counter
 
 import pyarrow.parquet as pq
 
-from curate.filters import apply_chain, build_stage_chain, chain_counts, is_safety_reason
+from curate.filters import apply_chain, build_chain, build_stage_chain, chain_counts, score_fields
 from curate.pipeline.config import RunConfig
 from curate.pipeline.embeddings import read_embeddings, read_scores
 from curate.pipeline.layout import RunLayout
-from curate.pipeline.records import records_table, sample_meta
+from curate.pipeline.records import CLIP_SIMILARITY, Rejection, records_table, sample_meta
 from curate.pipeline.report.samples import ReportSamples
 from curate.pipeline.shards import atomic_path, remove_shard, run_once, shard_name
 from curate.pipeline.tarshard import TarShardWriter, iter_tar_samples
@@ -54,7 +54,7 @@ def _write(shard_id: int, upstream: dict, layout: RunLayout, cfg: RunConfig, fil
     raw_samples = iter_tar_samples(download_dir / f"{name}.tar")
     reasons: Counter = Counter()
     # report.html's thumbnails: chosen now, while the images of dropped samples still exist.
-    report_samples = ReportSamples(shard_id)
+    report_samples = ReportSamples(shard_id, score_fields=[CLIP_SIMILARITY, *score_fields(build_chain(filter_specs))])
 
     with atomic_path(out_dir / f"{name}.tar") as tar_tmp:
         with TarShardWriter(tar_tmp) as tar:
@@ -70,14 +70,14 @@ def _write(shard_id: int, upstream: dict, layout: RunLayout, cfg: RunConfig, fil
                 if scored is not None:
                     similarity, model, failure = scores[key]
                     if failure:  # the image did not decode for CLIP either: never write it
-                        record.update(status="rejected", reason=failure, error_message=None)
+                        record.update(Rejection(failure, filter="score", detail="CLIP's image decoder could not read it").columns())
                         reasons[failure] += 1
                         continue
-                    meta.update(clip_similarity=round(similarity, 5), clip_model=model)
+                    meta.update({CLIP_SIMILARITY: round(similarity, 5), "clip_model": model})
                 sample = {"key": key, "jpg": fields["jpg"], "caption": record["caption"], "meta": meta, "extra": {}}
                 if key in embeddings:
                     sample["img_emb"], sample["text_emb"] = embeddings[key]
-                reason = apply_chain(chain, sample)
+                rejection = apply_chain(chain, sample)
                 # Scores land in the parquet for dropped rows too: they are what a user
                 # looks at to tune a threshold. Filters may have changed sizes or the caption.
                 # Only what the score stage and filters added or changed is copied: the rest
@@ -85,11 +85,11 @@ def _write(shard_id: int, upstream: dict, layout: RunLayout, cfg: RunConfig, fil
                 # one column must keep one type across a shard's rows.
                 record.update({k: v for k, v in sample["meta"].items() if k not in stored or stored[k] != v})
                 record["caption"] = sample["caption"]
-                if reason is not None:
-                    record.update(status="rejected", reason=reason, error_message=None)
-                    reasons[reason] += 1
-                    if not is_safety_reason(reason):  # an unsafe image is never kept for the report
-                        report_samples.add_dropped(sample, reason)
+                if rejection is not None:
+                    record.update(rejection.columns())
+                    reasons[rejection.reason] += 1
+                    if not rejection.is_safety:  # an unsafe image is never kept for the report
+                        report_samples.add_dropped(sample, rejection)
                     continue
                 report_samples.add_kept(sample)
                 tar.write(key, {
