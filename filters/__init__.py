@@ -1,7 +1,8 @@
 """Filters: each answers keep, or drop with a Rejection (reason, and the measure it compared).
 
-Adding a filter: write a module with a `Filter` subclass, add it to FILTERS below,
-add a test. The YAML names it in `filters:` with its parameters, in order.
+Adding a filter: write a module with a `Filter` subclass, import it and add it to FILTERS
+below, add a test file (filters/repetition.py and tests/test_filter_repetition.py are a
+small complete example). The YAML names it in `filters:` with its parameters, in order.
 """
 
 from __future__ import annotations
@@ -18,23 +19,30 @@ from curate.filters.hashes import HashBlocklist
 from curate.filters.heads import AestheticHead, NsfwHead
 from curate.filters.laion import LaionColumns
 from curate.filters.latents import VaeLatents
+from curate.filters.repetition import CaptionRepetition
 from curate.filters.resolution import Resolution
 
+# The registry: YAML name → filter class. One line per filter.
 FILTERS: dict[str, type[Filter]] = {f.name: f for f in [
-    CaptionLength, ClipSimilarity,
-    Dedup,
+    # row: on the input row, before the fetch
     CaptionClean,
     CaptionBoilerplate,
+    CaptionLength,
+    CaptionRepetition,
     CaptionLanguage,
     CaptionBlocklist,
     UrlBlocklist,
     LaionColumns,
+    # bytes: on the fetched bytes and the image header, before anything is decoded or stored
+    HashBlocklist,
     Resolution,
-    VaeLatents,
+    # sample: in the write stage, with CLIP scores and embeddings
+    ClipSimilarity,
     NsfwHead,
     AestheticHead,
     ConceptFilter,
-    HashBlocklist,
+    Dedup,
+    VaeLatents,
 ]}
 
 

@@ -14,9 +14,11 @@ When a filter runs is its `stage`, chosen by what it needs to look at:
             columns). Runs in the download stage BEFORE the image is fetched, so a
             dropped row costs no bandwidth (caption rules, URL and keyword blocklists,
             LAION's punsafe / pwatermark columns).
-- "bytes":  also `data`, the original image bytes as fetched, and their `sha256`. Runs
-            in the download stage before anything is stored (the image hash blocklist:
-            a matched image is never written anywhere).
+- "bytes":  also `data`, the original image bytes as fetched, their `sha256`, and
+            `original_width` / `original_height`, the upright size read from the image header
+            (None when it cannot be read). Runs in the download stage before anything is
+            decoded or stored (the image hash blocklist: a matched image is never written
+            anywhere; resolution: a too-small image is never decoded).
 - "sample": the normalized image (`jpg` bytes), `meta` (the json written beside it,
             with sizes, sha256 and scores), and, when the score stage ran, `img_emb` /
             `text_emb` (L2-normalized float32 CLIP embeddings). Runs in the write stage.

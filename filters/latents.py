@@ -1,6 +1,6 @@
 """Cache VAE latents in the shards (sample stage), so training skips VAE encoding.
 
-Put it last in `filters:` (after `resize`, whose aspect bucket it uses):
+Put it last in `filters:`; it crops to the sample's aspect bucket (`resize.mode: buckets`):
 
     - name: vae_latents
       vae: stable-diffusion-v1-5/stable-diffusion-v1-5   # or a local diffusers folder, or "tiny"

@@ -41,6 +41,12 @@ def gpu_resources(client: Client) -> dict | None:
     return {"GPU": 1} if any(w.get("resources", {}).get("GPU") for w in workers) else None
 
 
+# The embedded cluster listens on loopback only: a Dask scheduler or worker runs whatever code
+# it is sent, unauthenticated, so one reachable from the network would let anyone who can reach
+# a shared GPU server run code on it. Real clusters: see README "On a cluster" (TLS).
+LOOPBACK = "127.0.0.1"
+
+
 def _local_cluster(cfg: DaskConfig, gpus: int):
     # CRITICAL: a failed task reaches the client, which reports it once (one line for a
     # full disk); the workers' own "Compute Failed" logs would repeat it with tracebacks.
@@ -51,14 +57,17 @@ def _local_cluster(cfg: DaskConfig, gpus: int):
             threads_per_worker=cfg.threads_per_worker,
             memory_limit=cfg.memory_limit,
             processes=True,
-            dashboard_address="127.0.0.1:0",
+            host=LOOPBACK,
+            dashboard_address=f"{LOOPBACK}:0",
+            worker_dashboard_address=f"{LOOPBACK}:0",
             **common,
         )
     # CPU workers for download and write, plus one worker per GPU that only it sees:
     # GPU tasks ask for resources={"GPU": 1}, so SCORE_TASKS_PER_GPU run per device at a time.
     # CPU workers see no GPU: a model a sample filter loads there (vae_latents, concepts) stays
     # on the CPU instead of every CPU worker opening a CUDA context on GPU 0.
-    worker = {"nthreads": cfg.threads_per_worker, "memory_limit": cfg.memory_limit}
+    worker = {"nthreads": cfg.threads_per_worker, "memory_limit": cfg.memory_limit,
+              "host": LOOPBACK, "dashboard_address": f"{LOOPBACK}:0"}
     workers = {
         f"cpu-{i}": {"cls": Nanny, "options": {**worker, "env": {"CUDA_VISIBLE_DEVICES": ""}}}
         for i in range(cfg.n_workers or os.cpu_count() or 1)
@@ -68,7 +77,7 @@ def _local_cluster(cfg: DaskConfig, gpus: int):
             **worker, "nthreads": SCORE_TASKS_PER_GPU, "resources": {"GPU": SCORE_TASKS_PER_GPU},
             "env": {"CUDA_VISIBLE_DEVICES": str(j)},
         }}
-    scheduler = {"cls": Scheduler, "options": {"dashboard_address": "127.0.0.1:0"}}
+    scheduler = {"cls": Scheduler, "options": {"host": LOOPBACK, "dashboard_address": f"{LOOPBACK}:0"}}
     return SpecCluster(workers=workers, scheduler=scheduler, **common)
 
 

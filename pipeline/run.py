@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
+from curate.filters import build_chain, score_fields
 from curate.filters.dedup import dedup_spec
 from curate.pipeline.cluster import dask_client, gpu_resources, local_gpu_count
 from curate.pipeline.config import RunConfig, changed_settings, dump_config
@@ -29,6 +30,7 @@ from curate.pipeline.executor import DaskExecutor
 from curate.pipeline.layout import RunLayout
 from curate.pipeline.models.clip import check_model_source
 from curate.pipeline.reader import check_inputs, write_input_shards
+from curate.pipeline.records import CLIP_SIMILARITY
 from curate.pipeline.report.page import build_report
 from curate.pipeline.shards import atomic_path, is_done, read_marker, remove_shard
 from curate.pipeline.stages.dedup import finish_dedup, run_dedup_pass
@@ -118,6 +120,9 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=prin
                 raise UserError(f"no space left on the device holding {layout.root}; free some and rerun to resume") from exc
             raise
         stats = merge_stats(shard_stats, inputs["rows"], time.time() - started)
+        # The fields the report charts as scores: the score stage's and those the filters declare.
+        clip_fields = [CLIP_SIMILARITY] if cfg.clip.enabled else []
+        stats["score_fields"] = list(dict.fromkeys(clip_fields + score_fields(build_chain(cfg.filter_specs()))))
         if resolved:
             stats["resolved_thresholds"] = resolved
         dedup_stats = finish_dedup(str(layout.root), cfg.output.keep_intermediate)

@@ -168,3 +168,30 @@ def test_gpu_cluster_layout_each_gpu_worker_sees_one_device_and_cpu_workers_none
             assert infos[name]["nthreads"] == SCORE_TASKS_PER_GPU
             assert infos[name]["resources"] == {"GPU": SCORE_TASKS_PER_GPU}
         assert not infos["cpu-0"].get("resources")
+
+
+@pytest.mark.parametrize("gpus", [0, 2], ids=["cpu-layout", "gpu-layout"])
+def test_embedded_clusters_listen_on_loopback_only(gpus):
+    """A Dask scheduler or worker runs the code it is sent: the embedded cluster must not be
+    reachable from the network. Every listening socket of this process and the cluster's
+    processes (scheduler, nannies, workers, dashboards) is bound to 127.0.0.1."""
+    import ipaddress
+
+    import psutil
+    from distributed import Client
+
+    from curate.pipeline.cluster import _local_cluster
+    from curate.pipeline.config import DaskConfig
+
+    with _local_cluster(DaskConfig(n_workers=1), gpus=gpus) as cluster, Client(cluster) as client:
+        client.wait_for_workers(1 + gpus, timeout=60)
+        me = psutil.Process()
+        listening = []
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                listening += [c.laddr for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+            except psutil.Error:
+                continue
+        # scheduler + its dashboard, and per worker: nanny, worker, worker dashboard
+        assert len(listening) >= 2 + 3 * (1 + gpus)
+        assert all(ipaddress.ip_address(a.ip).is_loopback for a in listening), listening

@@ -57,7 +57,6 @@ def run(dataset, tmp_path_factory):
         tmp / "config.yaml", tmp / "urls.parquet", tmp / "out",
         input={"extra_cols": ["truth", "punsafe"], "rows_per_shard": 75},
         download={"timeout": 10},
-        output={"keep_intermediate": True},  # the download shards, to compare the written images with
         # Enlarged too (upscale), so that every written image is exactly its bucket.
         resize={"size": SIZE, "mode": "buckets", "bucket_max_ratio": 2.0, "upscale": True},
         resolution=None,
@@ -71,7 +70,9 @@ def run(dataset, tmp_path_factory):
     )
     before = server.path_requests
     env = {k: v for k, v in os.environ.items() if k != "DASK_SCHEDULER_ADDRESS"}
-    result = run_curate(["run", str(config), "--no-progress"], env, timeout=180)
+    # keep_intermediate: the download shards, to compare the written images with.
+    result = run_curate(["run", str(config), "--no-progress", "--set", "output.keep_intermediate=true"], env,
+                        timeout=180)
     requested = server.path_requests - before
     table["expected"] = [expected_reason(r) for r in table.to_dict("records")]
     out = tmp / "out"

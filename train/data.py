@@ -9,7 +9,9 @@
 
 Unreadable shards and undecodable samples are skipped with a warning
 (`handler=wds.warn_and_continue`): one bad file must not end a week-long run. A config
-that can select nothing, or a required field that is missing, is an error instead.
+that can select nothing, or a required field that is missing, is an error instead: a
+`DataError` raised where the sample is read (in a DataLoader worker), which reaches the
+training loop as that exception and the user as one `curate: error:` line.
 
 Determinism: the stream of a (rank, worker) is a function of the seed and of the step
 it starts at. The training loop starts a fresh stream at every checkpoint step, so a
@@ -42,6 +44,31 @@ from curate.pipeline.models.latents import (
 
 # After this many samples in a row fail the selection, the rules select (next to) nothing.
 MAX_REJECTED_IN_A_ROW = 20_000
+
+
+class DataError(UserError):
+    """A data config that cannot work with these shards, found while reading them: a selection
+    on a field the shards lack, a required cached latent that does not fit, a selection that
+    rejects everything.
+
+    Raised in the data pipeline, usually inside a DataLoader worker process. torch re-raises
+    a worker's exception in the training process as a new exception of the same type whose
+    message is the worker's whole traceback; this class keeps its own last line, so the user
+    still reads one line."""
+
+    def __init__(self, message: str):
+        own = f"{DataError.__module__}.{DataError.__qualname__}: "
+        if message.startswith(f"Caught {DataError.__name__} ") and own in message:
+            message = message.rsplit(own, 1)[1].strip()
+        super().__init__(message)
+
+
+def _skip_bad_samples(exc: Exception) -> bool:
+    """webdataset's handler for a stage: a bad sample or shard is skipped with a warning, a
+    DataError ends the stream (it is the config, not the sample, that is wrong)."""
+    if isinstance(exc, DataError):
+        raise exc
+    return wds.warn_and_continue(exc)
 
 
 def shard_urls(specs: list[str]) -> list[str]:
@@ -105,27 +132,29 @@ class Parse:
 
 @dataclass
 class Select:
-    """Selection on the json fields; yields {"error": ...} for a config that cannot work."""
+    """Selection on the json fields; a DataError for a config that cannot work."""
 
     min_clip_similarity: Optional[float]
     max_punsafe: Optional[float]
     min_size: int
 
     def reason(self, meta: dict) -> Optional[str]:
-        """None to keep; else why not (a missing field is an error, see the module docstring)."""
+        """None to keep; else the rule that drops it. A rule on a field the sample lacks is a
+        DataError (see the module docstring)."""
         if self.min_clip_similarity is not None:
             if meta.get("clip_similarity") is None:
-                return "error: data.min_clip_similarity is set but a sample has no clip_similarity (run curate with clip.enabled)"
+                raise DataError("data.min_clip_similarity is set but a sample has no clip_similarity "
+                                "(run curate with clip.enabled)")
             if meta["clip_similarity"] < self.min_clip_similarity:
                 return "clip_similarity"
         if self.max_punsafe is not None:
             if meta.get("punsafe") is None:
-                return "error: data.max_punsafe is set but a sample has no punsafe score"
+                raise DataError("data.max_punsafe is set but a sample has no punsafe score")
             if meta["punsafe"] > self.max_punsafe:
                 return "punsafe"
         if self.min_size:
             if meta.get("width") is None or meta.get("height") is None:
-                return "error: data.min_size is set but a sample has no width/height"
+                raise DataError("data.min_size is set but a sample has no width/height")
             if min(meta["width"], meta["height"]) < self.min_size:
                 return "size"
         return None
@@ -133,19 +162,18 @@ class Select:
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         in_a_row = 0
         for sample in src:
-            reason = self.reason(sample["meta"])
+            try:
+                reason = self.reason(sample["meta"])
+            except DataError as exc:
+                raise DataError(f"{exc} ({sample['url']}: {sample['key']})") from None
             if reason is None:
                 in_a_row = 0
                 yield sample
                 continue
-            if reason.startswith("error: "):
-                yield {"error": f"{reason[7:]} ({sample['url']}: {sample['key']})"}
-                return
             in_a_row += 1
             if in_a_row >= MAX_REJECTED_IN_A_ROW:
-                yield {"error": f"data: {in_a_row} samples in a row failed the selection "
-                                "(min_clip_similarity / max_punsafe / min_size): it selects (next to) nothing"}
-                return
+                raise DataError(f"data: {in_a_row} samples in a row failed the selection "
+                                "(min_clip_similarity / max_punsafe / min_size): it selects (next to) nothing")
 
 
 @dataclass
@@ -187,8 +215,6 @@ class Prepare:
         return None
 
     def __call__(self, sample: dict) -> dict:
-        if "error" in sample:
-            return sample
         meta, size = sample["meta"], self.size(sample["meta"])
         out = {"caption": sample["caption"], "key": sample["key"], "bucket": size}
         if self.latents != "off":
@@ -197,8 +223,8 @@ class Prepare:
                 out["latents"] = torch.from_numpy(latent_from_bytes(sample["latent"]).astype(np.float32))
                 return out
             if self.latents == "required":
-                return {"error": f"data.latents is required but the cached latent of {sample['key']} "
-                                 f"({sample['url']}) does not fit: {why_not}"}
+                raise DataError(f"data.latents is required but the cached latent of {sample['key']} "
+                                f"({sample['url']}) does not fit: {why_not}")
             if sample["latent"] is not None and not self._warned:  # a cache that goes unused: say so, once
                 warnings.warn(f"data.latents: encoding on the fly, a cached latent does not fit: {why_not}")
                 self._warned = True
@@ -219,9 +245,6 @@ class BatchByBucket:
     def __call__(self, src):
         pending: dict[tuple, list] = {}
         for sample in src:
-            if "error" in sample:
-                yield sample
-                return
             kind = "latents" if "latents" in sample else "pixels"
             group = pending.setdefault((kind, sample["bucket"]), [])
             group.append(sample)
@@ -234,7 +257,7 @@ class BatchByBucket:
 def training_stream(cfg: DataConfig, urls: list[str], batch_size: int, seed: int,
                     vae_fingerprint: str) -> wds.DataPipeline:
     """The batch stream of this rank (an IterableDataset; each DataLoader worker gets its own)."""
-    handler = wds.warn_and_continue
+    handler = _skip_bad_samples
     return wds.DataPipeline(
         # Each (rank, worker) draws shards at random with its own seed (webdataset's
         # rank * 1000 + worker, mixed with ours): an endless stream, no epochs to align.

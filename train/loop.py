@@ -45,6 +45,7 @@ from curate.pipeline.config import changed_settings
 from curate.train.config import RESUMABLE_CHANGES, TrainConfig, dump_train_config
 from curate.train.data import check_readable, shard_urls, training_loader
 from curate.train.ema import EMA
+from curate.pipeline.models.device import resolve_device
 from curate.pipeline.models.latents import encode, scale_latents
 from curate.train.model import Components, load_components, save_pipeline
 from curate.train.objective import diffusion_loss
@@ -70,12 +71,9 @@ def setup_ranks(device_setting: str) -> tuple[Ranks, torch.device]:
     """One process per GPU under torchrun/accelerate (RANK, WORLD_SIZE, LOCAL_RANK), else one."""
     ranks = Ranks(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
                   int(os.environ.get("LOCAL_RANK", 0)))
-    if device_setting == "auto":
-        device = torch.device(f"cuda:{ranks.local}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(device_setting)
-        if device.type == "cuda" and device.index is None:  # "cuda": this rank's GPU
-            device = torch.device("cuda", ranks.local)
+    device = torch.device(resolve_device(device_setting))
+    if device.type == "cuda" and device.index is None:  # "auto" or "cuda": this rank's GPU
+        device = torch.device("cuda", ranks.local)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if ranks.world > 1 and not dist.is_initialized():
@@ -249,9 +247,7 @@ class Trainer:
         accum = self.cfg.training.grad_accum
         total = torch.zeros((), device=self.device)
         for micro in range(accum):
-            batch = next(batches)
-            if "error" in batch:
-                raise UserError(batch["error"])
+            batch = next(batches)  # a data config that cannot work raises DataError (a UserError) here
             last = micro == accum - 1
             sync = contextlib.nullcontext() if (self.ddp is None or last) else self.ddp.no_sync()
             with sync:

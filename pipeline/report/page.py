@@ -11,7 +11,10 @@ What it shows, and where each part comes from:
   ratios, caption lengths), split into written / dropped by that rule / dropped for
   another reason: the shard parquets, read one shard at a time and only the needed
   columns, binned per shard into bins fixed beforehand and summed, so memory is bounded
-  by a shard's columns whatever the run's size;
+  by a shard's columns whatever the run's size. Which columns are scores, where the
+  thresholds lie and which rows a rule dropped come from the data, never from parsing a
+  reason: the score fields the run's filters declared (stats.json `score_fields`), and
+  each rejected row's `reject_filter`, `reject_metric`, `reject_value`, `reject_threshold`;
 - sample grids (random kept samples, dropped samples nearest each threshold):
   report/samples/, thumbnails the write stage kept (pipeline/report_samples.py). Rows
   rejected for safety are never shown;
@@ -34,12 +37,11 @@ import itertools
 import json
 import math
 import random
-import re
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import jinja2
 import numpy as np
@@ -54,7 +56,8 @@ from plotly.offline import get_plotlyjs
 from curate.filters import FILTERS
 from curate.pipeline.errors import UserError
 from curate.pipeline.layout import RunLayout
-from curate.pipeline.report.samples import BottomK, is_safety_reason, metric_matches, parse_threshold
+from curate.pipeline.records import RECORD_COLUMNS
+from curate.pipeline.report.samples import BottomK, is_safety_reason
 from curate.pipeline.shards import atomic_path
 from curate.pipeline.tarshard import iter_tar_samples
 
@@ -65,11 +68,6 @@ CAPTION_WORDS_MAX = 60   # longer captions count in the last bin
 SCORE_BINS = 50
 SIZE_BINS = 40
 ASPECT_MAX = 6.0         # long side / short side; wider ones count in the last bin
-# Float columns that are sizes, not scores (LAION ships WIDTH/HEIGHT as floats).
-NOT_SCORES = {"width", "height", "original_width", "original_height", "bytes"}
-# image_too_small / aspect_ratio_too_large are decided from the header, before the
-# record gets its sizes; image.py puts them first in the detail ("640x32, ...").
-SIZE_IN_DETAIL = re.compile(r"^(\d+)x(\d+)\b")
 
 COLORS = {"written": "#2e7d32", "rule": "#c62828", "other": "#9e9e9e"}
 
@@ -193,28 +191,40 @@ def format_funnel(stats: dict, config: dict) -> str:
 @dataclass
 class Histogram:
     """Counts per bin and outcome (written / dropped by this chart's rule / dropped otherwise),
-    summed shard by shard into bins fixed before the first shard."""
+    summed shard by shard into bins fixed before the first shard.
+
+    The chart's rule: rows rejected by `rule_filter` and/or on `rule_metric` (their
+    `reject_filter` / `reject_metric` columns), whichever of the two is given."""
 
     key: str
     title: str
     x_title: str
     edges: np.ndarray
-    is_rule: Callable[[str], bool]           # does this rejection reason belong to the chart's rule?
+    rule_filter: Optional[str] = None
+    rule_metric: Optional[str] = None
     markers: list[tuple[float, str]] = field(default_factory=list)
     counts: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self):
+        assert self.rule_filter is not None or self.rule_metric is not None, self.key
         self.counts = {o: np.zeros(len(self.edges) - 1, dtype=np.int64) for o in COLORS}
 
-    def add(self, values: np.ndarray, status: np.ndarray, reasons: np.ndarray) -> None:
+    def is_rule(self, filters: np.ndarray, metrics: np.ndarray) -> np.ndarray:
+        """Per row: was it rejected by this chart's rule?"""
+        rule = np.ones(len(filters), dtype=bool)
+        if self.rule_filter is not None:
+            rule &= filters == self.rule_filter
+        if self.rule_metric is not None:
+            rule &= metrics == self.rule_metric
+        return rule
+
+    def add(self, values: np.ndarray, status: np.ndarray, filters: np.ndarray, metrics: np.ndarray) -> None:
         values = np.asarray(values, dtype=np.float64)
         known = np.isfinite(values)
         # Values beyond the axis count in the first or last bin rather than vanishing.
         values = np.clip(values[known], self.edges[0], self.edges[-1])
-        status, reasons = status[known], reasons[known]
-        # A shard has few distinct reasons: decide each once, not once per row.
-        distinct, index = np.unique(reasons, return_inverse=True)
-        rule = np.array([self.is_rule(r) for r in distinct], dtype=bool)[index] if len(reasons) else np.zeros(0, bool)
+        status = status[known]
+        rule = self.is_rule(filters[known], metrics[known])
         written = status == "ok"
         for outcome, mask in (("written", written), ("rule", ~written & rule), ("other", ~written & ~rule)):
             self.counts[outcome] += np.histogram(values[mask], bins=self.edges)[0]
@@ -224,11 +234,10 @@ class Histogram:
         return int(sum(c.sum() for c in self.counts.values()))
 
 
-def column_ranges(files: list[Path]) -> tuple[list[str], dict[str, tuple[float, float]]]:
-    """The score columns (floats that are not sizes) and the min and max of every numeric
-    column over all shards, from the parquet footers' statistics: one pass, no data read
-    (a column is read only where its footer has no statistics)."""
-    scores: list[str] = []
+def column_ranges(files: list[Path]) -> dict[str, tuple[float, float]]:
+    """The min and max of every numeric column over all shards, from the parquet footers'
+    statistics: one pass, no data read (a column is read only where its footer has no
+    statistics)."""
     found: dict[str, list[float]] = {}
     for path in files:
         parquet = pq.ParquetFile(path)
@@ -238,8 +247,6 @@ def column_ranges(files: list[Path]) -> tuple[list[str], dict[str, tuple[float, 
             numeric = pa.types.is_floating(f.type) or pa.types.is_integer(f.type)
             if not numeric or f.name not in leaves:
                 continue
-            if pa.types.is_floating(f.type) and f.name.lower() not in NOT_SCORES and f.name not in scores:
-                scores.append(f.name)
             span = found.setdefault(f.name, [math.inf, -math.inf])
             for g in range(meta.num_row_groups):
                 st = meta.row_group(g).column(leaves[f.name]).statistics
@@ -253,22 +260,40 @@ def column_ranges(files: list[Path]) -> tuple[list[str], dict[str, tuple[float, 
                 values = [v for v in values if math.isfinite(v)]
                 if values:
                     span[0], span[1] = min(span[0], *values), max(span[1], *values)
-    # CLIP similarity first: it is the threshold users tune most.
-    scores.sort(key=lambda n: (n != "clip_similarity", n))
-    return scores, {name: (lo, hi) for name, (lo, hi) in found.items() if lo <= hi}
+    return {name: (lo, hi) for name, (lo, hi) in found.items() if lo <= hi}
 
 
-def score_thresholds(stats: dict, config: dict) -> dict[str, list[float]]:
-    """metric → thresholds, from the run's rejection reasons (`metric<value`), its resolved
-    top_fraction thresholds and its filter parameters."""
+def rejection_thresholds(files: list[Path]) -> dict[str, set[float]]:
+    """metric → the thresholds the run's rejections compared it with (`reject_metric`,
+    `reject_threshold`), one shard's two columns in memory at a time."""
     found: dict[str, set] = {}
-    reasons = list(stats.get("rejected_by_reason") or {})
-    for counts in (stats.get("filters") or {}).values():
-        reasons += list(_dropped(counts))
-    for reason in reasons:
-        parsed = parse_threshold(reason)
-        if parsed:
-            found.setdefault(parsed[0], set()).add(parsed[2])
+    for path in files:
+        if not {"reject_metric", "reject_threshold"} <= set(pq.read_schema(path).names):
+            continue
+        table = pq.read_table(path, columns=["reject_metric", "reject_threshold"])
+        table = table.filter(pc.and_(pc.is_valid(table["reject_metric"]), pc.is_valid(table["reject_threshold"])))
+        pairs = table.group_by(["reject_metric", "reject_threshold"]).aggregate([])
+        for metric, threshold in zip(pairs["reject_metric"].to_pylist(), pairs["reject_threshold"].to_pylist()):
+            if math.isfinite(threshold):
+                found.setdefault(metric, set()).add(float(threshold))
+    return found
+
+
+def score_columns(stats: dict, thresholds: dict[str, set[float]], ranges: dict[str, tuple[float, float]]) -> list[str]:
+    """The numeric columns that are scores: those the run's filters and score stage declared
+    (stats.json `score_fields`), and input columns a filter thresholded (LAION's punsafe);
+    not the record's own columns (sizes, bytes: they have their charts or none)."""
+    declared = [c for c in stats.get("score_fields") or [] if isinstance(c, str)]
+    thresholded = [c for c in sorted(thresholds) if c not in RECORD_COLUMNS]
+    found = [c for c in dict.fromkeys(declared + thresholded) if c in ranges]
+    # CLIP similarity first: it is the threshold users tune most.
+    return sorted(found, key=lambda n: (n != "clip_similarity", n))
+
+
+def score_thresholds(stats: dict, config: dict, found: dict[str, set[float]]) -> dict[str, list[float]]:
+    """metric → thresholds: those the run's rejections compared with (`found`, see
+    rejection_thresholds), its resolved top_fraction thresholds and its CLIP parameter."""
+    found = {metric: set(values) for metric, values in found.items()}
     for metric, resolved in (stats.get("resolved_thresholds") or {}).items():
         if isinstance(resolved, dict) and resolved.get("min_similarity") is not None:
             found.setdefault(metric, set()).add(float(resolved["min_similarity"]))
@@ -290,34 +315,22 @@ def _limits(config: dict, sources: list[tuple[str, str, float]]) -> list[tuple[f
     return marks
 
 
-def _rule(reasons: tuple[str, ...] = (), metrics: tuple[str, ...] = (), column: Optional[str] = None) -> Callable[[str], bool]:
-    """Is a rejection reason this chart's rule: one of `reasons`, a threshold on one of
-    `metrics`, or a threshold naming `column`?"""
-    def is_rule(reason) -> bool:
-        if reason in reasons:
-            return True
-        parsed = parse_threshold(reason)
-        return bool(parsed) and (parsed[0] in metrics or (column is not None and metric_matches(parsed[0], column)))
-    return is_rule
-
-
 def plan_histograms(files: list[Path], stats: dict, config: dict) -> list[Histogram]:
     """The charts and their bins, fixed before any shard is read."""
     charts = []
-    thresholds = score_thresholds(stats, config)
-    score_columns, ranges = column_ranges(files)
-    for column in score_columns:
-        span = ranges.get(column)
-        if span is None:
-            continue
-        marks = sorted({t for metric, ts in thresholds.items() if metric_matches(metric, column) for t in ts})
+    ranges = column_ranges(files)
+    found = rejection_thresholds(files)
+    thresholds = score_thresholds(stats, config, found)
+    for column in score_columns(stats, found, ranges):
+        span = ranges[column]
+        marks = thresholds.get(column, [])
         lo, hi = min([span[0], *marks]), max([span[1], *marks])
         if hi - lo < 1e-9:
             lo, hi = lo - 0.5, hi + 0.5
         title = "CLIP image-text similarity" if column == "clip_similarity" else column
         charts.append(Histogram(
             key=f"score:{column}", title=title, x_title=column,
-            edges=np.linspace(lo, hi, SCORE_BINS + 1), is_rule=_rule(column=column),
+            edges=np.linspace(lo, hi, SCORE_BINS + 1), rule_metric=column,
             markers=[(t, f"threshold {t:.4g}") for t in marks],
         ))
 
@@ -328,48 +341,46 @@ def plan_histograms(files: list[Path], stats: dict, config: dict) -> list[Histog
     step = max(8.0, math.ceil(largest / SIZE_BINS / 8) * 8)
     charts.append(Histogram(
         key="size", title="Image size (shorter side, as downloaded)", x_title="pixels",
-        edges=np.arange(0, largest + step, step), is_rule=_rule(("image_too_small",), ("side",)),
+        edges=np.arange(0, largest + step, step), rule_metric="side",
         markers=size_marks,
     ))
     aspect_marks = _limits(config, [("resolution", "max_aspect_ratio", 0)])
     aspect_top = min(ASPECT_MAX, max([3.0] + [x + 1 for x, _ in aspect_marks]))
     charts.append(Histogram(
         key="aspect", title="Aspect ratio (longer side / shorter side)", x_title="ratio",
-        edges=np.linspace(1.0, aspect_top, 41), is_rule=_rule(("aspect_ratio_too_large",), ("aspect",)),
+        edges=np.linspace(1.0, aspect_top, 41), rule_metric="aspect",
         markers=aspect_marks,
     ))
     # A caption of max_words passes and one more word fails: that limit sits one bin right.
     charts.append(Histogram(
         key="caption", title="Caption length", x_title="words",
         edges=np.arange(0, CAPTION_WORDS_MAX + 2, 1.0),
-        is_rule=lambda r: bool(r) and r.startswith(("caption_too_short", "caption_too_long")),
+        rule_filter="caption_length",
         markers=_limits(config, [("caption_length", "min_words", 0), ("caption_length", "max_words", 1)]),
     ))
     return charts
 
 
-def _sizes(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    """Original width and height per row; NaN where unknown. For rows rejected from the
-    header (too small, too elongated) the size is read from their error detail."""
-    def col(name):
-        if name not in table.column_names:
-            return np.full(table.num_rows, np.nan)
-        return pc.cast(table[name], pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
+def _floats(table: pa.Table, name: str) -> np.ndarray:
+    """A numeric column as float64, NaN where null or where the shard lacks the column."""
+    if name not in table.column_names:
+        return np.full(table.num_rows, np.nan)
+    return pc.cast(table[name], pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
 
-    width, height = col("original_width"), col("original_height")
-    if "error_message" in table.column_names:
-        for i, detail in enumerate(table["error_message"].to_pylist()):
-            match = SIZE_IN_DETAIL.match(detail or "") if np.isnan(width[i]) else None
-            if match:
-                width[i], height[i] = float(match[1]), float(match[2])
-    return width, height
+
+def _strings(table: pa.Table, name: str) -> np.ndarray:
+    """A text column as an object array, "" where null or where the shard lacks the column."""
+    if name not in table.column_names:
+        return np.full(table.num_rows, "", dtype=object)
+    return np.array([v or "" for v in table[name].to_pylist()], dtype=object)
 
 
 def fill_histograms(charts: list[Histogram], table: pa.Table) -> None:
     """Add one shard's rows to every chart."""
     status = np.array(table["status"].to_pylist(), dtype=object)
-    reasons = np.array([r or "" for r in table["reason"].to_pylist()], dtype=object)
-    width, height = _sizes(table)
+    filters, metrics = _strings(table, "reject_filter"), _strings(table, "reject_metric")
+    # The original size, in every record that got as far as the image header (rejected or not).
+    width, height = _floats(table, "original_width"), _floats(table, "original_height")
     for chart in charts:
         if chart.key.startswith("score:"):
             column = chart.key[len("score:"):]
@@ -391,7 +402,7 @@ def fill_histograms(charts: list[Histogram], table: pa.Table) -> None:
             values = pc.cast(words, pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
         else:
             raise ValueError(chart.key)
-        chart.add(values, status, reasons)
+        chart.add(values, status, filters, metrics)
 
 
 def chart_figure(chart: Histogram) -> go.Figure:
@@ -541,7 +552,7 @@ def build_report(root: str | Path) -> Path:
     captions = CaptionExamples({
         r for name, c in (stats.get("filters") or {}).items() if _stage(name) == "row" for r in _dropped(c)
     })
-    wanted = {"status", "reason", "caption", "original_width", "original_height", "error_message"}
+    wanted = {"status", "reason", "caption", "original_width", "original_height", "reject_filter", "reject_metric"}
     wanted |= {c.key[len("score:"):] for c in charts if c.key.startswith("score:")}
     for path in files:  # one shard's needed columns in memory at a time
         names = set(pq.read_schema(path).names)
@@ -553,7 +564,7 @@ def build_report(root: str | Path) -> Path:
     kept, dropped = choose_samples(layout.report_samples)
     counts = stats.get("rejected_by_reason") or {}
     dropped_groups = [
-        {"reason": reason, "count": counts.get(reason, 0), "threshold": parse_threshold(reason) is not None,
+        {"reason": reason, "count": counts.get(reason, 0), "threshold": any(r["distance"] is not None for r in rows),
          "tiles": [_tile(r) for r in rows]}
         for reason, rows in sorted(dropped.items(), key=lambda kv: (-counts.get(kv[0], 0), kv[0]))
     ]

@@ -8,10 +8,10 @@ per shard and writes it to `report/samples/NNNNN.parquet` before the shard's
 done-marker:
 
 - kept samples: a uniform random sample of at most `kept` per shard;
-- dropped samples: at most `per_reason` for each reason; where the reason ends in a
-  score threshold (`clip_similarity<0.28`, `aesthetic<5`, `resolution: side<256`: any
-  `metric<value` or `metric>=value`) the ones whose score is nearest the threshold,
-  otherwise a uniform random sample.
+- dropped samples: at most `per_reason` for each reason; where the rejection compared a
+  value with a threshold (`Rejection.value` / `.threshold`: CLIP similarity, aesthetic
+  score, a side in pixels) the ones whose value is nearest the threshold, otherwise a
+  uniform random sample.
 
 Both are one mechanism: keep the K entries with the smallest priority, where the
 priority is the distance to the threshold, or a random number (the K smallest of
@@ -29,15 +29,14 @@ import itertools
 import json
 import math
 import random
-import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from curate.filters.base import is_safety_reason  # the one definition; re-exported for the report
+from curate.pipeline.records import Rejection, is_safety_reason  # re-exported for the report
 from curate.pipeline.shards import atomic_path
 
 THUMBNAIL_SIDE = 128
@@ -54,49 +53,31 @@ SCHEMA = pa.schema([
     ("caption", pa.string()),
     ("width", pa.int64()),
     ("height", pa.int64()),
-    ("distance", pa.float64()),     # |score - threshold| for a threshold reason, else null
-    ("scores", pa.string()),        # json {name: value} of the sample's float scores
+    ("distance", pa.float64()),     # |value - threshold| of a threshold rejection, else null
+    ("scores", pa.string()),        # json {name: value} of the sample's scores
     ("thumbnail", pa.binary()),     # JPEG, longest side THUMBNAIL_SIDE
 ])
 
-# `metric<value` at the end of a reason, after any "kind: " prefix.
-_THRESHOLD = re.compile(
-    r"(?:^|[\s:])(?P<metric>[A-Za-z_][\w.]*)\s*(?P<op><=|>=|<|>)\s*(?P<value>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$"
-)
-
-__all__ = ["BottomK", "ReportSamples", "is_safety_reason", "metric_matches", "metric_value", "parse_threshold"]
+__all__ = ["BottomK", "ReportSamples", "distance_to_threshold", "is_safety_reason"]
 
 
-def parse_threshold(reason: Optional[str]) -> Optional[tuple[str, str, float]]:
-    """(metric, operator, value) for a reason ending in a threshold, like `clip_similarity<0.28`
-    or `resolution: side<256`, else None."""
-    match = _THRESHOLD.search((reason or "").strip())
-    if not match:
+def distance_to_threshold(rejection: Rejection) -> Optional[float]:
+    """How far the rejected value lay from the threshold it failed, or None where the
+    rejection compared no value with a threshold (a blocklist, a failed download)."""
+    if rejection.value is None or rejection.threshold is None:
         return None
-    return match["metric"], match["op"], float(match["value"])
+    distance = abs(float(rejection.value) - float(rejection.threshold))
+    return distance if math.isfinite(distance) else None
 
 
-def metric_matches(metric: str, field: str) -> bool:
-    """Does a reason's metric name this score field? Filters name their reasons briefly:
-    `aesthetic<5` is about aesthetic_score, `laion_punsafe>=0.5` about punsafe."""
-    return metric == field or field.startswith(metric + "_") or metric.endswith("_" + field)
-
-
-def metric_value(meta: dict[str, Any], metric: str) -> Optional[float]:
-    """The sample's value of a reason's metric: its score field (see metric_matches), or for
-    resolution rules a measure of the original image (side: the shorter one, area, aspect)."""
-    for name, value in meta.items():
-        if metric_matches(metric, name) and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value) if math.isfinite(value) else None
-    w, h = meta.get("original_width"), meta.get("original_height")
-    if isinstance(w, int) and isinstance(h, int) and min(w, h) > 0:
-        return {"side": float(min(w, h)), "area": float(w * h), "aspect": max(w, h) / min(w, h)}.get(metric)
-    return None
-
-
-def scores_of(meta: dict[str, Any]) -> dict[str, float]:
-    """The sample's scores: its float-valued fields (sizes and counts are integers)."""
-    return {k: v for k, v in meta.items() if isinstance(v, float) and math.isfinite(v)}
+def scores_of(meta: dict[str, Any], fields: Iterable[str]) -> dict[str, float]:
+    """The sample's values of the score fields (those it has, numeric and finite)."""
+    out = {}
+    for name in fields:
+        value = meta.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[name] = float(value)
+    return out
 
 
 def thumbnail(jpg: bytes, side: int = THUMBNAIL_SIDE) -> bytes:
@@ -132,45 +113,40 @@ class ReportSamples:
     """The report's bounded selection of one shard's samples.
 
     `add_kept` / `add_dropped` take the write stage's sample dict (`key`, `jpg`,
-    `caption`, `meta`); `save` writes the thumbnails. Seeded by the shard id, so a
-    rerun of the shard selects the same samples.
+    `caption`, `meta`), and a dropped sample's `Rejection`; `save` writes the thumbnails.
+    `score_fields`: the meta fields shown as scores on a thumbnail (the run's declared
+    score fields). Seeded by the shard id, so a rerun of the shard selects the same samples.
     """
 
-    def __init__(self, shard_id: int, kept: int = KEPT_PER_SHARD, per_reason: int = DROPPED_PER_REASON):
+    def __init__(self, shard_id: int, kept: int = KEPT_PER_SHARD, per_reason: int = DROPPED_PER_REASON,
+                 score_fields: Iterable[str] = ()):
         self._rng = random.Random(shard_id)
         self._kept = BottomK(kept)
         self._per_reason = per_reason
+        self._score_fields = list(score_fields)
         self._dropped: dict[str, BottomK] = {}
 
     def add_kept(self, sample: dict) -> None:
         self._kept.offer(self._rng.random(), self._entry(sample, "ok", None, None))
 
-    def add_dropped(self, sample: dict, reason: str) -> None:
+    def add_dropped(self, sample: dict, rejection: Rejection) -> None:
+        reason = rejection.reason
         if is_safety_reason(reason):
             return  # never keep, thumbnail or write the image of an unsafe sample
         if reason not in self._dropped:
             if len(self._dropped) >= MAX_REASONS:
                 return
             self._dropped[reason] = BottomK(self._per_reason)
-        distance = self._distance(sample["meta"], reason)
+        distance = distance_to_threshold(rejection)
         priority = distance if distance is not None else self._rng.random()
         self._dropped[reason].offer(priority, self._entry(sample, "rejected", reason, distance))
 
-    @staticmethod
-    def _distance(meta: dict, reason: str) -> Optional[float]:
-        threshold = parse_threshold(reason)
-        if threshold is None:
-            return None
-        score = metric_value(meta, threshold[0])
-        return None if score is None else abs(score - threshold[2])
-
-    @staticmethod
-    def _entry(sample: dict, status: str, reason: Optional[str], distance: Optional[float]) -> dict:
+    def _entry(self, sample: dict, status: str, reason: Optional[str], distance: Optional[float]) -> dict:
         meta = sample.get("meta") or {}
         return {
             "key": sample["key"], "status": status, "reason": reason, "caption": sample.get("caption"),
             "width": meta.get("width"), "height": meta.get("height"), "distance": distance,
-            "scores": json.dumps(scores_of(meta), sort_keys=True), "jpg": sample["jpg"],
+            "scores": json.dumps(scores_of(meta, self._score_fields), sort_keys=True), "jpg": sample["jpg"],
         }
 
     def entries(self) -> list[dict]:

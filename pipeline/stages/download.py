@@ -29,13 +29,21 @@ from curate.pipeline.shards import atomic_path, run_once, sample_key, shard_name
 from curate.pipeline.tarshard import TarShardWriter
 
 
+# The stage's name in the rejections it makes itself (the fetch's and the decoder's).
+DOWNLOAD = "download"
+
+
+def _rejection(exc: ImageRejected) -> Rejection:
+    return Rejection(exc.reason, filter=DOWNLOAD, detail=exc.detail)
+
+
 def _process_row(row: dict, cfg: RunConfig, bytes_chain: list[Filter], phash: bool = False,
                  check_url=None) -> tuple[dict, bytes | None]:
     """Fetch, check and normalize one row. Never raises: a failure is a rejection with a reason."""
     record = {"status": "rejected"}
     got = fetch(row["url"], cfg.download, check_url)
     if not got.ok:
-        record.update(reason=got.reason, error_message=got.detail)
+        record.update(got.rejection.columns())
         return record, None
     record["sha256"] = hashlib.sha256(got.data).hexdigest()
     record["bytes"] = len(got.data)
@@ -60,17 +68,17 @@ def _process_row(row: dict, cfg: RunConfig, bytes_chain: list[Filter], phash: bo
                 record.update(rejection.columns())
                 return record, None
         if unreadable is not None:
-            record.update(reason=unreadable.reason, error_message=unreadable.detail)
+            record.update(_rejection(unreadable).columns())
             return record, None
         try:
             img = normalize_image(got.data, cfg.resize, cfg.download.max_image_area, header)
             # For the dedup filter's near-duplicate pass: the hash of the image as it is stored.
             perceptual = phash_hex(img.data) if phash else None
         except ImageRejected as exc:
-            record.update(reason=exc.reason, error_message=exc.detail)
+            record.update(_rejection(exc).columns())
             return record, None
         except Exception as exc:  # one strange image must never fail the shard
-            record.update(reason="decode_error", error_message=f"{type(exc).__name__}: {exc}"[:200])
+            record.update(Rejection("decode_error", filter=DOWNLOAD, detail=f"{type(exc).__name__}: {exc}"[:200]).columns())
             return record, None
     finally:
         if header is not None:
