@@ -8,11 +8,12 @@ section sets it, applied once where the image is decoded (pipeline/image.py).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 from pydantic import Field
 
-from curate.filters.base import Decision, Filter
+from curate.filters.base import Decision, Filter, Rejection
 
 
 class Resolution(Filter):
@@ -35,15 +36,20 @@ class Resolution(Filter):
         width, height = sample.get("original_width"), sample.get("original_height")
         if width is not None and height is not None:
             side, area, aspect = min(width, height), width * height, max(width, height) / max(1, min(width, height))
+            size = f"{width}x{height}"  # the row's error_message, as for the download's own rejections
             if side < self.min_side:
-                return self.reject(f"resolution: side<{self.min_side}", "side", side, self.min_side)
+                return self._drop(f"resolution: side<{self.min_side}", "side", side, self.min_side, size)
             if area < self.min_area:
-                return self.reject(f"resolution: area<{self.min_area}", "area", area, self.min_area)
+                return self._drop(f"resolution: area<{self.min_area}", "area", area, self.min_area, size)
             if self.max_area is not None and area > self.max_area:
-                return self.reject(f"resolution: area>{self.max_area}", "area", area, self.max_area)
+                return self._drop(f"resolution: area>{self.max_area}", "area", area, self.max_area, size)
             if self.max_aspect_ratio is not None and max(width, height) > self.max_aspect_ratio * side:
-                return self.reject(f"resolution: aspect>{self.max_aspect_ratio:g}", "aspect", aspect,
-                                   self.max_aspect_ratio)
-        if len(sample["data"]) < self.min_bytes:
-            return self.reject(f"resolution: bytes<{self.min_bytes}", "bytes", len(sample["data"]), self.min_bytes)
+                return self._drop(f"resolution: aspect>{self.max_aspect_ratio:g}", "aspect", aspect,
+                                  self.max_aspect_ratio, size)
+        nbytes = len(sample["data"])
+        if nbytes < self.min_bytes:
+            return self._drop(f"resolution: bytes<{self.min_bytes}", "bytes", nbytes, self.min_bytes, f"{nbytes} bytes")
         return True
+
+    def _drop(self, reason: str, metric: str, value: float, threshold: float, detail: str) -> Rejection:
+        return dataclasses.replace(self.reject(reason, metric, value, threshold), detail=detail)

@@ -9,14 +9,21 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
-
-if TYPE_CHECKING:
-    from curate.pipeline.config import ResizeConfig
+from typing import Optional, Protocol
 
 BUCKET_STEP = 64  # latent-diffusion VAEs downsample by 8 and UNets by 8 more: sides in multiples of 64
 
 Size = tuple[int, int]
+
+
+class ResizeSettings(Protocol):
+    """What `plan` reads of the `resize:` section (pipeline/config.py ResizeConfig, which imports
+    this module for BUCKET_STEP)."""
+
+    size: int
+    mode: str
+    upscale: bool
+    bucket_max_ratio: float
 
 
 @functools.lru_cache(maxsize=None)
@@ -54,7 +61,7 @@ class Geometry:
         return self.resize is None and self.crop is None
 
 
-def plan(width: int, height: int, cfg: "ResizeConfig") -> Geometry:
+def plan(width: int, height: int, cfg: ResizeSettings) -> Geometry:
     """The geometry of an upright width × height image under `cfg`.
 
     - keep_ratio:  the shorter side becomes `size`.

@@ -16,7 +16,8 @@ from PIL import Image
 
 from curate.pipeline.config import DownloadConfig
 from curate.pipeline.demo.devserver import DevServer
-from curate.pipeline.fetch import address_block_reason, fetch
+from curate.pipeline.fetch import FetchError, address_block_reason, fetch, fetch_once
+from curate.pipeline.records import Rejection
 
 ALLOW = DownloadConfig(timeout=3, allow_private_addresses=True)
 
@@ -93,6 +94,57 @@ def test_500_is_retried(srv):
 def test_503(srv):
     result, _ = get(srv, "/status/503/")
     assert result.reason == "failed_to_download: HTTP 503"
+
+
+def test_503_is_retried_once_with_one_retry(srv):
+    result, requests = get(srv, "/status/503/", ALLOW.model_copy(update={"retries": 1}))
+    assert result.reason == "failed_to_download: HTTP 503"
+    assert requests == 2
+
+
+def test_a_failure_is_a_rejection_of_the_download_stage(srv):
+    result, _ = get(srv, "/status/404/")
+    assert result.rejection == Rejection("failed_to_download: HTTP 404", filter="download",
+                                         detail="HTTP 404 Not Found")
+    assert result.rejection.columns()["reject_filter"] == "download"
+    assert (result.reason, result.detail) == (result.rejection.reason, result.rejection.detail)
+
+
+@pytest.mark.parametrize(
+    "path, cfg, retryable",
+    [
+        ("/status/404/", ALLOW, False),
+        ("/status/403/", ALLOW, False),
+        ("/status/500/", ALLOW, True),
+        ("/status/503/", ALLOW, True),
+        ("/robots/noai/images/a.jpg", ALLOW, False),
+        ("/redirect/0/images/a.jpg", ALLOW.model_copy(update={"max_redirects": 0}), False),
+        ("/images/large.png", ALLOW.model_copy(update={"max_bytes": 100}), False),
+        ("/truncated/images/a.jpg", ALLOW, True),
+        ("/images/a.jpg", DownloadConfig(timeout=2), False),  # loopback under the default policy
+    ],
+)
+def test_fetch_error_says_whether_a_retry_could_help(srv, path, cfg, retryable):
+    with pytest.raises(FetchError) as info:
+        fetch_once(srv.base_url + path, cfg)
+    assert info.value.retryable is retryable, info.value.rejection
+    assert info.value.rejection.filter == "download"
+
+
+def test_invalid_url_is_not_retryable():
+    with pytest.raises(FetchError) as info:
+        fetch_once("ftp://127.0.0.1/x.jpg", ALLOW)
+    assert info.value.retryable is False and info.value.rejection.reason == "invalid_url: unsupported scheme"
+
+
+def test_redirect_onto_a_refused_url_is_that_check_s_rejection_and_not_retried(srv):
+    refused = Rejection("unsafe: url_blocklist", filter="url_blocklist")
+    before = srv.requests
+    result = fetch(srv.base_url + chain(1), ALLOW.model_copy(update={"retries": 2}),
+                   check_url=lambda url: refused if url.endswith("/images/a.jpg") else None)
+    assert srv.requests - before == 1  # the redirect, once; its target never
+    assert (result.reason, result.rejection.filter) == ("unsafe: url_blocklist", "url_blocklist")
+    assert result.detail.startswith("redirect to ") and result.detail.endswith("/images/a.jpg")
 
 
 def test_slow_server_times_out_within_about_the_timeout(srv):

@@ -20,14 +20,14 @@ def test_cleaning_then_safety_then_the_rest_whatever_the_yaml_order():
     # A one-word unsafe caption is rejected for safety, not for its length: its reason is what
     # keeps it out of the report.
     sample = {"key": "k", "url": "http://ok.example/a.jpg", "caption": "bad", "meta": {}}
-    reasons = [f(sample) for f in chain]
-    assert reasons[1] == "unsafe: caption_blocklist"
+    rejections = [f(sample) for f in chain]
+    assert rejections[1].reason == "unsafe: caption_blocklist"
 
 
 def test_invisible_characters_and_entities_do_not_split_a_blocked_word():
     f = CaptionBlocklist(words=["bad"])
     for caption in ["b\u200bad photo", "b\u00adad photo", "b\u200dad", "b\u2063ad", "b\u034fad", "&#98;ad", "B&amp;AD"[:0] + "&#x62;AD"]:
-        assert f({"caption": caption}) == "unsafe: caption_blocklist", caption
+        assert f({"caption": caption}).reason == "unsafe: caption_blocklist", caption
     assert f({"caption": "a badge"}) is None
 
 

@@ -1,4 +1,4 @@
-"""Tests for filters/: keep or drop with a reason, per-reason counts, chain order, config errors."""
+"""Tests for filters/: keep or drop with a Rejection, per-reason counts, chain order, config errors."""
 
 from __future__ import annotations
 
@@ -6,12 +6,17 @@ from typing import ClassVar
 
 import pytest
 
-from curate.filters import FILTERS, Filter, FilterConfigError, apply_chain, build_chain
+from curate.filters import FILTERS, Filter, FilterConfigError, Rejection, apply_chain, build_chain
 from curate.filters.caption import CaptionLength
 
 
 def sample(caption):
     return {"key": "0000000000", "jpg": b"", "caption": caption, "meta": {}}
+
+
+def reason_of(rejection):
+    """The counted reason of a Rejection, None for a kept sample."""
+    return None if rejection is None else rejection.reason
 
 
 # --- CaptionLength ---------------------------------------------------------------------
@@ -35,19 +40,37 @@ def sample(caption):
 )
 def test_caption_length(params, caption, reason):
     f = CaptionLength(**params)
-    assert f(sample(caption)) == reason
+    assert reason_of(f(sample(caption))) == reason
 
 
 def test_caption_length_checks_words_before_chars():
     f = CaptionLength(min_words=2, min_chars=100)
-    assert f(sample("one")) == "caption_too_short: <2 words"
-    assert f(sample("one two")) == "caption_too_short: <100 chars"
+    assert reason_of(f(sample("one"))) == "caption_too_short: <2 words"
+    assert reason_of(f(sample("one two"))) == "caption_too_short: <100 chars"
+
+
+@pytest.mark.parametrize(
+    "params, caption, metric, value, threshold",
+    [
+        ({"min_words": 3}, "two words", "words", 2, 3),
+        ({"max_words": 3}, "one two three four", "words", 4, 3),
+        ({"min_chars": 10}, "short", "chars", 5, 10),
+        ({"max_chars": 10}, "a caption longer than ten", "chars", 25, 10),
+    ],
+)
+def test_caption_length_rejection_carries_the_measure(params, caption, metric, value, threshold):
+    rejection = CaptionLength(**params)(sample(caption))
+    assert (rejection.filter, rejection.metric, rejection.value, rejection.threshold) == (
+        "caption_length", metric, value, threshold)
+    columns = rejection.columns()
+    assert columns["reject_metric"] == metric and columns["reject_value"] == float(value)
+    assert columns["reason"] == rejection.reason and columns["status"] == "rejected"
 
 
 def test_caption_length_drops_some_and_keeps_others_with_counts():
     f = CaptionLength(min_words=2, max_words=4)
     captions = ["a red circle", "blue", "", "one two three four five", "two squares", None]
-    reasons = [f(sample(c)) for c in captions]
+    reasons = [reason_of(f(sample(c))) for c in captions]
     assert reasons == [
         None,
         "caption_too_short: <2 words",
@@ -74,18 +97,14 @@ def test_caption_length_parameters_are_validated():
 
 
 class EvenLength(Filter):
-    """Test filter answering in every form the contract allows."""
+    """Test filter: drops captions of odd length, on the metric "chars"."""
 
     name: ClassVar[str] = "even_length"
 
     def keep(self, s):
         caption = s["caption"]
-        if caption == "bare-false":
-            return False
-        if caption == "tuple-true":
-            return (True, "")
         if len(caption) % 2:
-            return False, "odd_length"
+            return self.reject("odd_length", "chars", len(caption))
         return True
 
 
@@ -103,15 +122,36 @@ class Recorder(Filter):
 def test_base_class_counts_kept_and_dropped_per_reason():
     f = EvenLength()
     assert f.counts == {}
-    for caption in ["ab", "abc", "abcd", "a", "xyz", "tuple-true"]:
+    for caption in ["ab", "abc", "abcd", "a", "xyz", "abcdef"]:
         f(sample(caption))
     assert f.counts == {"kept": 3, "dropped: odd_length": 3}
 
 
-def test_bare_false_drops_with_the_filter_name():
-    f = EvenLength()
-    assert f(sample("bare-false")) == "even_length"
-    assert f.counts == {"dropped: even_length": 1}
+def test_reject_names_the_filter():
+    assert EvenLength()(sample("abc")) == Rejection("odd_length", filter="even_length", metric="chars", value=3)
+
+
+class Answers(Filter):
+    """Test filter answering whatever its caption names."""
+
+    name: ClassVar[str] = "answers"
+
+    def keep(self, s):
+        return {"rejection": Rejection("made_by_hand"), "false": False, "tuple": (False, "old_form")}[s["caption"]]
+
+
+def test_a_rejection_made_by_hand_gets_the_filter_name():
+    f = Answers()
+    assert f(sample("rejection")) == Rejection("made_by_hand", filter="answers")
+    assert f.counts == {"dropped: made_by_hand": 1}
+
+
+@pytest.mark.parametrize("caption", ["false", "tuple"])
+def test_keep_answers_true_or_a_rejection_only(caption):
+    f = Answers()
+    with pytest.raises(TypeError, match="filter answers: keep\\(\\) must return True or a Rejection"):
+        f(sample(caption))
+    assert f.counts == {}
 
 
 def test_counts_are_per_instance():
@@ -145,8 +185,8 @@ def test_apply_chain_stops_at_the_first_drop():
     third = Recorder(seen=[])
     chain = [first, second, third]
 
-    assert apply_chain(chain, sample("one")) == "caption_too_short: <2 words"
-    assert apply_chain(chain, sample("odd one")) == "odd_length"
+    assert reason_of(apply_chain(chain, sample("one"))) == "caption_too_short: <2 words"
+    assert apply_chain(chain, sample("odd one")) == Rejection("odd_length", filter="even_length", metric="chars", value=7)
     assert apply_chain(chain, sample("even one")) is None
 
     assert first.counts == {"kept": 2, "dropped: caption_too_short: <2 words": 1}
@@ -171,7 +211,7 @@ def test_build_chain_in_order_with_parameters():
     chain = build_chain([{"name": "caption_length", "min_words": 2}, {"name": "caption_length", "max_chars": 5}])
     assert [type(f) for f in chain] == [CaptionLength, CaptionLength]
     assert chain[0].min_words == 2 and chain[1].max_chars == 5
-    assert apply_chain(chain, sample("hello world")) == "caption_too_long: >5 chars"
+    assert reason_of(apply_chain(chain, sample("hello world"))) == "caption_too_long: >5 chars"
 
 
 def test_build_chain_does_not_change_the_specs():
@@ -206,3 +246,27 @@ def test_build_chain_bad_value_names_the_parameter():
     assert "filters.1.max_words: " in message
     assert "filters.1.min_chars: " in message
     assert "\n" not in message
+
+
+# --- clip_similarity and declared score fields -----------------------------------------------
+
+
+def test_clip_similarity_rejection_carries_the_score_and_threshold():
+    from curate.filters.clip import ClipSimilarity
+
+    f = ClipSimilarity(min_similarity=0.28)
+    rejection = f({"key": "0", "meta": {"clip_similarity": 0.21}})
+    assert rejection == Rejection("clip_similarity<0.28", filter="clip_similarity", metric="clip_similarity",
+                                  value=0.21, threshold=0.28)
+    assert f({"key": "1", "meta": {"clip_similarity": 0.28}}) is None
+    assert f.counts == {"dropped: clip_similarity<0.28": 1, "kept": 1}
+
+
+def test_score_fields_are_declared_per_filter():
+    from curate.filters import score_fields
+
+    # The score stage writes clip_similarity; the filter only reads it.
+    chain = build_chain([{"name": "caption_length", "min_words": 2}, {"name": "clip_similarity", "min_similarity": 0.2},
+                         {"name": "caption_language", "languages": ["en"]}])
+    assert [f.score_fields() for f in chain] == [[], [], ["language_score"]]
+    assert score_fields(chain + chain) == ["language_score"]  # each once

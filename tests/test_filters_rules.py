@@ -59,7 +59,7 @@ def test_caption_clean_rewrites_the_caption(raw, clean):
 @pytest.mark.parametrize("raw", ["", None, "   ", "<br/><p></p>", "&nbsp;"])
 def test_caption_clean_drops_only_captions_left_empty(raw):
     f = CaptionClean()
-    assert f(row(raw)) == "caption_empty"
+    assert judge(f, row(raw)) == "caption_empty"
     assert f.counts == {"dropped: caption_empty": 1}
 
 
@@ -89,7 +89,7 @@ DESCRIPTIVE = [
 
 @pytest.mark.parametrize("caption", BOILERPLATE)
 def test_caption_boilerplate_drops_file_names_and_placeholders(caption):
-    assert CaptionBoilerplate()(row(caption)) == "caption_boilerplate"
+    assert judge(CaptionBoilerplate(), row(caption)) == "caption_boilerplate"
 
 
 @pytest.mark.parametrize("caption", DESCRIPTIVE)
@@ -99,8 +99,8 @@ def test_caption_boilerplate_keeps_descriptions(caption):
 
 def test_caption_boilerplate_extra_patterns_match_the_whole_caption():
     f = CaptionBoilerplate(patterns=[r"stock photo \d+", r"click (here|to enlarge)"])
-    assert f(row("Stock Photo 123")) == "caption_boilerplate"
-    assert f(row("Click to enlarge")) == "caption_boilerplate"
+    assert judge(f, row("Stock Photo 123")) == "caption_boilerplate"
+    assert judge(f, row("Click to enlarge")) == "caption_boilerplate"
     assert f(row("a stock photo 123 of a cat")) is None  # whole caption only
 
 
@@ -124,7 +124,7 @@ SENTENCES = {
 def test_caption_language_detects_and_keeps_only_the_wanted(language, sentence):
     english = CaptionLanguage(languages=["en"])
     s = row(sentence)
-    reason = english(s)
+    reason = judge(english, s)
     assert s["meta"]["language"] == language
     assert s["meta"]["language_score"] >= 0.5
     assert reason == (None if language == "en" else f"caption_language: {language}")
@@ -133,8 +133,22 @@ def test_caption_language_detects_and_keeps_only_the_wanted(language, sentence):
 
 def test_caption_language_uncertain_detection_is_und():
     # Two words are not confidently any language.
-    assert CaptionLanguage(languages=["en"], min_confidence=0.5)(row("a cat")) == "caption_language: und"
-    assert CaptionLanguage(languages=["en"], min_confidence=0.5)(row("")) == "caption_language: und"
+    assert judge(CaptionLanguage(languages=["en"], min_confidence=0.5), row("a cat")) == "caption_language: und"
+    assert judge(CaptionLanguage(languages=["en"], min_confidence=0.5), row("")) == "caption_language: und"
+
+
+def test_caption_language_rejections_as_data():
+    f = CaptionLanguage(languages=["en"], min_confidence=0.5)
+    assert f.score_fields() == ["language_score"]
+    # Too uncertain: a threshold decision on the detection's probability.
+    s = row("a cat")
+    rejection = f(s)
+    assert (rejection.filter, rejection.metric, rejection.threshold) == ("caption_language", "language_score", 0.5)
+    assert rejection.value < 0.5 and rejection.value == pytest.approx(s["meta"]["language_score"], abs=1e-4)
+    # Confidently another language: no threshold was missed.
+    rejection = f(row(SENTENCES["de"]))
+    assert (rejection.reason, rejection.filter, rejection.metric, rejection.value, rejection.threshold) == (
+        "caption_language: de", "caption_language", None, None, None)
 
 
 def test_caption_language_keeps_every_synthetic_caption_as_english():
@@ -172,10 +186,10 @@ def test_caption_language_model_ships_in_its_package_and_needs_no_network():
 
 def test_blocked_word_dropped_while_the_same_letters_inside_another_word_kept():
     f = CaptionBlocklist(words=["bad"])
-    assert f(row("a bad dog")) == "unsafe: caption_blocklist"
-    assert f(row("bad")) == "unsafe: caption_blocklist"
-    assert f(row("so bad!")) == "unsafe: caption_blocklist"
-    assert f(row("well-bad-ish")) == "unsafe: caption_blocklist"  # hyphens separate words
+    assert judge(f, row("a bad dog")) == "unsafe: caption_blocklist"
+    assert judge(f, row("bad")) == "unsafe: caption_blocklist"
+    assert judge(f, row("so bad!")) == "unsafe: caption_blocklist"
+    assert judge(f, row("well-bad-ish")) == "unsafe: caption_blocklist"  # hyphens separate words
     for kept in ["a badge", "badminton court", "sinbad", "abbadon", "bath"]:
         assert f(row(kept)) is None, kept
     assert f.counts == {"dropped: unsafe: caption_blocklist": 4, "kept": 5}
@@ -183,24 +197,37 @@ def test_blocked_word_dropped_while_the_same_letters_inside_another_word_kept():
 
 @pytest.mark.parametrize("caption", ["BAD", "Bad", "ＢＡＤ", "ｂａｄ dog", "a BaD day"])
 def test_blocklist_is_unicode_normalized_and_case_folded(caption):
-    assert CaptionBlocklist(words=["bad"])(row(caption)) == "unsafe: caption_blocklist"
+    assert judge(CaptionBlocklist(words=["bad"]), row(caption)) == "unsafe: caption_blocklist"
 
 
 def test_blocklist_entries_are_normalized_too():
     f = CaptionBlocklist(words=["ＳＴＲＡßＥ"])  # fullwidth and ß in the list
     assert words_of("ＳＴＲＡßＥ") == ("strasse",)
-    assert f(row("die Strasse")) == "unsafe: caption_blocklist"
-    assert f(row("die STRASSE")) == "unsafe: caption_blocklist"
+    assert judge(f, row("die Strasse")) == "unsafe: caption_blocklist"
+    assert judge(f, row("die STRASSE")) == "unsafe: caption_blocklist"
     assert f(row("die Straßenbahn")) is None
 
 
 def test_blocklist_phrases_match_whole_words_in_a_row():
     f = CaptionBlocklist(words=["red circle"])
-    assert f(row("one red circle on a blue background")) == "unsafe: caption_blocklist"
-    assert f(row("one RED  circle")) == "unsafe: caption_blocklist"
+    assert judge(f, row("one red circle on a blue background")) == "unsafe: caption_blocklist"
+    assert judge(f, row("one RED  circle")) == "unsafe: caption_blocklist"
     assert f(row("two red circles")) is None
     assert f(row("a circle, red")) is None
     assert f(row("red")) is None
+
+
+def test_blocklist_rejections_name_the_filter_and_no_threshold():
+    for f, sample in ((CaptionBlocklist(words=["bad"]), row("a bad dog")),
+                      (UrlBlocklist(domains=["example.org"]), row(url="http://cdn.example.org/1.jpg"))):
+        rejection = f(sample)
+        assert (rejection.filter, rejection.metric, rejection.value, rejection.threshold) == (f.name, None, None, None)
+        assert rejection.is_safety and rejection.columns()["reject_filter"] == f.name
+        assert f.score_fields() == []
+    # The same rejection answers the download stage's question about a redirect target.
+    f = UrlBlocklist(domains=["example.org"])
+    assert f.url_rejection("https://example.org/x.jpg") == f(row(url="https://example.org/x.jpg"))
+    assert f.url_rejection("https://example.com/x.jpg") is None
 
 
 def test_blocklist_on_synthetic_captions_drops_exactly_the_captions_with_the_word():
@@ -218,9 +245,9 @@ def test_blocklist_file_with_comments(tmp_path):
     path = tmp_path / "words.txt"
     path.write_text("# one entry a line\nbad\n\n  worse word  \n#ignored\n", encoding="utf-8")
     f = CaptionBlocklist(path=str(path), words=["awful"])
-    assert f(row("a worse  word")) == "unsafe: caption_blocklist"
-    assert f(row("so bad")) == "unsafe: caption_blocklist"
-    assert f(row("awful")) == "unsafe: caption_blocklist"
+    assert judge(f, row("a worse  word")) == "unsafe: caption_blocklist"
+    assert judge(f, row("so bad")) == "unsafe: caption_blocklist"
+    assert judge(f, row("awful")) == "unsafe: caption_blocklist"
     assert f(row("ignored")) is None
     assert f(row("worse")) is None
 
@@ -258,7 +285,7 @@ def test_blocklist_config_errors(tmp_path):
 )
 def test_url_blocklist_domains_block_themselves_and_their_subdomains(url, blocked):
     f = UrlBlocklist(domains=["example.com", "Bücher.de", "192.0.2.7", "2001:DB8:0::1"])
-    assert f(row(url=url)) == ("unsafe: url_blocklist" if blocked else None)
+    assert judge(f, row(url=url)) == ("unsafe: url_blocklist" if blocked else None)
 
 
 def test_normalize_host():
@@ -268,8 +295,8 @@ def test_normalize_host():
 
 def test_url_blocklist_prefixes():
     f = UrlBlocklist(prefixes=["https://Images.Example.org/private/"])
-    assert f(row(url="https://images.example.org/private/1.jpg")) == "unsafe: url_blocklist"
-    assert f(row(url="HTTPS://IMAGES.EXAMPLE.ORG/private/1.jpg")) == "unsafe: url_blocklist"
+    assert judge(f, row(url="https://images.example.org/private/1.jpg")) == "unsafe: url_blocklist"
+    assert judge(f, row(url="HTTPS://IMAGES.EXAMPLE.ORG/private/1.jpg")) == "unsafe: url_blocklist"
     assert f(row(url="https://images.example.org/public/1.jpg")) is None
     assert f(row(url="https://images.example.org/Private/1.jpg")) is None  # paths are case-sensitive
     assert f(row(url="http://images.example.org/private/1.jpg")) is None  # another scheme
@@ -279,8 +306,8 @@ def test_url_blocklist_file_and_errors(tmp_path):
     path = tmp_path / "domains.txt"
     path.write_text("# blocked hosts\nexample.com\n*.wild.org\n", encoding="utf-8")
     f = UrlBlocklist(path=str(path))
-    assert f(row(url="http://x.example.com/1.jpg")) == "unsafe: url_blocklist"
-    assert f(row(url="http://a.wild.org/1.jpg")) == "unsafe: url_blocklist"
+    assert judge(f, row(url="http://x.example.com/1.jpg")) == "unsafe: url_blocklist"
+    assert judge(f, row(url="http://a.wild.org/1.jpg")) == "unsafe: url_blocklist"
     assert f(row(url="not a url")) is None  # left to the fetch, which rejects it with its own reason
     with pytest.raises(FilterConfigError, match=r"looks like a URL; list URLs under prefixes"):
         build_chain([{"name": "url_blocklist", "domains": ["http://example.com/x"]}])
@@ -295,8 +322,8 @@ def test_url_blocklist_file_and_errors(tmp_path):
 
 def test_laion_punsafe_threshold():
     f = LaionColumns()  # punsafe ≥ 0.5 dropped, pwatermark not checked
-    assert f(row(punsafe=0.9)) == "unsafe: laion_punsafe>=0.5"
-    assert f(row(punsafe=0.5)) == "unsafe: laion_punsafe>=0.5"
+    assert judge(f, row(punsafe=0.9)) == "unsafe: laion_punsafe>=0.5"
+    assert judge(f, row(punsafe=0.5)) == "unsafe: laion_punsafe>=0.5"
     assert f(row(punsafe=0.49, pwatermark=0.99)) is None
     assert f(row(punsafe=float("nan"))) is None
     assert f(row(punsafe=None)) is None
@@ -304,10 +331,24 @@ def test_laion_punsafe_threshold():
     assert f.counts == {"dropped: unsafe: laion_punsafe>=0.5": 2, "kept": 4, "unchecked: no punsafe": 3}
 
 
+def test_laion_rejections_carry_the_column_its_value_and_the_threshold():
+    f = LaionColumns(punsafe_threshold=0.45, pwatermark_threshold=0.8)
+    rejection = f(row(punsafe=0.7, pwatermark=0.1))
+    assert (rejection.filter, rejection.metric, rejection.value, rejection.threshold) == (
+        "laion_columns", "punsafe", 0.7, 0.45)
+    rejection = f(row(punsafe="0.1", pwatermark=0.93))  # a value the reader kept as text
+    assert (rejection.metric, rejection.value, rejection.threshold) == ("pwatermark", 0.93, 0.8)
+    assert rejection.columns() == {
+        "status": "rejected", "reason": "watermark: pwatermark>=0.8", "error_message": None,
+        "reject_filter": "laion_columns", "reject_metric": "pwatermark", "reject_value": 0.93, "reject_threshold": 0.8,
+    }
+    assert f.score_fields() == []  # it judges input columns, it writes none
+
+
 def test_laion_research_safe_and_watermark_thresholds():
     f = LaionColumns(punsafe_threshold=0.45, pwatermark_threshold=0.8)
-    assert f(row(punsafe=0.46, pwatermark=0.1)) == "unsafe: laion_punsafe>=0.45"
-    assert f(row(punsafe=0.1, pwatermark=0.8)) == "watermark: pwatermark>=0.8"
+    assert judge(f, row(punsafe=0.46, pwatermark=0.1)) == "unsafe: laion_punsafe>=0.45"
+    assert judge(f, row(punsafe=0.1, pwatermark=0.8)) == "watermark: pwatermark>=0.8"
     assert f(row(punsafe=0.1, pwatermark=0.79)) is None
     assert f(row(punsafe=0.1, pwatermark=None)) is None
     assert f.counts["unchecked: no pwatermark"] == 1
@@ -373,6 +414,7 @@ def test_resolution_limits(params, size, reason):
 def test_resolution_drops_say_what_they_measured():
     rejection = Resolution(min_side=256)(sized(300, 255))
     assert (rejection.filter, rejection.metric, rejection.value, rejection.threshold) == ("resolution", "side", 255, 256)
+    assert rejection.detail == "300x255"  # the row's error_message
     rejection = Resolution(max_aspect_ratio=2.5)(sized(100, 251))
     assert (rejection.metric, rejection.value, rejection.threshold) == ("aspect", 2.51, 2.5)
 

@@ -627,6 +627,8 @@ def test_resolution_rejects_from_the_header_before_decoding(server, tmp_path):
     # Rejected by the rule on the header, not as a decode error: the pixels were never decoded.
     assert (tiny["reason"], image) == ("resolution: side<64", None)
     assert (tiny["original_width"], tiny["original_height"]) == (10, 10)  # for the report's size chart
+    assert (tiny["reject_metric"], tiny["reject_value"], tiny["reject_threshold"], tiny["error_message"]) == (
+        "side", 10, 64, "10x10")
     big, _ = got["big-truncated.png"]
     assert big["reason"] == "decode_error" and (big["original_width"], big["original_height"]) == (200, 150)
     assert got["wide.png"][0]["reason"] == "resolution: aspect>3"

@@ -32,8 +32,11 @@ from curate.pipeline.report.page import (
     plan_histograms,
     read_config,
     read_stats,
+    rejection_thresholds,
+    score_columns,
 )
-from curate.pipeline.report.samples import SCHEMA, THUMBNAIL_SIDE, ReportSamples, is_safety_reason, parse_threshold
+from curate.pipeline.records import Rejection, records_table
+from curate.pipeline.report.samples import SCHEMA, THUMBNAIL_SIDE, ReportSamples, is_safety_reason
 from curate.pipeline.demo.synthetic import generate_dataset
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -157,7 +160,9 @@ def test_funnel_accounts_for_every_row(run_dir):
     layout = open_run(run_dir)
     stats, config = read_stats(layout), read_config(layout)
     steps = funnel(stats, config)
-    assert [s["label"] for s in steps] == ["rows in", "caption_length", "downloaded", "clip_similarity", "written"]
+    # resolution (write_config's size rule) judges the downloaded bytes, before the sample filters.
+    assert [s["label"] for s in steps] == ["rows in", "caption_length", "downloaded", "resolution", "clip_similarity",
+                                           "written"]
     assert steps[0]["count"] == stats["rows_in"] == 160
     for before, step in zip(steps, steps[1:]):
         assert step["count"] == before["count"] - sum(d["count"] for d in step["dropped"]), step
@@ -165,11 +170,12 @@ def test_funnel_accounts_for_every_row(run_dir):
     reasons = {d["reason"]: d["count"] for s in steps for d in s["dropped"]}
     assert reasons == stats["rejected_by_reason"]
     assert [d["reason"] for d in steps[1]["dropped"]] == [CAPTION_REASON]
-    assert [d["reason"] for d in steps[3]["dropped"]] == [CLIP_REASON]
+    assert {d["reason"] for d in steps[3]["dropped"]} == {"resolution: side<64", "resolution: aspect>3"}
+    assert [d["reason"] for d in steps[4]["dropped"]] == [CLIP_REASON]
     assert "failed_to_download: HTTP 404" in {d["reason"] for d in steps[2]["dropped"]}
-    clip = steps[3]["dropped"][0]
+    clip = steps[4]["dropped"][0]
     assert clip["percent"] == pytest.approx(100 * clip["count"] / 160)
-    assert clip["percent_of_step"] == pytest.approx(100 * clip["count"] / steps[2]["count"])
+    assert clip["percent_of_step"] == pytest.approx(100 * clip["count"] / steps[3]["count"])
 
 
 def test_histograms_count_every_row_by_outcome(run_dir):
@@ -180,6 +186,17 @@ def test_histograms_count_every_row_by_outcome(run_dir):
     for path in files:
         fill_histograms(list(charts.values()), pq.read_table(path))
     rows = shard_rows(run_dir)
+
+    # Every CLIP drop is stored as data beside its reason: who, on what, its value, the threshold.
+    clip_drops = [r for r in rows if r["reason"] == CLIP_REASON]
+    assert clip_drops and all(
+        (r["reject_filter"], r["reject_metric"], r["reject_threshold"]) == ("clip_similarity", "clip_similarity", THRESHOLD)
+        and r["reject_value"] == r["clip_similarity"] < THRESHOLD for r in clip_drops)
+    assert all(r["reject_filter"] == "caption_length" and r["reject_metric"] == "words" and r["reject_threshold"] == MIN_WORDS
+               and r["reject_value"] < MIN_WORDS for r in rows if r["reason"] == CAPTION_REASON)
+    assert all(r["reject_filter"] == "download" for r in rows if (r["reason"] or "").startswith("failed_to_download"))
+    assert all(r["reject_filter"] is None for r in rows if r["status"] == "ok")
+    assert stats["score_fields"] == ["clip_similarity"]
 
     clip = charts["score:clip_similarity"]
     scored = [r for r in rows if r.get("clip_similarity") is not None]
@@ -262,8 +279,8 @@ def _sample(i: int, score: float | None = None) -> dict:
 def test_safety_rejected_samples_never_get_a_thumbnail(tmp_path):
     collector = ReportSamples(0)
     for i, reason in enumerate(["unsafe: test", "unsafe: nsfw", "unsafe: hash_blocklist", "unsafe:concept x"]):
-        collector.add_dropped(_sample(i), reason)
-    collector.add_dropped(_sample(10), "caption_has_url")
+        collector.add_dropped(_sample(i), Rejection(reason, metric="punsafe", value=0.9, threshold=0.5))
+    collector.add_dropped(_sample(10), Rejection("caption_has_url"))
     collector.add_kept(_sample(11))
     assert {e["key"] for e in collector.entries()} == {"0000000010", "0000000011"}
     path = tmp_path / "samples" / "00000.parquet"
@@ -287,9 +304,9 @@ def test_collector_is_bounded_prefers_the_threshold_and_repeats(tmp_path):
         for i in range(300):
             c.add_kept(_sample(i))
         for i, score in enumerate(rng.uniform(-0.2, 0.5, 200)):
-            c.add_dropped(_sample(1000 + i, float(score)), "clip_similarity<0.5")
+            c.add_dropped(_sample(1000 + i, float(score)), clip_rejection(float(score), 0.5))
         for i in range(50):
-            c.add_dropped(_sample(2000 + i), "caption_has_url")
+            c.add_dropped(_sample(2000 + i), Rejection("caption_has_url", filter="caption_url"))
         return c, rng
 
     c, _ = fill(4)
@@ -308,25 +325,71 @@ def test_collector_is_bounded_prefers_the_threshold_and_repeats(tmp_path):
     assert c.save(tmp_path / "s.parquet") == 18
 
 
-def test_parse_threshold():
-    assert parse_threshold("clip_similarity<0.28") == ("clip_similarity", "<", 0.28)
-    assert parse_threshold("aesthetic_score < 5") == ("aesthetic_score", "<", 5.0)
-    assert parse_threshold("punsafe>=1e-1") == ("punsafe", ">=", 0.1)
-    assert parse_threshold("resolution: side<256") == ("side", "<", 256.0)
-    assert parse_threshold("unsafe: nsfw punsafe>=0.5") == ("punsafe", ">=", 0.5)
-    for not_one in ("caption_too_short: <2 words", "failed_to_download: HTTP 404", None, "unsafe: nsfw"):
-        assert parse_threshold(not_one) is None
+def clip_rejection(score: float, threshold: float) -> Rejection:
+    return Rejection(f"clip_similarity<{threshold:g}", filter="clip_similarity", metric="clip_similarity",
+                     value=score, threshold=threshold)
 
 
-def test_borderline_finds_scores_named_briefly_and_original_sizes():
+def test_thresholds_and_score_columns_come_from_the_rejection_columns(tmp_path):
+    """Which columns are scores and where their thresholds lie: the declared score fields and the
+    rows' reject_metric / reject_threshold, whatever the reasons say."""
+    rows = [
+        {"key": "0", "status": "ok", "clip_similarity": 0.4, "punsafe": 0.1, "latent_scaling_factor": 0.18},
+        {"key": "1", "status": "rejected", "reason": "any words at all", "clip_similarity": 0.1, "punsafe": 0.2,
+         **{f"reject_{k}": v for k, v in dict(filter="clip_similarity", metric="clip_similarity", value=0.1,
+                                              threshold=0.25).items()}},
+        {"key": "2", "status": "rejected", "reason": "unsafe: laion_punsafe>=0.5", "clip_similarity": None, "punsafe": 0.7,
+         **{f"reject_{k}": v for k, v in dict(filter="laion_columns", metric="punsafe", value=0.7, threshold=0.5).items()}},
+        {"key": "3", "status": "rejected", "reason": "resolution: side<64", "original_width": 30, "original_height": 90,
+         **{f"reject_{k}": v for k, v in dict(filter="resolution", metric="side", value=30.0, threshold=64.0).items()}},
+        {"key": "4", "status": "rejected", "reason": "clip_similarity<0.28 but not parsed", "bytes": 10,
+         **{f"reject_{k}": v for k, v in dict(filter="resolution", metric="bytes", value=10.0, threshold=100.0).items()}},
+    ]
+    (tmp_path / "shards").mkdir()
+    for i in range(2):  # the same thresholds in two shards count once
+        pq.write_table(records_table(rows, []), tmp_path / "shards" / f"0000{i}.parquet")
+    files = sorted((tmp_path / "shards").glob("*.parquet"))
+    found = rejection_thresholds(files)
+    assert found == {"clip_similarity": {0.25}, "punsafe": {0.5}, "side": {64.0}, "bytes": {100.0}}
+    stats = {"rows_in": 10, "written": 2, "score_fields": ["clip_similarity"]}
+    # Declared scores, and input columns a filter thresholded; not the record's own columns
+    # (bytes), nor undeclared floats (latent_scaling_factor).
+    columns = score_columns(stats, found, {c: (0.0, 1.0) for c in ("clip_similarity", "punsafe", "bytes",
+                                                                  "latent_scaling_factor", "original_width")})
+    assert columns == ["clip_similarity", "punsafe"]
+    charts = {c.key: c for c in plan_histograms(files, stats, {"filters": []})}
+    assert set(charts) == {"score:clip_similarity", "score:punsafe", "size", "aspect", "caption"}
+    assert charts["score:clip_similarity"].markers == [(0.25, "threshold 0.25")]
+    assert charts["score:punsafe"].markers == [(0.5, "threshold 0.5")]
+    for path in files:
+        fill_histograms(list(charts.values()), pq.read_table(path))
+    # "Dropped by this rule" is the row's reject_metric, not its reason's wording.
+    assert charts["score:clip_similarity"].counts["rule"].sum() == 2
+    assert charts["score:punsafe"].counts["rule"].sum() == 2 and charts["score:punsafe"].counts["other"].sum() == 2
+    assert charts["size"].counts["rule"].sum() == 2
+
+
+def test_borderline_is_the_distance_of_the_rejected_value_to_its_threshold():
     c = ReportSamples(0, per_reason=2)
     for i, score in enumerate([1.0, 4.9, 3.0, 4.5]):
-        c.add_dropped(dict(_sample(i), meta={"aesthetic_score": score}), "aesthetic<5")
+        c.add_dropped(dict(_sample(i), meta={"aesthetic_score": score}),
+                      Rejection("aesthetic_score<5", filter="aesthetic", metric="aesthetic_score", value=score, threshold=5))
     for i, side in enumerate([100, 250, 30, 240]):
-        c.add_dropped(dict(_sample(10 + i), meta={"original_width": side, "original_height": 400}), "resolution: side<256")
-    chosen = {r: [e["distance"] for e in c.entries() if e["reason"] == r] for r in ("aesthetic<5", "resolution: side<256")}
-    assert chosen["aesthetic<5"] == pytest.approx([0.1, 0.5])
+        c.add_dropped(dict(_sample(10 + i), meta={"original_width": side, "original_height": 400}),
+                      Rejection("resolution: side<256", filter="resolution", metric="side", value=side, threshold=256))
+    # A rejection without a value is no threshold decision: a random pick, no distance.
+    c.add_dropped(_sample(20), Rejection("duplicate: url", filter="dedup"))
+    chosen = {r: [e["distance"] for e in c.entries() if e["reason"] == r]
+              for r in ("aesthetic_score<5", "resolution: side<256", "duplicate: url")}
+    assert chosen["aesthetic_score<5"] == pytest.approx([0.1, 0.5])
     assert chosen["resolution: side<256"] == pytest.approx([6, 16])
+    assert chosen["duplicate: url"] == [None]
+
+
+def test_thumbnails_show_the_declared_scores():
+    c = ReportSamples(0, score_fields=["clip_similarity", "punsafe"])
+    c.add_kept(dict(_sample(0), meta={"clip_similarity": 0.3, "punsafe": 0.25, "latent_scaling_factor": 0.18, "width": 9}))
+    assert json.loads(c.entries()[0]["scores"]) == {"clip_similarity": 0.3, "punsafe": 0.25}
 
 
 # ------------------------------------------------------------------ the terminal side

@@ -41,7 +41,6 @@ from curate.pipeline.config import ClipConfig, ResizeConfig, load_config
 from curate.pipeline.demo.devserver import DevServer
 from curate.pipeline.errors import UserError
 from curate.pipeline.image import normalize_image
-from curate.pipeline.report.samples import parse_threshold
 from curate.pipeline.demo.synthetic import POSITIONS, SHAPES, Scene, SceneObject, caption, random_scene, render
 
 pytestmark = pytest.mark.skipif(not (TINY_CLIP_DIR / "open_clip_config.json").exists(), reason="tiny CLIP not built")
@@ -133,10 +132,15 @@ def concept_spec(threshold: float) -> dict:
 
 
 def run_filter(f, emb: np.ndarray) -> tuple[list, list[dict]]:
+    """The filter's Rejection (or None) for each embedding, and the json each sample got."""
     f.setup({"clip": CLIP})
     metas = [{} for _ in emb]
-    reasons = [f({"key": str(i), "jpg": b"", "meta": metas[i], "img_emb": e}) for i, e in enumerate(emb)]
-    return reasons, metas
+    rejections = [f({"key": str(i), "jpg": b"", "meta": metas[i], "img_emb": e}) for i, e in enumerate(emb)]
+    return rejections, metas
+
+
+def reasons_of(rejections: list) -> list:
+    return [None if r is None else r.reason for r in rejections]
 
 
 # --- zero-shot concepts -------------------------------------------------------------------
@@ -145,8 +149,8 @@ def run_filter(f, emb: np.ndarray) -> tuple[list, list[dict]]:
 def test_concept_filter_drops_the_designated_concept_and_keeps_the_rest(data, concept_threshold):
     test = data["test"]
     f = ConceptFilter(concepts=[concept_spec(concept_threshold)])
-    reasons, metas = run_filter(f, test["emb"])
-    reasons, unsafe = np.array(reasons, dtype=object), test["labels"] == ZERO_SHOT_CONCEPT
+    rejections, metas = run_filter(f, test["emb"])
+    reasons, unsafe = np.array(reasons_of(rejections), dtype=object), test["labels"] == ZERO_SHOT_CONCEPT
     caught = np.mean(reasons[unsafe] == f"unsafe: concept {ZERO_SHOT_CONCEPT}")
     false_drops = np.mean([r is not None for r in reasons[~unsafe]])
     assert caught >= 0.95 and false_drops <= 0.05, (caught, false_drops, concept_threshold)
@@ -155,6 +159,13 @@ def test_concept_filter_drops_the_designated_concept_and_keeps_the_rest(data, co
     assert ((scores >= concept_threshold) == (reasons != None)).all()  # noqa: E711 (elementwise)
     assert f.counts == {"kept": int((reasons == None).sum()),  # noqa: E711
                         f"dropped: unsafe: concept {ZERO_SHOT_CONCEPT}": int((reasons != None).sum())}  # noqa: E711
+    # Each drop says on what it decided: the concept's score field, the sample's score, the threshold.
+    field = f"concept_{ZERO_SHOT_CONCEPT}"
+    assert f.score_fields() == [field]
+    for rejection, meta in zip(rejections, metas):
+        if rejection is not None:
+            assert (rejection.filter, rejection.metric, rejection.threshold) == ("concepts", field, concept_threshold)
+            assert rejection.value >= concept_threshold and rejection.value == pytest.approx(meta[field], abs=1e-4)
 
 
 def test_concept_filter_config_errors():
@@ -204,8 +215,8 @@ def nsfw_weights(data, tmp_path_factory) -> Path:
 def test_trained_nsfw_head_loads_from_its_file_and_separates_fresh_data(data, nsfw_weights):
     test = data["test"]
     f = NsfwHead(weights=str(nsfw_weights))
-    reasons, metas = run_filter(f, test["emb"])
-    reasons = np.array(reasons, dtype=object)
+    rejections, metas = run_filter(f, test["emb"])
+    reasons = np.array(reasons_of(rejections), dtype=object)
     unsafe = test["labels"] == NSFW_CONCEPT
     caught = np.mean(reasons[unsafe] == "unsafe: nsfw punsafe>=0.5")
     false_drops = np.mean([r is not None for r in reasons[~unsafe]])
@@ -213,6 +224,11 @@ def test_trained_nsfw_head_loads_from_its_file_and_separates_fresh_data(data, ns
     punsafe = np.array([m["punsafe"] for m in metas])  # written for every sample
     assert ((punsafe >= 0) & (punsafe <= 1)).all()
     assert ((punsafe >= 0.5) == (reasons != None)).all()  # noqa: E711 (elementwise)
+    assert f.score_fields() == ["punsafe"]
+    for rejection, meta in zip(rejections, metas):
+        if rejection is not None:
+            assert (rejection.filter, rejection.metric, rejection.threshold) == ("nsfw", "punsafe", 0.5)
+            assert rejection.value >= 0.5 and rejection.value == pytest.approx(meta["punsafe"], abs=1e-4)
     # A lower threshold (Re-LAION's research-safe 0.45) drops at least as much.
     stricter, _ = run_filter(NsfwHead(weights=str(nsfw_weights), threshold=0.45), test["emb"])
     assert sum(r is not None for r in stricter) >= sum(r is not None for r in reasons)
@@ -334,18 +350,22 @@ def test_aesthetic_head_loads_the_predictors_state_dict_and_scores_like_it(tmp_p
         expected = reference(torch.from_numpy(x / np.linalg.norm(x, axis=1, keepdims=True))).squeeze(1).numpy()
 
     f = AestheticHead(weights=str(tmp_path / "sac+logos+ava1-l14-linearMSE.pth"))
-    reasons, metas = run_filter(f, x)
-    assert reasons == [None] * 6  # no min_score: scores only
+    rejections, metas = run_filter(f, x)
+    assert rejections == [None] * 6  # no min_score: scores only
+    assert f.score_fields() == ["aesthetic_score"]
     assert [m["aesthetic_score"] for m in metas] == pytest.approx(expected.tolist(), abs=1e-4)
 
     cut = float(np.median(expected))
-    reasons, _ = run_filter(AestheticHead(weights=str(tmp_path / "sac+logos+ava1-l14-linearMSE.pth"), min_score=cut), x)
+    rejections, _ = run_filter(AestheticHead(weights=str(tmp_path / "sac+logos+ava1-l14-linearMSE.pth"), min_score=cut), x)
+    reasons = reasons_of(rejections)
     assert reasons == [f"aesthetic_score<{cut:g}" if e < cut else None for e in expected]
     assert 0 < reasons.count(None) < 6
-    # The reason names the json field it thresholds, so the report can rank dropped samples
-    # by their distance to the threshold.
-    metric, op, value = parse_threshold(next(r for r in reasons if r))
-    assert (metric, op, value) == ("aesthetic_score", "<", float(f"{cut:g}")) and metric in metas[0]
+    # The rejection names the json field it thresholds, with the sample's score and the
+    # threshold, so the report can rank dropped samples by their distance to the threshold.
+    for rejection, score in zip(rejections, expected):
+        if rejection is not None:
+            assert (rejection.filter, rejection.metric, rejection.threshold) == ("aesthetic", "aesthetic_score", cut)
+            assert rejection.value == pytest.approx(score, abs=1e-4) and rejection.metric in metas[0]
 
 
 def test_aesthetic_head_takes_other_embedding_sizes(tmp_path):
@@ -368,8 +388,10 @@ def test_hash_blocklist_matches_listed_digests_only(tmp_path):
         "# known images\n\n" + sha[0].upper() + "\n" + f"{sha[1]}  some/file.jpg  # sha256sum output\n")
     (tmp_path / "md5.txt").write_text(md5[2] + "\n")
     f = HashBlocklist(paths=[str(tmp_path / "sha256.txt"), str(tmp_path / "md5.txt")])
-    reasons = [f({"data": d, "sha256": s}) for d, s in zip(images, sha)]
-    assert reasons == ["unsafe: hash_blocklist"] * 3 + [None]
+    rejections = [f({"data": d, "sha256": s}) for d, s in zip(images, sha)]
+    assert reasons_of(rejections) == ["unsafe: hash_blocklist"] * 3 + [None]
+    # A list match is no threshold decision: the filter, and no measure.
+    assert {(r.filter, r.metric, r.value, r.threshold) for r in rejections[:3]} == {("hash_blocklist", None, None, None)}
     # An image one byte away from a listed one has another digest: kept.
     near = bytearray(images[0])
     near[-1] ^= 1

@@ -29,7 +29,7 @@ from curate.pipeline.cli import main as curate_main
 from curate.pipeline.errors import UserError
 from curate.pipeline.tarshard import TarShardWriter
 from curate.train.config import load_train_config
-from curate.train.data import shard_urls, training_stream
+from curate.train.data import DataError, shard_urls, training_stream
 from curate.pipeline.models.latents import encode, fit_crop, latent_from_bytes, scale_latents, to_pixels
 from curate.train.model import load_components
 from curate.train.objective import diffusion_loss
@@ -255,7 +255,7 @@ def test_selection_buckets_and_bad_samples(tmp_path):
         warnings.simplefilter("always")
         for _ in range(12):
             batch = next(stream)
-            assert "error" not in batch, batch
+            assert set(batch) == {"pixels", "captions", "keys"}, batch
             seen.update(batch["keys"])
             kinds = {k.rsplit("_", 1)[-1].rstrip("12") for k in batch["keys"]}
             assert len(kinds) == 1, batch["keys"]  # one bucket per batch
@@ -267,8 +267,27 @@ def test_selection_buckets_and_bad_samples(tmp_path):
     # A rule on a field the shards lack is an error, not an empty stream.
     cfg.data.max_punsafe = None
     write_shard(tmp_path / "00000.tar", [{"key": "a", "size": (40, 40)}])
-    batch = next(iter(training_stream(cfg.data, shard_urls(cfg.data.shards), 2, seed=1, vae_fingerprint="none")))
-    assert "no clip_similarity" in batch["error"]
+    with pytest.raises(DataError, match="no clip_similarity") as info:
+        next(iter(training_stream(cfg.data, shard_urls(cfg.data.shards), 2, seed=1, vae_fingerprint="none")))
+    assert isinstance(info.value, UserError) and str(info.value).endswith("00000.tar: a)")
+
+    # So is a required cached latent that is not there.
+    cfg.data.min_clip_similarity, cfg.data.latents = None, "required"
+    with pytest.raises(DataError, match=r"data.latents is required but the cached latent of a \(.*\) does not fit: it has none"):
+        next(iter(training_stream(cfg.data, shard_urls(cfg.data.shards), 2, seed=1, vae_fingerprint="none")))
+
+
+def test_a_data_error_in_a_loader_worker_is_one_line(tmp_path, capsys):
+    """The selection's error is raised inside a DataLoader worker process and reaches the user as
+    the one line it was raised with (torch re-raises it with the worker's whole traceback)."""
+    write_shard(tmp_path / "00000.tar", [{"key": f"s{i}", "size": (40, 40)} for i in range(4)])
+    config = train_config(tmp_path / "t.yaml", tmp_path, tmp_path / "out", data__workers=1,
+                          data__min_clip_similarity=0.3, training__steps=1, validation__every=0,
+                          validation__prompts=[])
+    assert curate_main(["train", str(config), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("curate: error: data.min_clip_similarity is set but a sample has no clip_similarity"), err
+    assert "\n" not in err and "Traceback" not in err and err.endswith("00000.tar: s0)")
 
 
 def test_user_errors_are_one_line(tmp_path, capsys, shards):

@@ -16,7 +16,7 @@ What it shows, and where each part comes from:
   reason: the score fields the run's filters declared (stats.json `score_fields`), and
   each rejected row's `reject_filter`, `reject_metric`, `reject_value`, `reject_threshold`;
 - sample grids (random kept samples, dropped samples nearest each threshold):
-  report/samples/, thumbnails the write stage kept (pipeline/report_samples.py). Rows
+  report/samples/, thumbnails the write stage kept (pipeline/report/samples.py). Rows
   rejected for safety are never shown;
 - throughput and duration per stage: stats.json and the shards' done-markers;
 - the run's config: config.yaml.
@@ -162,9 +162,10 @@ def funnel(stats: dict, config: dict) -> list[dict]:
         if _stage(name) == "row":
             add(name, "filter", drops[name])
     add("downloaded", "download", others)
-    for name in order:
-        if _stage(name) != "row":
-            add(name, "filter", drops[name])
+    for stage in ("bytes", "sample"):  # the bytes filters judge the download before the sample filters
+        for name in order:
+            if _stage(name) == stage:
+                add(name, "filter", drops[name])
     steps.append(_step("written", "output", stats["written"], {}, remaining, rows_in))
     return steps
 
@@ -396,8 +397,8 @@ def fill_histograms(charts: list[Histogram], table: pa.Table) -> None:
             short = np.fmin(width, height)
             values = np.fmax(width, height) / np.where(short > 0, short, np.nan)
         elif chart.key == "caption":
-            if "caption" not in table.column_names:
-                continue
+            if "caption" not in table.column_names or pa.types.is_null(table["caption"].type):
+                continue  # no captions in this shard (a column of nulls has no text type)
             words = pc.list_value_length(pc.utf8_split_whitespace(table["caption"]))
             values = pc.cast(words, pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
         else:
