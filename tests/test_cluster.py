@@ -170,28 +170,37 @@ def test_gpu_cluster_layout_each_gpu_worker_sees_one_device_and_cpu_workers_none
         assert not infos["cpu-0"].get("resources")
 
 
+def _listening() -> set:
+    """(pid, ip, port) of every listening socket of this process and its descendants."""
+    import psutil
+
+    me = psutil.Process()
+    found = set()
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            found |= {(proc.pid, c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="inet")
+                      if c.status == psutil.CONN_LISTEN}
+        except psutil.Error:
+            continue
+    return found
+
+
 @pytest.mark.parametrize("gpus", [0, 2], ids=["cpu-layout", "gpu-layout"])
 def test_embedded_clusters_listen_on_loopback_only(gpus):
     """A Dask scheduler or worker runs the code it is sent: the embedded cluster must not be
-    reachable from the network. Every listening socket of this process and the cluster's
-    processes (scheduler, nannies, workers, dashboards) is bound to 127.0.0.1."""
+    reachable from the network. Every socket the cluster opens for listening (scheduler,
+    nannies, workers, dashboards) is bound to 127.0.0.1."""
     import ipaddress
 
-    import psutil
     from distributed import Client
 
     from curate.pipeline.cluster import _local_cluster
     from curate.pipeline.config import DaskConfig
 
+    before = _listening()  # what other tests of this session left open is not this cluster's
     with _local_cluster(DaskConfig(n_workers=1), gpus=gpus) as cluster, Client(cluster) as client:
         client.wait_for_workers(1 + gpus, timeout=60)
-        me = psutil.Process()
-        listening = []
-        for proc in [me, *me.children(recursive=True)]:
-            try:
-                listening += [c.laddr for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
-            except psutil.Error:
-                continue
+        opened = _listening() - before
         # scheduler + its dashboard, and per worker: nanny, worker, worker dashboard
-        assert len(listening) >= 2 + 3 * (1 + gpus)
-        assert all(ipaddress.ip_address(a.ip).is_loopback for a in listening), listening
+        assert len(opened) >= 2 + 3 * (1 + gpus), opened
+        assert all(ipaddress.ip_address(ip).is_loopback for _, ip, _ in opened), opened
