@@ -75,7 +75,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"\nsteps        {summary['step']:>10}" + ("" if summary["finished"] else "  (stopped; rerun to resume)"))
         print(f"last loss    {summary['loss'] if summary['loss'] is not None else float('nan'):>10.4f}")
         print(f"throughput   {rate or 0:>10.1f} images/s")
-        print(f"output       {summary['output']}" + ("/pipeline  (StableDiffusionPipeline.from_pretrained)" if summary["finished"] else ""))
+        print(f"output       {summary['result'] if summary['finished'] else summary['output']}")
     return 0
 
 

@@ -12,10 +12,14 @@ the row's parquet record; a `FetchError` also says whether trying again could he
 
 from __future__ import annotations
 
+import contextlib
+import heapq
 import http.client
 import ipaddress
+import itertools
 import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -215,63 +219,143 @@ def _quote_unsafe(url: str) -> str:
                        quote(parts.query, safe=safe), quote(parts.fragment, safe=safe)))
 
 
+class _Deadlines:
+    """Ends fetches that run past their deadline, whatever the server does.
+
+    A socket timeout bounds each read, not the fetch: a server that drips a byte a second
+    (headers or body) keeps every read within it forever, and the thread, its shard's task
+    and its worker slot wait with it. One thread per process watches the sockets of the
+    fetches in flight and shuts down each one whose deadline has passed; the blocked read
+    then returns, and the fetch ends as a timeout.
+    """
+
+    def __init__(self):
+        self._heap: list[tuple[float, int]] = []
+        self._live: dict[int, socket.socket] = {}
+        self._ids = itertools.count()
+        self._cond = threading.Condition()
+        self._thread: Optional[threading.Thread] = None
+
+    @contextlib.contextmanager
+    def guard(self, sock: socket.socket, deadline: float):
+        token = next(self._ids)
+        with self._cond:
+            self._live[token] = sock
+            heapq.heappush(self._heap, (deadline, token))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._watch, name="curate-fetch-deadlines", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._live.pop(token, None)
+
+    def _watch(self) -> None:
+        with self._cond:
+            while True:
+                while self._heap and self._heap[0][1] not in self._live:
+                    heapq.heappop(self._heap)  # finished in time
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                deadline, token = self._heap[0]
+                wait = deadline - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(wait)
+                    continue
+                heapq.heappop(self._heap)
+                try:
+                    self._live.pop(token).shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+_DEADLINES = _Deadlines()
+
+
+def _timed_out(cfg: DownloadConfig, what: str) -> FetchError:
+    return FetchError("failed_to_download: timeout", f"{what} not complete after {cfg.timeout}s", retryable=True)
+
+
 def fetch_once(url: str, cfg: DownloadConfig, check_url: Optional[Callable[[str], Optional[Rejection]]] = None) -> bytes:
+    """One attempt: every hop of it, connect, headers and body, ends within cfg.timeout."""
     deadline = time.monotonic() + cfg.timeout
     for _hop in range(cfg.max_redirects + 1):
-        conn, target = _open_connection(url, cfg, cfg.timeout)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _timed_out(cfg, "redirects")
+        conn, target = _open_connection(url, cfg, remaining)
         try:
-            conn.putrequest("GET", target, skip_accept_encoding=True)
-            conn.putheader("User-Agent", user_agent(cfg))
-            conn.putheader("Accept", "image/*,*/*;q=0.8")
-            conn.endheaders()
-            resp = conn.getresponse()
-            if resp.status in _REDIRECTS:
-                location = resp.getheader("Location")
-                if not location:
-                    raise FetchError("failed_to_download: redirect without location", f"HTTP {resp.status}",
-                                     retryable=False)
-                try:
-                    url = _quote_unsafe(urljoin(url, location))
-                except ValueError as exc:
-                    raise FetchError("invalid_url: bad redirect", f"Location {location!r}"[:200], retryable=False) from exc
-                refused = check_url(url) if check_url else None
-                if refused is not None:  # e.g. a redirect onto a blocklisted domain: that filter's rejection
-                    raise FetchError(refused.reason, f"redirect to {url}"[:200], retryable=False, filter=refused.filter)
-                continue
-            if resp.status != 200:
-                # A 4xx is the server's answer about this URL; a 5xx (or an odd 1xx/2xx/3xx) may pass next time.
-                raise FetchError(f"failed_to_download: HTTP {resp.status}", f"HTTP {resp.status} {resp.reason}",
-                                 retryable=not 400 <= resp.status < 500)
-            directive = robots_disallowed(resp.msg, cfg)
-            if directive:
-                raise FetchError("disallowed_by_x_robots_tag", f"X-Robots-Tag: {directive}", retryable=False)
-            ctype = (resp.getheader("Content-Type") or "").split(";")[0].strip().lower()
-            if ctype.startswith("text/"):
-                # Retried: sites serve error and rate-limit pages as 200 text/html.
-                raise FetchError("failed_to_download: not an image", f"Content-Type {ctype}", retryable=True)
-            length = resp.getheader("Content-Length")
-            if length and length.isdigit() and int(length) > cfg.max_bytes:
-                raise FetchError("failed_to_download: too large", f"Content-Length {length} > {cfg.max_bytes}",
-                                 retryable=False)
-            chunks, size = [], 0
-            while True:
-                chunk = resp.read(_CHUNK)
-                if not chunk:
-                    break
-                size += len(chunk)
-                if size > cfg.max_bytes:
-                    raise FetchError("failed_to_download: too large", f"more than {cfg.max_bytes} bytes", retryable=False)
-                if time.monotonic() > deadline:
-                    raise FetchError("failed_to_download: timeout", f"body not complete after {cfg.timeout}s",
-                                     retryable=True)
-                chunks.append(chunk)
-            # http.client returns a short body silently when the server hangs up early.
-            if length and length.isdigit() and size != int(length):
-                raise FetchError("failed_to_download: incomplete body", f"{size} of {length} bytes", retryable=True)
-            return b"".join(chunks)
+            conn.connect()
+            with _DEADLINES.guard(conn.sock, deadline):
+                return_value = _exchange(conn, target, url, cfg, check_url, deadline)
+        except (OSError, http.client.HTTPException) as exc:
+            if time.monotonic() >= deadline:  # the deadline cut the socket: whatever broke, it is a timeout
+                raise _timed_out(cfg, "response") from exc
+            raise
         finally:
             conn.close()
+        if isinstance(return_value, bytes):
+            return return_value
+        url = return_value  # a redirect: the next hop
     raise FetchError("failed_to_download: too many redirects", f"more than {cfg.max_redirects}", retryable=False)
+
+
+def _exchange(conn: http.client.HTTPConnection, target: str, url: str, cfg: DownloadConfig,
+              check_url: Optional[Callable[[str], Optional[Rejection]]], deadline: float) -> bytes | str:
+    """One request on an open connection: the body, or the URL a redirect points to."""
+    conn.putrequest("GET", target, skip_accept_encoding=True)
+    conn.putheader("User-Agent", user_agent(cfg))
+    conn.putheader("Accept", "image/*,*/*;q=0.8")
+    conn.endheaders()
+    resp = conn.getresponse()
+    if resp.status in _REDIRECTS:
+        location = resp.getheader("Location")
+        if not location:
+            raise FetchError("failed_to_download: redirect without location", f"HTTP {resp.status}",
+                             retryable=False)
+        try:
+            url = _quote_unsafe(urljoin(url, location))
+        except ValueError as exc:
+            raise FetchError("invalid_url: bad redirect", f"Location {location!r}"[:200], retryable=False) from exc
+        refused = check_url(url) if check_url else None
+        if refused is not None:  # e.g. a redirect onto a blocklisted domain: that filter's rejection
+            raise FetchError(refused.reason, f"redirect to {url}"[:200], retryable=False, filter=refused.filter)
+        return url
+    if resp.status != 200:
+        # A 4xx is the server's answer about this URL; a 5xx (or an odd 1xx/2xx/3xx) may pass next time.
+        raise FetchError(f"failed_to_download: HTTP {resp.status}", f"HTTP {resp.status} {resp.reason}",
+                         retryable=not 400 <= resp.status < 500)
+    directive = robots_disallowed(resp.msg, cfg)
+    if directive:
+        raise FetchError("disallowed_by_x_robots_tag", f"X-Robots-Tag: {directive}", retryable=False)
+    ctype = (resp.getheader("Content-Type") or "").split(";")[0].strip().lower()
+    if ctype.startswith("text/"):
+        # Retried: sites serve error and rate-limit pages as 200 text/html.
+        raise FetchError("failed_to_download: not an image", f"Content-Type {ctype}", retryable=True)
+    length = resp.getheader("Content-Length")
+    if length and length.isdigit() and int(length) > cfg.max_bytes:
+        raise FetchError("failed_to_download: too large", f"Content-Length {length} > {cfg.max_bytes}",
+                         retryable=False)
+    chunks, size = [], 0
+    while True:
+        chunk = resp.read1(_CHUNK)  # what has arrived, up to _CHUNK: the deadline is checked as it trickles
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > cfg.max_bytes:
+            raise FetchError("failed_to_download: too large", f"more than {cfg.max_bytes} bytes", retryable=False)
+        if time.monotonic() > deadline:
+            raise _timed_out(cfg, "body")
+        chunks.append(chunk)
+    if time.monotonic() >= deadline:  # the deadline cut the body short
+        raise _timed_out(cfg, "body")
+    # http.client returns a short body silently when the server hangs up early.
+    if length and length.isdigit() and size != int(length):
+        raise FetchError("failed_to_download: incomplete body", f"{size} of {length} bytes", retryable=True)
+    return b"".join(chunks)
 
 
 def fetch(url: Optional[str], cfg: DownloadConfig, check_url: Optional[Callable[[str], Optional[Rejection]]] = None) -> FetchResult:

@@ -1,7 +1,10 @@
-"""Shared fixtures: a real HTTP server on 127.0.0.1 and generated LAION-style data."""
+"""Shared fixtures and helpers of tests/unit and tests/e2e: a real HTTP server on 127.0.0.1,
+generated LAION-style data, run configs, the CLI in its own process group, raw download shards."""
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +16,9 @@ import pytest
 import yaml
 
 from curate.pipeline.demo.devserver import DevServer
-from curate.pipeline.demo.synthetic import generate_dataset
+from curate.pipeline.demo.synthetic import caption, generate_dataset, random_scene, render, wrong_caption
+from curate.pipeline.shards import sample_key
+from curate.pipeline.tarshard import TarShardWriter
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -131,3 +136,22 @@ def clean_env():
     env = dict(os.environ)
     env.pop("DASK_SCHEDULER_ADDRESS", None)
     return env
+
+
+def raw_shard(path, n, seed, corrupt=()):
+    """A raw download shard: jpg + json(caption) per key; half the captions are wrong."""
+    import random
+
+    rng = random.Random(seed)
+    truth = []
+    with TarShardWriter(path) as tar:
+        for i in range(n):
+            scene = random_scene(rng)
+            right = i % 2 == 0
+            text = caption(scene) if right else wrong_caption(scene, rng)
+            buf = io.BytesIO()
+            render(scene, rng.randint(96, 200), rng.randint(96, 200), rng).save(buf, "JPEG", quality=90)
+            jpg = b"not a jpeg at all" if i in corrupt else buf.getvalue()
+            tar.write(sample_key(0, i), {"jpg": jpg, "json": json.dumps({"caption": text}).encode()})
+            truth.append(right)
+    return truth

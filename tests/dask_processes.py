@@ -1,5 +1,5 @@
 """A real `dask scheduler` and `dask worker` processes on 127.0.0.1, for tests that watch or kill
-workers (tests/test_faults.py, tests/test_awkward_images.py). Each worker runs under its nanny,
+workers (tests/e2e/test_faults.py, tests/e2e/test_awkward_images.py). Each worker runs under its nanny,
 as `dask worker` does by default, so a killed worker process is restarted."""
 
 from __future__ import annotations

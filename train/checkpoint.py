@@ -1,17 +1,19 @@
 """Training checkpoints: everything a resumed run needs to continue exactly.
 
-One file per checkpoint, `checkpoints/step-NNNNNNNN.pt`: the step, the UNet's weights,
-the optimizer's and LR schedule's state, the EMA weights, and every random number
+One file per checkpoint, `checkpoints/step-NNNNNNNN.pt`: the step, the UNet's weights (with
+LoRA: the adapters' only), the optimizer's and LR schedule's state, the EMA weights, and every random number
 generator (python, numpy, torch CPU and CUDA, the loop's noise generator). Written to a
 temporary name, fsynced and renamed (pipeline/shards.py atomic_path), so a crash mid-save leaves the previous checkpoint intact.
 Everything is tensors and plain containers, so it loads with `weights_only=True` (no
-pickled code runs when a checkpoint is read).
+pickled code runs when a checkpoint is read). Beside it, `step-NNNNNNNN/` holds the same
+weights as plain diffusers opens them (a pipeline folder, or a LoRA file; train/loop.py).
 """
 
 from __future__ import annotations
 
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -48,6 +50,7 @@ def save_checkpoint(folder: Path, step: int, state: dict, keep: int) -> Path:
         torch.save(state, tmp)
     for _, old in list_checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
+        shutil.rmtree(old.with_suffix(""), ignore_errors=True)  # its diffusers export (checkpoints.export)
     return final
 
 

@@ -52,10 +52,25 @@ class DataConfig(Section):
         return [value] if isinstance(value, str) else value
 
 
+class LoraConfig(Section):
+    """Train low-rank adapters (peft LoRA, as diffusers' train_text_to_image_lora.py) instead of
+    the whole UNet; the base weights stay frozen and only the adapter is saved."""
+
+    rank: int = Field(4, ge=1)
+    alpha: Optional[float] = Field(None, gt=0)  # None: = rank (scale 1, as diffusers' examples)
+    # The UNet's attention projections (diffusers' examples); add e.g. proj_in, proj_out, ff.net.0.proj, ff.net.2.
+    target_modules: list[str] = Field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # Adapters on the text encoder(s) too (both of SDXL's), on their attention projections.
+    text_encoder: bool = False
+    text_encoder_target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+
+
 class ModelConfig(Section):
-    # A diffusers Stable Diffusion folder (model_index.json, unet/, vae/, text_encoder/, ...),
-    # a hub id (needs internet, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5), or
-    # "tiny": a small random-weight model of the same shape, for tests and the demo.
+    # A diffusers Stable Diffusion 1.x/2.x or SDXL folder (model_index.json, unet/, vae/,
+    # text_encoder/, [text_encoder_2/,] ...), a hub id (needs internet, e.g.
+    # stable-diffusion-v1-5/stable-diffusion-v1-5, stabilityai/stable-diffusion-xl-base-1.0), or
+    # "tiny" / "tiny-sdxl": small random-weight models of the same shapes, for tests and the demo.
     pretrained: str = "tiny"
     revision: Optional[str] = None
     variant: Optional[str] = None  # e.g. fp16: which weight files to read
@@ -64,6 +79,7 @@ class ModelConfig(Section):
     # None: the checkpoint scheduler's (epsilon for SD 1.5).
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None
     tiny_seed: int = 0  # the random weights of the tiny model
+    lora: Optional[LoraConfig] = None  # None: full fine-tuning of the UNet
 
     @field_validator("pretrained")
     @classmethod
@@ -103,6 +119,18 @@ class TrainingConfig(Section):
 class CheckpointConfig(Section):
     every: int = Field(500, ge=1)  # steps; also where the data stream is reseeded (see train/data.py)
     keep: int = Field(2, ge=1)  # the newest checkpoints kept
+    # Beside each step-N.pt, a folder step-N/ that plain diffusers opens: the pipeline
+    # (from_pretrained) or, with model.lora, the adapter (load_lora_weights).
+    export: bool = True
+
+
+class LoggingConfig(Section):
+    """Where the loss, learning rate, images/s, GPU memory and validation grids go (log.jsonl always)."""
+
+    tensorboard: bool = True  # OUTPUT/logs: tensorboard --logdir OUTPUT/logs
+    wandb: bool = False  # Weights & Biases, when the wandb package is installed (else an error)
+    wandb_project: str = "curate"
+    wandb_run_name: Optional[str] = None
 
 
 class ValidationConfig(Section):
@@ -125,6 +153,7 @@ class TrainConfig(Section):
     training: TrainingConfig
     checkpoints: CheckpointConfig = Field(default_factory=CheckpointConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
     output: OutputConfig
 
     @model_validator(mode="after")
@@ -137,7 +166,7 @@ class TrainConfig(Section):
 # Settings a resumed run may change: how long to train, how often to save and sample,
 # how much to log, how many reader processes. Anything else would silently mix two runs.
 RESUMABLE_CHANGES = {"training.steps", "training.log_every", "data.workers",
-                     "checkpoints.keep", "validation.every", "validation.prompts"}
+                     "checkpoints.keep", "checkpoints.export", "validation.every", "validation.prompts", "logging"}
 
 
 def load_train_config(path: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:

@@ -5,6 +5,7 @@
       -> parse json / caption, select on json fields (clip_similarity, punsafe, size)
       -> shuffle buffer
       -> a cached latent where it matches, else decode + crop the jpg
+         (SDXL: + its size conditioning, from the json and the crop box)
       -> batches of one aspect bucket each
 
 Unreadable shards and undecodable samples are skipped with a warning
@@ -39,7 +40,7 @@ from webdataset.utils import pytorch_worker_info
 from curate.pipeline.errors import UserError
 from curate.train.config import DataConfig
 from curate.pipeline.models.latents import (
-    LATENT_EXT, META_FINGERPRINT, META_SIZE, fit_crop, latent_from_bytes, to_pixels,
+    LATENT_EXT, META_CROP, META_FINGERPRINT, META_SIZE, fit_crop, latent_from_bytes, to_pixels,
 )
 
 # After this many samples in a row fail the selection, the rules select (next to) nothing.
@@ -185,9 +186,30 @@ class Shuffle:
         yield from wds.filters._shuffle(src, self.size, min(100, self.size), rng=_worker_rng(self.seed, "shuffle"))
 
 
+def size_conditioning(meta: dict, box: tuple[float, float, float, float], size: tuple[int, int]) -> list[float]:
+    """SDXL's micro-conditioning of one sample, [original height, original width, crop top, crop
+    left] (the target size, the bucket, completes add_time_ids), as diffusers'
+    train_text_to_image_sdxl.py computes it: the original image's size, and the top-left corner of
+    the training crop in the original scaled to cover the target size.
+
+    `box` is the crop in the stored image (fit_crop's box; the latent cache records it). The stored
+    image is the original (`original_width` / `original_height` in the json, the size before
+    curation) scaled and, for buckets or center_crop, centre-cropped to its own aspect; so its
+    region in the original is the largest centred box of that aspect."""
+    w, h = meta["width"], meta["height"]
+    ow, oh = meta.get("original_width") or w, meta.get("original_height") or h
+    region_w, region_h = min(ow, oh * w / h), min(oh, ow * h / w)
+    per_pixel = region_w / w  # original pixels per stored pixel
+    left = (ow - region_w) / 2 + box[0] * per_pixel
+    top = (oh - region_h) / 2 + box[1] * per_pixel
+    scale = size[0] / ((box[2] - box[0]) * per_pixel)  # original -> covering the target
+    return [float(oh), float(ow), float(round(top * scale)), float(round(left * scale))]
+
+
 @dataclass
 class Prepare:
-    """A parsed sample -> {"latents" (unscaled, fp32) or "pixels" ([-1, 1]), "caption", "bucket"}."""
+    """A parsed sample -> {"latents" (unscaled, fp32) or "pixels" ([-1, 1]), "caption", "bucket"},
+    and "time_ids" (SDXL's add_time_ids, see size_conditioning) when `size_conditioning` is on."""
 
     resolution: int
     crop: str
@@ -195,6 +217,7 @@ class Prepare:
     latents: str
     vae_fingerprint: str
     seed: int
+    size_conditioning: bool = False
 
     def __post_init__(self):
         self._rng: Optional[random.Random] = None
@@ -221,7 +244,7 @@ class Prepare:
             why_not = "it has none" if sample["latent"] is None else self.cached_latent_fits(meta, size)
             if why_not is None:
                 out["latents"] = torch.from_numpy(latent_from_bytes(sample["latent"]).astype(np.float32))
-                return out
+                return self.with_time_ids(out, meta, meta[META_CROP], size)
             if self.latents == "required":
                 raise DataError(f"data.latents is required but the cached latent of {sample['key']} "
                                 f"({sample['url']}) does not fit: {why_not}")
@@ -231,8 +254,15 @@ class Prepare:
         if self._rng is None:
             self._rng = _worker_rng(self.seed, "crop")
         image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
-        image, _ = fit_crop(image, size, self._rng if self.crop == "random" else None)
+        image, box = fit_crop(image, size, self._rng if self.crop == "random" else None)
         out["pixels"] = torch.from_numpy(to_pixels(image))
+        return self.with_time_ids(out, meta, box, size)
+
+    def with_time_ids(self, out: dict, meta: dict, box, size: tuple[int, int]) -> dict:
+        if self.size_conditioning:
+            if meta.get("width") is None or meta.get("height") is None:
+                raise DataError(f"an SDXL model needs each sample's width/height in its json; {out['key']} has none")
+            out["time_ids"] = torch.tensor(size_conditioning(meta, box, size) + [float(size[1]), float(size[0])])
         return out
 
 
@@ -250,13 +280,17 @@ class BatchByBucket:
             group.append(sample)
             if len(group) == self.batch_size:
                 del pending[(kind, sample["bucket"])]
-                yield {kind: torch.stack([s[kind] for s in group]),
-                       "captions": [s["caption"] for s in group], "keys": [s["key"] for s in group]}
+                batch = {kind: torch.stack([s[kind] for s in group]),
+                         "captions": [s["caption"] for s in group], "keys": [s["key"] for s in group]}
+                if "time_ids" in sample:
+                    batch["time_ids"] = torch.stack([s["time_ids"] for s in group])
+                yield batch
 
 
 def training_stream(cfg: DataConfig, urls: list[str], batch_size: int, seed: int,
-                    vae_fingerprint: str) -> wds.DataPipeline:
-    """The batch stream of this rank (an IterableDataset; each DataLoader worker gets its own)."""
+                    vae_fingerprint: str, size_conditioning: bool = False) -> wds.DataPipeline:
+    """The batch stream of this rank (an IterableDataset; each DataLoader worker gets its own).
+    size_conditioning: batches carry "time_ids" (SDXL)."""
     handler = _skip_bad_samples
     return wds.DataPipeline(
         # Each (rank, worker) draws shards at random with its own seed (webdataset's
@@ -267,14 +301,16 @@ def training_stream(cfg: DataConfig, urls: list[str], batch_size: int, seed: int
         wds.map(Parse(), handler=handler),
         Select(cfg.min_clip_similarity, cfg.max_punsafe, cfg.min_size),
         Shuffle(cfg.shuffle_buffer, seed),
-        wds.map(Prepare(cfg.resolution, cfg.crop, cfg.buckets, cfg.latents, vae_fingerprint, seed), handler=handler),
+        wds.map(Prepare(cfg.resolution, cfg.crop, cfg.buckets, cfg.latents, vae_fingerprint, seed, size_conditioning),
+                handler=handler),
         BatchByBucket(batch_size),
     )
 
 
 def training_loader(cfg: DataConfig, urls: list[str], batch_size: int, seed: int,
-                    vae_fingerprint: str, pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    stream = training_stream(cfg, urls, batch_size, seed, vae_fingerprint)
+                    vae_fingerprint: str, pin_memory: bool = False,
+                    size_conditioning: bool = False) -> torch.utils.data.DataLoader:
+    stream = training_stream(cfg, urls, batch_size, seed, vae_fingerprint, size_conditioning)
     extra = {"prefetch_factor": 4, "persistent_workers": False} if cfg.workers else {}
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
                                        pin_memory=pin_memory, **extra)

@@ -28,8 +28,9 @@ def snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tenso
 
 def diffusion_loss(unet: Callable, scheduler, latents: torch.Tensor, text_embeddings: torch.Tensor,
                    generator: torch.Generator, *, noise_offset: float = 0.0, snr_gamma: Optional[float] = None,
-                   autocast=contextlib.nullcontext) -> torch.Tensor:
-    """The loss of one batch of (scaled) latents. All randomness comes from `generator`."""
+                   autocast=contextlib.nullcontext, added_cond_kwargs: Optional[dict] = None) -> torch.Tensor:
+    """The loss of one batch of (scaled) latents. All randomness comes from `generator`.
+    added_cond_kwargs: SDXL's {"text_embeds": pooled embeddings, "time_ids": add_time_ids}."""
     batch, channels = latents.shape[:2]
     device = latents.device
     noise = torch.randn(latents.shape, generator=generator, device=device)
@@ -44,7 +45,8 @@ def diffusion_loss(unet: Callable, scheduler, latents: torch.Tensor, text_embedd
     else:
         raise ValueError(f"unsupported prediction_type {scheduler.config.prediction_type!r}")
     with autocast():
-        prediction = unet(noisy, timesteps, text_embeddings).sample
+        extra = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs else {}
+        prediction = unet(noisy, timesteps, text_embeddings, **extra).sample
     error = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if snr_gamma is not None:
         error = error * snr_weights(scheduler, timesteps, snr_gamma)

@@ -39,7 +39,7 @@ def clip_bpe_vocab() -> tuple[dict[str, int], list[str]]:
     return {t: i for i, t in enumerate(tokens)}, [" ".join(m) for m in merges]
 
 
-def write_clip_tokenizer(folder: str) -> None:
+def write_clip_tokenizer(folder: str, pad_token: str = "<|endoftext|>") -> None:
     """Write the hub's file layout (vocab.json, merges.txt, tokenizer_config.json) into `folder`."""
     vocab, merges = clip_bpe_vocab()
     os.makedirs(folder, exist_ok=True)
@@ -48,19 +48,25 @@ def write_clip_tokenizer(folder: str) -> None:
     with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
     config = {"model_max_length": MAX_LENGTH, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-              "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "do_lower_case": True}
+              "unk_token": "<|endoftext|>", "pad_token": pad_token, "do_lower_case": True}
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump(config, f)
 
 
-def clip_tokenizer() -> CLIPTokenizer:
-    """Stable Diffusion 1.x's CLIPTokenizer, built offline (pads with <|endoftext|>, 77 tokens)."""
+# SDXL's second tokenizer (tokenizer_2/, for the OpenCLIP bigG text encoder) is the same BPE
+# padding with "!" (id 0), as OpenCLIP pads with zeros.
+SDXL_PAD_TOKEN_2 = "!"
+
+
+def clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+    """Stable Diffusion 1.x's CLIPTokenizer, built offline (pads with <|endoftext|>, 77 tokens);
+    pad_token="!" gives SDXL's tokenizer_2."""
     # Through files rather than constructor arguments: the one loading path every
     # transformers version has (the constructor's arguments changed in 5.0).
     with tempfile.TemporaryDirectory() as folder:
-        write_clip_tokenizer(folder)
+        write_clip_tokenizer(folder, pad_token)
         return CLIPTokenizer.from_pretrained(folder)
 
 
-def has_tokenizer(folder: str) -> bool:
-    return os.path.isfile(os.path.join(folder, "tokenizer", "vocab.json"))
+def has_tokenizer(folder: str, subfolder: str = "tokenizer") -> bool:
+    return os.path.isfile(os.path.join(folder, subfolder, "vocab.json"))

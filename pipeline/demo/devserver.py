@@ -19,6 +19,8 @@ http://HOST/images/000001.jpg -> http://HOST/slow/2/images/000001.jpg.
     /redirect-to?url=URL         one redirect to URL
     /drop/NAME                   close without any response
     /big/NBYTES                  NBYTES of image/jpeg, streamed
+    /drip/SECONDS/NBYTES         headers at once, then the NBYTES body one byte every SECONDS
+    /drip-headers/SECONDS/NAME   the response (status line and headers too) one byte every SECONDS
 
 It binds only to loopback: it serves files and follows no authentication, so
 it must never be reachable from another machine.
@@ -115,6 +117,10 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
             elif route == "big":
                 self._big(self._parse_non_negative(args, int))
+            elif route == "drip":
+                self._drip(self._parse_non_negative(args, float), self._parse_non_negative(args[1:], int))
+            elif route == "drip-headers":
+                self._drip_headers(self._parse_non_negative(args, float), args[1:])
             else:
                 self._send_text(404, "not found")
         except _BadRequest as e:
@@ -183,6 +189,30 @@ class _Handler(BaseHTTPRequestHandler):
             chunk = memoryview(chunk)[: nbytes - sent]
             self.wfile.write(chunk)
             sent += len(chunk)
+
+    def _drip(self, interval: float, nbytes: int) -> None:
+        """A server that answers, then trickles: each byte arrives well within any read
+        timeout, so only a deadline on the whole fetch ends it."""
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(nbytes))
+        self.end_headers()
+        self._trickle(b"\xff" * nbytes, interval)
+
+    def _drip_headers(self, interval: float, name: list[str]) -> None:
+        data = self.server.dev._read(name) or b""
+        head = (f"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: {len(data)}\r\n\r\n").encode()
+        self._trickle(head + data, interval)
+        self.close_connection = True
+
+    def _trickle(self, data: bytes, interval: float) -> None:
+        try:
+            for i in range(len(data)):
+                self.wfile.write(data[i:i + 1])
+                self.wfile.flush()
+                time.sleep(interval)
+        except OSError:  # the client gave up: what a deadline is for
+            self.close_connection = True
 
     # -- helpers ------------------------------------------------------------
 

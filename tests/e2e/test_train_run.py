@@ -10,44 +10,25 @@ from __future__ import annotations
 import io
 import json
 import os
-import random
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import pytest
 import torch
 import webdataset as wds
-import yaml
 from PIL import Image
 
 from conftest import run_curate, write_config
 from curate.pipeline.cli import main as curate_main
 from curate.pipeline.errors import UserError
-from curate.pipeline.tarshard import TarShardWriter
 from curate.train.config import load_train_config
-from curate.train.data import DataError, shard_urls, training_stream
 from curate.pipeline.models.latents import encode, fit_crop, latent_from_bytes, scale_latents, to_pixels
 from curate.train.model import load_components
 from curate.train.objective import diffusion_loss
-from curate.train.tokenizer import clip_tokenizer
-
-RESOLUTION = 32  # the tiny VAE halves it: 16 x 16 latents
-STEPS = 20
-EVERY = 10
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model gains little from a second thread, and on a busy 2-core machine two
-    spinning OpenMP threads per process make a step ~15x slower (measured: 0.16 s vs 2.6 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from train_helpers import EVERY, RESOLUTION, STEPS, train_config, write_shard
+from train_helpers import one_torch_thread  # noqa: F401 (an autouse fixture)
 
 
 @pytest.fixture(scope="module")
@@ -66,22 +47,6 @@ def shards(dataset, tmp_path_factory):
     result = run_curate(["run", str(config), "--no-progress"], env, timeout=240)
     assert result.returncode == 0, result.stderr
     return tmp / "out"
-
-
-def train_config(path: Path, shards: Path, output: Path, **overrides) -> Path:
-    cfg = {
-        "data": {"shards": [str(shards)], "resolution": RESOLUTION, "workers": 2, "shuffle_buffer": 64},
-        "model": {"pretrained": "tiny"},
-        "training": {"steps": STEPS, "batch_size": 8, "lr": 1e-3, "log_every": 1, "seed": 3},
-        "checkpoints": {"every": EVERY, "keep": 3},
-        "validation": {"every": EVERY, "prompts": ["two red circles", "a blue square"], "steps": 2},
-        "output": {"path": str(output)},
-    }
-    for dotted, value in overrides.items():
-        section, key = dotted.split("__")
-        cfg[section][key] = value
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def run_train(*args: str) -> None:
@@ -123,17 +88,6 @@ def mean_loss(unet, parts, batch: dict) -> float:
     values = [diffusion_loss(unet, parts.noise_scheduler, latents, embeddings, torch.Generator().manual_seed(s)).item()
               for s in range(4)]
     return sum(values) / len(values)
-
-
-def test_offline_tokenizer_matches_open_clip():
-    ours, theirs = clip_tokenizer(), open_clip.get_tokenizer("ViT-L-14")
-    captions = ["two red circles on the left of a blue background", "A PHOTO of my dog's café, isn't it?!",
-                "numbers 1234 and ½ symbols & émojis 🐱", "日本語のキャプション", ""]
-    for caption in captions:
-        expected = theirs([caption])[0].tolist()
-        expected = expected[:expected.index(49407) + 1]  # open_clip pads with 0 after <|endoftext|>
-        assert ours(caption).input_ids == expected, caption
-    assert len(ours) == 49408 and ours.model_max_length == 77
 
 
 def test_shards_carry_latents_of_the_centre_crop(shards):
@@ -219,64 +173,6 @@ def test_cached_latents_train_like_encoding_on_the_fly(shards, tmp_path):
         assert loss == pytest.approx(runs["off"][step], rel=2e-3), step
 
 
-def write_shard(path: Path, samples: list[dict]) -> None:
-    rng = random.Random(0)
-    with TarShardWriter(path) as tar:
-        for s in samples:
-            w, h = s["size"]
-            image = Image.new("RGB", (w, h), tuple(rng.randrange(256) for _ in range(3)))
-            data = io.BytesIO()
-            image.save(data, format="JPEG")
-            meta = {"width": w, "height": h, **s.get("meta", {})}
-            tar.write(s["key"], {"jpg": b"not a jpeg" if s.get("corrupt") else data.getvalue(),
-                                 "txt": f"caption {s['key']}".encode(), "json": json.dumps(meta).encode()})
-
-
-def test_selection_buckets_and_bad_samples(tmp_path):
-    wide, tall = [64, 32], [32, 64]
-    specs = [
-        {"key": "keep_square", "size": (48, 40), "meta": {"clip_similarity": 0.40, "punsafe": 0.01}},
-        {"key": "keep_wide1", "size": (64, 32), "meta": {"clip_similarity": 0.35, "punsafe": 0.2, "bucket": wide}},
-        {"key": "keep_wide2", "size": (70, 36), "meta": {"clip_similarity": 0.50, "punsafe": 0.0, "bucket": wide}},
-        {"key": "keep_tall1", "size": (32, 64), "meta": {"clip_similarity": 0.31, "punsafe": 0.3, "bucket": tall}},
-        {"key": "keep_tall2", "size": (32, 64), "meta": {"clip_similarity": 0.90, "punsafe": 0.1, "bucket": tall}},
-        {"key": "drop_clip", "size": (64, 64), "meta": {"clip_similarity": 0.10, "punsafe": 0.0}},
-        {"key": "drop_unsafe", "size": (64, 64), "meta": {"clip_similarity": 0.90, "punsafe": 0.9}},
-        {"key": "drop_small", "size": (40, 20), "meta": {"clip_similarity": 0.90, "punsafe": 0.0}},
-        {"key": "broken", "size": (64, 64), "meta": {"clip_similarity": 0.90, "punsafe": 0.0}, "corrupt": True},
-    ]
-    write_shard(tmp_path / "00000.tar", specs)
-    cfg = load_train_config(train_config(
-        tmp_path / "t.yaml", tmp_path, tmp_path / "out", data__workers=0, data__min_clip_similarity=0.3,
-        data__max_punsafe=0.5, data__min_size=30, data__shuffle_buffer=4))
-    stream = iter(training_stream(cfg.data, shard_urls(cfg.data.shards), 2, seed=1, vae_fingerprint="none"))
-    seen, shapes = set(), {}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for _ in range(12):
-            batch = next(stream)
-            assert set(batch) == {"pixels", "captions", "keys"}, batch
-            seen.update(batch["keys"])
-            kinds = {k.rsplit("_", 1)[-1].rstrip("12") for k in batch["keys"]}
-            assert len(kinds) == 1, batch["keys"]  # one bucket per batch
-            shapes[kinds.pop()] = tuple(batch["pixels"].shape)
-    assert seen == {s["key"] for s in specs if s["key"].startswith("keep")}
-    assert shapes == {"square": (2, 3, 32, 32), "wide": (2, 3, 32, 64), "tall": (2, 3, 64, 32)}
-    assert any("broken" in str(w.message) or "cannot identify" in str(w.message) for w in caught)
-
-    # A rule on a field the shards lack is an error, not an empty stream.
-    cfg.data.max_punsafe = None
-    write_shard(tmp_path / "00000.tar", [{"key": "a", "size": (40, 40)}])
-    with pytest.raises(DataError, match="no clip_similarity") as info:
-        next(iter(training_stream(cfg.data, shard_urls(cfg.data.shards), 2, seed=1, vae_fingerprint="none")))
-    assert isinstance(info.value, UserError) and str(info.value).endswith("00000.tar: a)")
-
-    # So is a required cached latent that is not there.
-    cfg.data.min_clip_similarity, cfg.data.latents = None, "required"
-    with pytest.raises(DataError, match=r"data.latents is required but the cached latent of a \(.*\) does not fit: it has none"):
-        next(iter(training_stream(cfg.data, shard_urls(cfg.data.shards), 2, seed=1, vae_fingerprint="none")))
-
-
 def test_a_data_error_in_a_loader_worker_is_one_line(tmp_path, capsys):
     """The selection's error is raised inside a DataLoader worker process and reaches the user as
     the one line it was raised with (torch re-raises it with the worker's whole traceback)."""
@@ -324,37 +220,6 @@ def test_two_ranks_with_torchrun(shards, tmp_path):
     state = torch.load(tmp_path / "out" / "checkpoints" / f"step-{4:08d}.pt", weights_only=True)
     assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["generator"], state["rng"][1]["generator"])
     assert (tmp_path / "out" / "pipeline" / "model_index.json").is_file()
-
-
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_objective_targets_follow_ddpm(prediction_type):
-    """A predictor that knows x0 and answers exactly what DDPM asks for (ε, or v = √ᾱ·ε − √(1−ᾱ)·x0)
-    has zero loss, noise offset and Min-SNR weighting included; one that answers zeros does not."""
-    from diffusers import DDPMScheduler
-    from diffusers.training_utils import compute_snr
-
-    from curate.train.model import SD_SCHEDULE
-    from curate.train.objective import snr_weights
-
-    scheduler = DDPMScheduler(**SD_SCHEDULE, prediction_type=prediction_type)
-    x0, embeddings = torch.randn(6, 4, 8, 8), torch.zeros(6, 77, 32)
-    alpha_bar = scheduler.alphas_cumprod
-
-    def oracle(x_t, t, _):
-        a = alpha_bar[t].view(-1, 1, 1, 1)
-        eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
-        return type("Out", (), {"sample": eps if prediction_type == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x0})
-
-    def zeros(x_t, t, _):
-        return type("Out", (), {"sample": torch.zeros_like(x_t)})
-
-    options = dict(noise_offset=0.1, snr_gamma=5.0)
-    assert diffusion_loss(oracle, scheduler, x0, embeddings, torch.Generator().manual_seed(0), **options) < 1e-6
-    assert diffusion_loss(zeros, scheduler, x0, embeddings, torch.Generator().manual_seed(0), **options) > 0.05
-    t = torch.arange(0, 1000, 37)
-    snr = compute_snr(scheduler, t)  # diffusers' own SNR, as its training scripts weight with it
-    expected = torch.clamp(snr, max=5.0) / (snr + 1 if prediction_type == "v_prediction" else snr)
-    torch.testing.assert_close(snr_weights(scheduler, t, 5.0), expected.float())
 
 
 def test_caption_dropout_gives_the_empty_caption(shards, tmp_path):

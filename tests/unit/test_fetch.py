@@ -275,6 +275,28 @@ def test_redirect_to_unsupported_scheme_is_refused(srv, target):
     assert requests == 1
 
 
+def test_a_redirect_onto_a_blocked_url_is_refused(server):
+    """The URL blocklist judges the input URL before the fetch, and every redirect target during it."""
+    from urllib.parse import quote
+
+    from curate.filters.blocklist import UrlBlocklist
+    from curate.pipeline.config import DownloadConfig
+    from curate.pipeline.stages.download import redirect_check
+    from curate.pipeline.fetch import fetch
+
+    (server.root_dir / "images").mkdir(exist_ok=True)
+    (server.root_dir / "images" / "a.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    blocked = f"{server.base_url}/images/a.jpg"
+    via = f"{server.base_url}/redirect-to?url={quote(blocked, safe='')}"
+    rule = UrlBlocklist(prefixes=[blocked])
+    assert rule({"url": via}) is None  # the input URL itself is not on the list
+    cfg = DownloadConfig(allow_private_addresses=True, timeout=5)
+    assert fetch(via, cfg).ok  # without the check the redirect is followed
+    got = fetch(via, cfg, redirect_check([rule]))
+    assert not got.ok and got.reason == "unsafe: url_blocklist"
+    assert redirect_check([]) is None
+
+
 # --- size limits ---------------------------------------------------------------------
 
 

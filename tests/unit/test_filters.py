@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import pytest
 
-from curate.filters import FILTERS, Filter, FilterConfigError, Rejection, apply_chain, build_chain
+from curate.filters import FILTERS, Filter, FilterConfigError, Rejection, apply_chain, build_chain, build_stage_chain
 from curate.filters.caption import CaptionLength
 
 
@@ -246,6 +246,25 @@ def test_build_chain_bad_value_names_the_parameter():
     assert "filters.1.max_words: " in message
     assert "filters.1.min_chars: " in message
     assert "\n" not in message
+
+
+# --- order within a stage ----------------------------------------------------------------------
+
+
+def test_cleaning_then_safety_then_the_rest_whatever_the_yaml_order():
+    specs = [
+        {"name": "caption_length", "min_words": 2},
+        {"name": "caption_blocklist", "words": ["bad"]},
+        {"name": "caption_clean"},
+        {"name": "url_blocklist", "domains": ["blocked.example"]},
+    ]
+    chain = build_stage_chain(specs, "row")
+    assert [f.name for f in chain] == ["caption_clean", "caption_blocklist", "url_blocklist", "caption_length"]
+    # A one-word unsafe caption is rejected for safety, not for its length: its reason is what
+    # keeps it out of the report.
+    sample = {"key": "k", "url": "http://ok.example/a.jpg", "caption": "bad", "meta": {}}
+    rejections = [f(sample) for f in chain]
+    assert rejections[1].reason == "unsafe: caption_blocklist"
 
 
 # --- clip_similarity and declared score fields -----------------------------------------------

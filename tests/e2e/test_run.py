@@ -194,3 +194,22 @@ def test_keep_intermediate_keeps_download_shards(finished, tmp_path):
     final = rows(out)
     assert len(raw) == len(final) == 40
     assert set(final.loc[final["status"] == "ok", "key"]) <= set(raw.loc[raw["status"] == "ok", "key"])
+
+
+def test_extra_columns_of_any_type_survive_the_write_stage(dataset, tmp_path):
+    """Timestamps in an extra column used to become text on written rows only, and the shard's
+    parquet failed to write (mixed types in one column)."""
+    from curate.pipeline.config import load_config
+    from curate.pipeline.run import run
+
+    _, urls, _ = dataset
+    table = pd.read_parquet(urls).head(60)
+    table["seen"] = pd.Timestamp("2024-01-02") + pd.to_timedelta(range(len(table)), unit="h")
+    path = tmp_path / "urls.parquet"
+    table.to_parquet(path, index=False)
+    cfg = write_config(tmp_path / "cfg.yaml", path, tmp_path / "out", input={"extra_cols": ["truth", "seen"]},
+                       dask={"n_workers": 1}, filters=[{"name": "caption_length", "min_words": 1}])
+    stats = run(load_config(cfg), progress=False, log=lambda *a: None)
+    assert stats["written"] > 0 and stats["rejected"] > 0
+    rows = pq.read_table(tmp_path / "out" / "shards" / "00000.parquet").to_pandas()
+    assert len(rows) == 60 and rows["seen"].notna().all()

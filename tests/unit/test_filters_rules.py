@@ -1,6 +1,6 @@
 """The rule filters on data whose answer is known: caption cleaning, boilerplate and language,
 keyword and URL blocklists, LAION's columns, resolution limits (the output size and aspect
-buckets are pipeline/image.py's: tests/test_image.py)."""
+buckets are pipeline/image.py's: tests/unit/test_image.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 import pytest
 import yaml
 
+from conftest import REPO
 from curate.filters import FILTERS, FilterConfigError, build_chain
 from curate.filters.blocklist import CaptionBlocklist, UrlBlocklist, words_of
 from curate.pipeline.urls import normalize_host
@@ -206,6 +207,13 @@ def test_blocklist_entries_are_normalized_too():
     assert judge(f, row("die Strasse")) == "unsafe: caption_blocklist"
     assert judge(f, row("die STRASSE")) == "unsafe: caption_blocklist"
     assert f(row("die Straßenbahn")) is None
+
+
+def test_invisible_characters_and_entities_do_not_split_a_blocked_word():
+    f = CaptionBlocklist(words=["bad"])
+    for caption in ["b\u200bad photo", "b\u00adad photo", "b\u200dad", "b\u2063ad", "b\u034fad", "&#98;ad", "B&amp;AD"[:0] + "&#x62;AD"]:
+        assert f({"caption": caption}).reason == "unsafe: caption_blocklist", caption
+    assert f({"caption": "a badge"}) is None
 
 
 def test_blocklist_phrases_match_whole_words_in_a_row():
@@ -437,9 +445,7 @@ def test_resolution_runs_on_the_header_before_decoding():
 
 @pytest.mark.parametrize("name", ["demo.yaml", "laion-subset.yaml"])
 def test_shipped_configs_build_their_filter_chains(name):
-    from pathlib import Path
-
-    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / name)
+    cfg = load_config(REPO / "configs" / name)
     by_name = {f.name: f for f in build_chain(cfg.filter_specs())}
     assert "caption_clean" in by_name
     assert by_name["resolution"].min_side == 64 and by_name["resolution"].stage == "bytes"

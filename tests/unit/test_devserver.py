@@ -17,10 +17,10 @@ from urllib.parse import quote
 
 import pytest
 
+from conftest import REPO
 from curate.pipeline.demo.devserver import DevServer
 from curate.pipeline.demo.synthetic import photo_like_jpeg
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SECRET = b"top secret, outside the served root"
 
 
@@ -292,7 +292,7 @@ def test_stop_closes_the_port(root):
 
 def test_command_line_prints_the_base_url_and_exits_cleanly_on_ctrl_c(root, photo):
     command = [sys.executable, "-m", "curate.pipeline.demo.devserver", str(root), "--port", "0"]
-    with subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+    with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
         try:
             base_url = process.stdout.readline().decode().strip()
             assert base_url.startswith("http://127.0.0.1:")

@@ -22,8 +22,7 @@ from curate.pipeline.stages.score import _prefetched, score_shard
 from curate.pipeline.score_reader import ReaderError, ReaderPool, read_batches
 from curate.pipeline.shards import sample_key
 from curate.pipeline.tarshard import TarShardWriter
-from conftest import alive
-from test_score import _raw_shard
+from conftest import alive, raw_shard
 
 pytestmark = pytest.mark.skipif(not (TINY_CLIP_DIR / "open_clip_config.json").exists(), reason="tiny CLIP not built")
 
@@ -173,7 +172,7 @@ def _scored(download, shard_id, processes, out):
 def test_score_shard_gives_the_same_scores_with_reader_processes(tmp_path):
     download = tmp_path / "download"
     download.mkdir()
-    _raw_shard(download / "00000.tar", 37, seed=7, corrupt={4})
+    raw_shard(download / "00000.tar", 37, seed=7, corrupt={4})
     results = {processes: _scored(download, 0, processes, tmp_path / f"out{processes}") for processes in (0, 2)}
     (s0, e0, m0, i0, t0), (s2, e2, m2, i2, t2) = results[0], results[2]
     assert (s0, e0) == (s2, e2) == (36, 1)
@@ -190,8 +189,8 @@ def test_two_shards_at_once_share_the_reader_processes(tmp_path):
 
     download = tmp_path / "download"
     download.mkdir()
-    _raw_shard(download / "00000.tar", 37, seed=7, corrupt={4})
-    _raw_shard(download / "00001.tar", 29, seed=8)
+    raw_shard(download / "00000.tar", 37, seed=7, corrupt={4})
+    raw_shard(download / "00001.tar", 29, seed=8)
 
     alone = [_scored(download, i, 0, tmp_path / "alone") for i in (0, 1)]
     with ThreadPoolExecutor(SCORE_TASKS_PER_GPU) as pool:

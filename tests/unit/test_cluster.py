@@ -1,0 +1,68 @@
+"""The embedded Dask clusters curate starts (pipeline/cluster.py), without a run: the GPU
+layout and the environment each worker gets, and every listening socket on loopback. `curate run`
+on an existing cluster: tests/e2e/test_cluster_run.py."""
+
+from __future__ import annotations
+
+import pytest
+
+
+
+def test_gpu_cluster_layout_each_gpu_worker_sees_one_device_and_cpu_workers_none():
+    """The embedded cluster for a machine with GPUs, started here without one: the layout and
+    the environment each worker gets are what the GPU path relies on."""
+    import os
+
+    from distributed import Client
+
+    from curate.pipeline.cluster import SCORE_TASKS_PER_GPU, _local_cluster, gpu_resources
+    from curate.pipeline.config import DaskConfig
+
+    with _local_cluster(DaskConfig(n_workers=1), gpus=2) as cluster, Client(cluster) as client:
+        client.wait_for_workers(3, timeout=60)
+        seen = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
+        by_name = {info["name"]: seen[addr] for addr, info in client.scheduler_info()["workers"].items()}
+        assert by_name == {"cpu-0": "", "gpu-0": "0", "gpu-1": "1"}
+        assert gpu_resources(client) == {"GPU": 1}
+        # Each GPU worker runs SCORE_TASKS_PER_GPU score tasks at once; the CPU worker none.
+        infos = {info["name"]: info for info in client.scheduler_info()["workers"].values()}
+        for name in ("gpu-0", "gpu-1"):
+            assert infos[name]["nthreads"] == SCORE_TASKS_PER_GPU
+            assert infos[name]["resources"] == {"GPU": SCORE_TASKS_PER_GPU}
+        assert not infos["cpu-0"].get("resources")
+
+
+def _listening() -> set:
+    """(pid, ip, port) of every listening socket of this process and its descendants."""
+    import psutil
+
+    me = psutil.Process()
+    found = set()
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            found |= {(proc.pid, c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="inet")
+                      if c.status == psutil.CONN_LISTEN}
+        except psutil.Error:
+            continue
+    return found
+
+
+@pytest.mark.parametrize("gpus", [0, 2], ids=["cpu-layout", "gpu-layout"])
+def test_embedded_clusters_listen_on_loopback_only(gpus):
+    """A Dask scheduler or worker runs the code it is sent: the embedded cluster must not be
+    reachable from the network. Every socket the cluster opens for listening (scheduler,
+    nannies, workers, dashboards) is bound to 127.0.0.1."""
+    import ipaddress
+
+    from distributed import Client
+
+    from curate.pipeline.cluster import _local_cluster
+    from curate.pipeline.config import DaskConfig
+
+    before = _listening()  # what other tests of this session left open is not this cluster's
+    with _local_cluster(DaskConfig(n_workers=1), gpus=gpus) as cluster, Client(cluster) as client:
+        client.wait_for_workers(1 + gpus, timeout=60)
+        opened = _listening() - before
+        # scheduler + its dashboard, and per worker: nanny, worker, worker dashboard
+        assert len(opened) >= 2 + 3 * (1 + gpus), opened
+        assert all(ipaddress.ip_address(ip).is_loopback for _, ip, _ in opened), opened

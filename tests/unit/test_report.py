@@ -1,0 +1,233 @@
+"""The run report's parts on files written here: the thumbnails the write stage keeps for it
+(bounded, borderline first, never a safety rejection), thresholds and score columns read from the
+rejection columns, the page's escaping, and the one-line errors of `curate stats`, `curate inspect`
+and `curate report`. The report of a real run, in Chromium: tests/e2e/test_report_run.py."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from curate.pipeline.cli import main
+from curate.pipeline.report.page import (
+    CaptionExamples,
+    build_report,
+    choose_samples,
+    describe_samples,
+    fill_histograms,
+    plan_histograms,
+    rejection_thresholds,
+    score_columns,
+)
+from curate.pipeline.records import Rejection, records_table
+from curate.pipeline.report.samples import SCHEMA, ReportSamples, is_safety_reason
+
+
+# ------------------------------------------------------------------ the thumbnails kept for it
+
+def _jpeg(color, size=(200, 150)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _sample(i: int, score: float | None = None) -> dict:
+    meta = {"width": 200, "height": 150}
+    if score is not None:
+        meta["clip_similarity"] = score
+    return {"key": f"00000{i:05d}", "jpg": _jpeg((i % 256, 0, 0)), "caption": f"caption {i}", "meta": meta}
+
+
+def test_safety_rejected_samples_never_get_a_thumbnail(tmp_path):
+    collector = ReportSamples(0)
+    for i, reason in enumerate(["unsafe: test", "unsafe: nsfw", "unsafe: hash_blocklist", "unsafe:concept x"]):
+        collector.add_dropped(_sample(i), Rejection(reason, metric="punsafe", value=0.9, threshold=0.5))
+    collector.add_dropped(_sample(10), Rejection("caption_has_url"))
+    collector.add_kept(_sample(11))
+    assert {e["key"] for e in collector.entries()} == {"0000000010", "0000000011"}
+    path = tmp_path / "samples" / "00000.parquet"
+    assert collector.save(path) == 2
+    saved = pq.read_table(path).to_pylist()
+    assert sorted(s["key"] for s in saved) == ["0000000010", "0000000011"]
+    assert not any(is_safety_reason(s["reason"]) for s in saved)
+
+    # And the report skips such a row even if a samples file somehow holds one.
+    planted = dict(saved[0], key="0000000099", status="rejected", reason="unsafe: test")
+    pq.write_table(pa.Table.from_pylist(saved + [planted], schema=SCHEMA), tmp_path / "samples" / "00001.parquet")
+    kept, dropped = choose_samples(tmp_path / "samples")
+    shown = [s["key"] for s in kept] + [s["key"] for group in dropped.values() for s in group]
+    assert "0000000099" not in shown and "unsafe: test" not in dropped
+
+
+def test_collector_is_bounded_prefers_the_threshold_and_repeats(tmp_path):
+    def fill(shard_id):
+        c = ReportSamples(shard_id, kept=8, per_reason=5)
+        rng = np.random.default_rng(3)
+        for i in range(300):
+            c.add_kept(_sample(i))
+        for i, score in enumerate(rng.uniform(-0.2, 0.5, 200)):
+            c.add_dropped(_sample(1000 + i, float(score)), clip_rejection(float(score), 0.5))
+        for i in range(50):
+            c.add_dropped(_sample(2000 + i), Rejection("caption_has_url", filter="caption_url"))
+        return c, rng
+
+    c, _ = fill(4)
+    entries = c.entries()
+    kept = [e for e in entries if e["status"] == "ok"]
+    near = [e for e in entries if e["reason"] == "clip_similarity<0.5"]
+    other = [e for e in entries if e["reason"] == "caption_has_url"]
+    assert len(kept) == 8 and len(near) == 5 and len(other) == 5
+    scores = np.random.default_rng(3).uniform(-0.2, 0.5, 200)
+    assert sorted(e["distance"] for e in near) == pytest.approx(sorted(0.5 - scores)[:5])
+    assert all(e["distance"] is None for e in other)
+    # Random picks spread over the stream, not its first items; the same shard picks the same.
+    assert max(int(e["key"]) for e in kept) > 50
+    assert [e["key"] for e in fill(4)[0].entries()] == [e["key"] for e in entries]
+    assert [e["key"] for e in fill(5)[0].entries() if e["status"] == "ok"] != [e["key"] for e in kept]
+    assert c.save(tmp_path / "s.parquet") == 18
+
+
+def clip_rejection(score: float, threshold: float) -> Rejection:
+    return Rejection(f"clip_similarity<{threshold:g}", filter="clip_similarity", metric="clip_similarity",
+                     value=score, threshold=threshold)
+
+
+def test_thresholds_and_score_columns_come_from_the_rejection_columns(tmp_path):
+    """Which columns are scores and where their thresholds lie: the declared score fields and the
+    rows' reject_metric / reject_threshold, whatever the reasons say."""
+    rows = [
+        {"key": "0", "status": "ok", "clip_similarity": 0.4, "punsafe": 0.1, "latent_scaling_factor": 0.18},
+        {"key": "1", "status": "rejected", "reason": "any words at all", "clip_similarity": 0.1, "punsafe": 0.2,
+         **{f"reject_{k}": v for k, v in dict(filter="clip_similarity", metric="clip_similarity", value=0.1,
+                                              threshold=0.25).items()}},
+        {"key": "2", "status": "rejected", "reason": "unsafe: laion_punsafe>=0.5", "clip_similarity": None, "punsafe": 0.7,
+         **{f"reject_{k}": v for k, v in dict(filter="laion_columns", metric="punsafe", value=0.7, threshold=0.5).items()}},
+        {"key": "3", "status": "rejected", "reason": "resolution: side<64", "original_width": 30, "original_height": 90,
+         **{f"reject_{k}": v for k, v in dict(filter="resolution", metric="side", value=30.0, threshold=64.0).items()}},
+        {"key": "4", "status": "rejected", "reason": "clip_similarity<0.28 but not parsed", "bytes": 10,
+         **{f"reject_{k}": v for k, v in dict(filter="resolution", metric="bytes", value=10.0, threshold=100.0).items()}},
+    ]
+    (tmp_path / "shards").mkdir()
+    for i in range(2):  # the same thresholds in two shards count once
+        pq.write_table(records_table(rows, []), tmp_path / "shards" / f"0000{i}.parquet")
+    files = sorted((tmp_path / "shards").glob("*.parquet"))
+    found = rejection_thresholds(files)
+    assert found == {"clip_similarity": {0.25}, "punsafe": {0.5}, "side": {64.0}, "bytes": {100.0}}
+    stats = {"rows_in": 10, "written": 2, "score_fields": ["clip_similarity"]}
+    # Declared scores, and input columns a filter thresholded; not the record's own columns
+    # (bytes), nor undeclared floats (latent_scaling_factor).
+    columns = score_columns(stats, found, {c: (0.0, 1.0) for c in ("clip_similarity", "punsafe", "bytes",
+                                                                  "latent_scaling_factor", "original_width")})
+    assert columns == ["clip_similarity", "punsafe"]
+    charts = {c.key: c for c in plan_histograms(files, stats, {"filters": []})}
+    assert set(charts) == {"score:clip_similarity", "score:punsafe", "size", "aspect", "caption"}
+    assert charts["score:clip_similarity"].markers == [(0.25, "threshold 0.25")]
+    assert charts["score:punsafe"].markers == [(0.5, "threshold 0.5")]
+    for path in files:
+        fill_histograms(list(charts.values()), pq.read_table(path))
+    # "Dropped by this rule" is the row's reject_metric, not its reason's wording.
+    assert charts["score:clip_similarity"].counts["rule"].sum() == 2
+    assert charts["score:punsafe"].counts["rule"].sum() == 2 and charts["score:punsafe"].counts["other"].sum() == 2
+    assert charts["size"].counts["rule"].sum() == 2
+
+
+def test_borderline_is_the_distance_of_the_rejected_value_to_its_threshold():
+    c = ReportSamples(0, per_reason=2)
+    for i, score in enumerate([1.0, 4.9, 3.0, 4.5]):
+        c.add_dropped(dict(_sample(i), meta={"aesthetic_score": score}),
+                      Rejection("aesthetic_score<5", filter="aesthetic", metric="aesthetic_score", value=score, threshold=5))
+    for i, side in enumerate([100, 250, 30, 240]):
+        c.add_dropped(dict(_sample(10 + i), meta={"original_width": side, "original_height": 400}),
+                      Rejection("resolution: side<256", filter="resolution", metric="side", value=side, threshold=256))
+    # A rejection without a value is no threshold decision: a random pick, no distance.
+    c.add_dropped(_sample(20), Rejection("duplicate: url", filter="dedup"))
+    chosen = {r: [e["distance"] for e in c.entries() if e["reason"] == r]
+              for r in ("aesthetic_score<5", "resolution: side<256", "duplicate: url")}
+    assert chosen["aesthetic_score<5"] == pytest.approx([0.1, 0.5])
+    assert chosen["resolution: side<256"] == pytest.approx([6, 16])
+    assert chosen["duplicate: url"] == [None]
+
+
+def test_thumbnails_show_the_declared_scores():
+    c = ReportSamples(0, score_fields=["clip_similarity", "punsafe"])
+    c.add_kept(dict(_sample(0), meta={"clip_similarity": 0.3, "punsafe": 0.25, "latent_scaling_factor": 0.18, "width": 9}))
+    assert json.loads(c.entries()[0]["scores"]) == {"clip_similarity": 0.3, "punsafe": 0.25}
+
+
+# ------------------------------------------------------------------ the page
+
+def test_caption_examples_never_show_safety_rejections():
+    table = pa.table({"reason": ["unsafe: caption_blocklist", "caption_too_short: <2 words", None, "unsafe: caption_blocklist"],
+                      "caption": ["a blocked word", "hi", "a kept caption", "another blocked word"]})
+    examples = CaptionExamples({"unsafe: caption_blocklist", "caption_too_short: <2 words"})
+    examples.add(table)
+    assert examples.items() == {"caption_too_short: <2 words": ["hi"]}
+
+
+def test_report_is_escaped_and_works_without_samples(tmp_path):
+    out = tmp_path / "run"
+    (out / "shards").mkdir(parents=True)
+    (out / "config.yaml").write_text("input: {paths: [x]}\noutput: {path: run}\nfilters: []\n")
+    caption = "<script>alert(1)</script> a red circle"
+    table = pa.Table.from_pylist([
+        {"key": "0000000000", "status": "ok", "reason": None, "caption": caption, "original_width": 100, "original_height": 80},
+        {"key": "0000000001", "status": "rejected", "reason": "failed_to_download: HTTP 404", "caption": "x y", "original_width": None, "original_height": None},
+    ])
+    pq.write_table(table, out / "shards" / "00000.parquet")
+    (out / "stats.json").write_text(json.dumps({"rows_in": 2, "written": 1, "rejected": 1,
+                                                "rejected_by_reason": {"failed_to_download: HTTP 404": 1}}))
+    html = build_report(out).read_text()
+    assert "<script>alert(1)</script>" not in html
+    assert "No thumbnails were kept" in html
+
+
+# ------------------------------------------------------------------ the terminal side
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("curate: error: "), err
+    return err
+
+
+@pytest.mark.parametrize("command", ["stats", "report"])
+def test_run_folder_errors_are_one_line(command, tmp_path, capsys):
+    assert main([command, str(tmp_path / "nowhere")]) == 2
+    assert "no such folder" in _error_line(capsys)
+    (tmp_path / "file").write_text("x")
+    assert main([command, str(tmp_path / "file")]) == 2
+    assert "not a folder" in _error_line(capsys)
+    (tmp_path / "empty").mkdir()
+    assert main([command, str(tmp_path / "empty")]) == 2
+    assert "not a curate run" in _error_line(capsys)
+    (tmp_path / "empty" / "config.yaml").write_text("input: {}\n")
+    assert main([command, str(tmp_path / "empty")]) == 2
+    assert "has not finished" in _error_line(capsys)
+    (tmp_path / "empty" / "stats.json").write_text("{not json")
+    assert main([command, str(tmp_path / "empty")]) == 2
+    assert "not valid JSON" in _error_line(capsys)
+    assert not (tmp_path / "empty" / "report.html").exists()
+
+
+def test_inspect_errors_are_one_line(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "missing.tar")]) == 2
+    assert "no such file" in _error_line(capsys)
+    (tmp_path / "notes.tar").write_text("hello, I am not a tar file\n" * 40)
+    assert main(["inspect", str(tmp_path / "notes.tar")]) == 2
+    assert "not a tar file" in _error_line(capsys)
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "not a tar file" in _error_line(capsys)
+
+
+def test_describe_samples_of_an_empty_tar(tmp_path):
+    import tarfile
+
+    with tarfile.open(tmp_path / "empty.tar", "w"):
+        pass
+    assert describe_samples(tmp_path / "empty.tar").endswith("no samples")
