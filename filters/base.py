@@ -35,6 +35,7 @@ never shows the images of such rows.
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 from collections import Counter
 from typing import Any, ClassVar, Literal, Optional, Union
@@ -69,6 +70,10 @@ class Filter(BaseModel):
     # always rejected for safety, whatever the YAML order (its image then never reaches the
     # report, which shows samples dropped for other reasons); then the rest.
     priority: ClassVar[int] = OTHER
+    # The dataset-wide pass this filter needs before any shard is written (its decision depends
+    # on every shard: a top fraction, duplicates across shards), by its name in
+    # pipeline/passes.py; None for filters that judge each sample alone. See needs_dataset_pass.
+    dataset_pass: ClassVar[Optional[str]] = None
 
     _counts: Counter = PrivateAttr(default_factory=Counter)
     # "bytes" filters run in the download threads; the counts must not race.
@@ -88,6 +93,22 @@ class Filter(BaseModel):
         """The numeric score fields this filter writes into `sample["meta"]` (so into the
         json beside the image and the shard parquet): the report charts them."""
         return []
+
+    def needs_dataset_pass(self) -> bool:
+        """Whether this configured filter needs its `dataset_pass` (e.g. only a top_fraction does)."""
+        return self.dataset_pass is not None
+
+    def thresholds(self) -> list[tuple[str, float]]:
+        """(metric, threshold) of each threshold rule this filter applies, as its rejections
+        record them (`reject_metric`, `reject_threshold`): the report shows the kept samples
+        nearest each beside the dropped ones. `[("clip_similarity", 0.28)]`; none by default."""
+        return []
+
+    def measures(self, sample: dict[str, Any]) -> dict[str, float]:
+        """This sample's value of each metric of `thresholds()` that can be told from a written
+        sample (`caption`, `meta`): by default the metric's own field in `meta` (a score)."""
+        meta = sample.get("meta") or {}
+        return {metric: float(meta[metric]) for metric, _ in self.thresholds() if _is_number(meta.get(metric))}
 
     def check(self, context: dict[str, Any]) -> None:
         """Called when the config is read, before any work, with `clip` (the run's
@@ -123,6 +144,10 @@ class Filter(BaseModel):
     @property
     def counts(self) -> dict[str, int]:
         return dict(self._counts)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def apply_chain(chain: list[Filter], sample: dict[str, Any]) -> Optional[Rejection]:

@@ -39,6 +39,15 @@ class CaptionLength(Filter):
             return self.reject(f"caption_too_long: >{self.max_chars} chars", "chars", len(caption), self.max_chars)
         return True
 
+    def thresholds(self) -> list[tuple[str, float]]:
+        limits = [("words", self.min_words or None), ("words", self.max_words),
+                  ("chars", self.min_chars or None), ("chars", self.max_chars)]
+        return [(metric, float(t)) for metric, t in limits if t is not None]
+
+    def measures(self, sample) -> dict[str, float]:
+        caption = sample.get("caption") or ""
+        return {"words": float(len(caption.split())), "chars": float(len(caption))}
+
 
 # A tag starts with a letter, "/" or "!" right after "<", so "a < b > c" is left alone.
 _HTML_TAG = re.compile(r"<(?:[A-Za-z/!][^<>]*)>")
@@ -176,3 +185,6 @@ class CaptionLanguage(Filter):
 
     def score_fields(self) -> list[str]:
         return ["language_score"]
+
+    def thresholds(self) -> list[tuple[str, float]]:
+        return [("language_score", self.min_confidence)]

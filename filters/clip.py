@@ -20,6 +20,7 @@ class ClipSimilarity(Filter):
 
     name = "clip_similarity"
     needs_clip = True
+    dataset_pass = "clip_top_fraction"
     min_similarity: Optional[float] = Field(None, ge=-1, le=1)
     top_fraction: Optional[float] = Field(None, gt=0, le=1)
 
@@ -28,6 +29,9 @@ class ClipSimilarity(Filter):
         if (self.min_similarity is None) == (self.top_fraction is None):
             raise ValueError("give exactly one of min_similarity or top_fraction")
         return self
+
+    def needs_dataset_pass(self) -> bool:
+        return self.top_fraction is not None
 
     def keep(self, sample) -> Decision:
         if self.min_similarity is None:
@@ -38,3 +42,7 @@ class ClipSimilarity(Filter):
         if score < self.min_similarity:
             return self.reject(f"clip_similarity<{self.min_similarity:.4g}", "clip_similarity", score, self.min_similarity)
         return True
+
+    def thresholds(self) -> list[tuple[str, float]]:
+        # A top_fraction is a threshold once resolved (the write stage's chain has it as min_similarity).
+        return [] if self.min_similarity is None else [("clip_similarity", self.min_similarity)]

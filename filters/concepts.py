@@ -113,3 +113,6 @@ class ConceptFilter(Filter):
 
     def score_fields(self) -> list[str]:
         return [f"concept_{c.name}" for c in self.concepts]
+
+    def thresholds(self) -> list[tuple[str, float]]:
+        return [(f"concept_{c.name}", c.threshold) for c in self.concepts]

@@ -38,6 +38,7 @@ class Dedup(Filter):
     """
 
     name = "dedup"
+    dataset_pass = "dedup"
     stage = "sample"
 
     url: bool = True

@@ -105,6 +105,9 @@ class NsfwHead(_EmbeddingHead):
     def score_fields(self) -> list[str]:
         return ["punsafe"]
 
+    def thresholds(self) -> list[tuple[str, float]]:
+        return [("punsafe", self.threshold)]
+
 
 class AestheticHead(_EmbeddingHead):
     """The LAION aesthetic predictor's rating (about 1–10), written as `aesthetic_score`;
@@ -127,3 +130,6 @@ class AestheticHead(_EmbeddingHead):
 
     def score_fields(self) -> list[str]:
         return ["aesthetic_score"]
+
+    def thresholds(self) -> list[tuple[str, float]]:
+        return [] if self.min_score is None else [("aesthetic_score", self.min_score)]

@@ -60,6 +60,10 @@ class LaionColumns(Filter):
             columns.append("pwatermark")
         return columns
 
+    def thresholds(self) -> list[tuple[str, float]]:
+        limits = [("punsafe", self.punsafe_threshold), ("pwatermark", self.pwatermark_threshold)]
+        return [(metric, t) for metric, t in limits if t is not None]
+
     def _missing(self, column: str) -> None:
         with self._lock:
             self._counts[f"unchecked: no {column}"] += 1

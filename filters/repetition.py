@@ -44,3 +44,10 @@ class CaptionRepetition(Filter):
             return self.reject(f"caption_repetition>{self.max_word_fraction:g}", "repeated_word_fraction",
                                round(fraction, 4), self.max_word_fraction)
         return True
+
+    def thresholds(self) -> list[tuple[str, float]]:
+        return [("repeated_word_fraction", self.max_word_fraction)]
+
+    def measures(self, sample) -> dict[str, float]:
+        fraction, words = repeated_word_fraction(sample.get("caption") or "")
+        return {"repeated_word_fraction": round(fraction, 4)} if words >= self.min_words else {}

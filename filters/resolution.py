@@ -51,5 +51,22 @@ class Resolution(Filter):
             return self._drop(f"resolution: bytes<{self.min_bytes}", "bytes", nbytes, self.min_bytes, f"{nbytes} bytes")
         return True
 
+    def thresholds(self) -> list[tuple[str, float]]:
+        limits = [("side", self.min_side or None), ("area", self.min_area or None), ("area", self.max_area),
+                  ("aspect", self.max_aspect_ratio), ("bytes", self.min_bytes or None)]
+        return [(metric, float(t)) for metric, t in limits if t is not None]
+
+    def measures(self, sample) -> dict[str, float]:
+        """From a written sample's json: its original size (the header's) and bytes as fetched."""
+        meta = sample.get("meta") or {}
+        width, height = meta.get("original_width"), meta.get("original_height")
+        values = {}
+        if width and height:
+            side = min(width, height)
+            values.update(side=float(side), area=float(width * height), aspect=max(width, height) / side)
+        if meta.get("bytes") is not None:
+            values["bytes"] = float(meta["bytes"])
+        return values
+
     def _drop(self, reason: str, metric: str, value: float, threshold: float, detail: str) -> Rejection:
         return dataclasses.replace(self.reject(reason, metric, value, threshold), detail=detail)

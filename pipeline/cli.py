@@ -79,6 +79,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from curate.train.eval.run import main_from_args
+
+    return main_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="curate", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -113,6 +119,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="stop after step N with a checkpoint (a time-limited job); rerun to resume")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="generate with a trained model and measure it: FID, KID, FD in CLIP space, "
+                                           "IS, CLIP score, images/s per scheduler and step count (train/eval/)")
+    evaluate.add_argument("config", nargs="?", help="YAML eval config (see configs/eval-*.yaml); or none: the options below")
+    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a config value, e.g. --set generation.batch_size=16")
+    evaluate.add_argument("--model", help="a StableDiffusionPipeline folder (curate train's OUTPUT/pipeline), hub id or tiny")
+    evaluate.add_argument("--prompts", help="a .txt / .jsonl file of prompts, or held-out shards (their captions)")
+    evaluate.add_argument("--reference", help="real images: shards (a curate run output) or a folder of image files")
+    evaluate.add_argument("--schedulers", metavar="NAME:STEPS,...", help="e.g. ddpm:1000,ddim:50,pndm:50,dpm++:20")
+    evaluate.add_argument("--output", help="where eval.json, eval.html, the grids and images go")
+    evaluate.add_argument("--overwrite", action="store_true", help="delete the output folder and start over")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
+    evaluate.set_defaults(func=cmd_eval)
     return parser
 
 

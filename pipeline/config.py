@@ -137,6 +137,11 @@ class DaskConfig(Section):
     n_workers: Optional[int] = Field(None, ge=1)
     threads_per_worker: int = Field(1, ge=1)
     memory_limit: str = "auto"
+    # Times Dask reruns a failed shard task (a worker lost, a passing fault) before the shard
+    # is recorded as failed; the run goes on with the other shards either way.
+    retries: int = Field(2, ge=0)
+    # Every task in this process, one after the other, no cluster: for debugging.
+    in_process: bool = False
 
 
 class FilterSpec(Section):

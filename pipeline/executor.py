@@ -1,79 +1,187 @@
-"""Where shard tasks run: on a Dask cluster (one task per shard and step), or one after the
-other in this process (tests, debugging). The stages never know which.
+"""Where a plan's tasks run: on a Dask cluster, or one after the other in this process
+(tests, debugging: `dask.in_process: true`). The stages never know which.
 
-Both answer `map(step, fn, arg_tuples)`: fn(*args) for each tuple, results in order; a
-task that fails fails the call with its step and index named. `DaskExecutor` also lets
-`curate run` submit tasks one by one (a stage's task takes the upstream task's future as
-an argument, so Dask orders them) and collect them as they finish.
+Both executors offer two calls:
+
+- `run_chains(phase, chains)`: for each shard a chain of tasks (download → score → write,
+  or a part of it), each task ordered after the one before it. At most `bound` shards are
+  in flight at once; more are started as shards finish, so the driver holds a bounded
+  number of tasks whatever the number of shards. A shard whose chain fails (after Dask's
+  retries) comes back as a failure naming its step and error; the run goes on. A full disk
+  (OSError) or a UserError still stops the run: no other shard would fare better.
+- `map(step, fn, arg_tuples)`: fn(*args) for each tuple, results in order, for the
+  dataset-wide passes (their tasks are few and small); any failure fails the call.
 """
 
 from __future__ import annotations
 
 import uuid
-from typing import Any, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from curate.pipeline.errors import UserError
 
 
+class Upstream:
+    """Stands, in a task's arguments, for the result of the task before it in its chain."""
+
+
+UPSTREAM = Upstream()
+
+
+@dataclass
+class Task:
+    step: str                      # "download", "score", "write": names the task and its progress
+    fn: Callable
+    args: tuple                    # UPSTREAM where the previous task's result goes
+    options: dict = field(default_factory=dict)  # Dask submit options, e.g. resources={"GPU": 1}
+
+
+@dataclass
+class ShardOutcome:
+    shard: int
+    results: dict[str, Any]        # step → result, for the steps that finished
+    failed_step: Optional[str] = None
+    error: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.failed_step is None
+
+
+def _fatal(exc: BaseException) -> bool:
+    """Errors that stop the whole run: the user's to fix (a full disk, a bad config)."""
+    return isinstance(exc, (UserError, OSError))
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
 def _failed(step: str, index: int, exc: Exception) -> Exception:
-    """The error a failed task becomes: a user's problem (a full disk: UserError, OSError)
-    passes as it is; anything else names the task."""
-    if isinstance(exc, (UserError, OSError)):
+    if _fatal(exc):
         return exc
-    return RuntimeError(f"{step} of shard {index:05d} failed: {type(exc).__name__}: {exc}")
+    return RuntimeError(f"{step} {index} failed: {_describe(exc)}")
 
 
-def run_serially(step: str, fn: Callable, arg_tuples: Iterable[tuple]) -> list:
-    """`map` in this process, one task after the other."""
-    results = []
-    for index, args in enumerate(arg_tuples):
-        try:
-            results.append(fn(*args))
-        except Exception as exc:
-            failure = _failed(step, index, exc)
-            if failure is exc:
-                raise
-            raise failure from exc
-    return results
+class InProcessExecutor:
+    """Every task in this process, in order: no cluster, plain tracebacks in a debugger."""
 
+    bound = 1
 
-class DaskExecutor:
-    def __init__(self, client):
-        self.client = client
-        self.token = uuid.uuid4().hex[:8]  # task keys unique per run, so runs can share a cluster
-        self.submitted: list = []
+    def run_chains(self, phase: str, chains: Iterable[tuple[int, list[Task]]]) -> Iterator[ShardOutcome]:
+        for shard, tasks in chains:
+            outcome, previous = ShardOutcome(shard, {}), None
+            for task in tasks:
+                try:
+                    previous = task.fn(*[previous if a is UPSTREAM else a for a in task.args])
+                except Exception as exc:
+                    if _fatal(exc):
+                        raise
+                    outcome.failed_step, outcome.error = task.step, _describe(exc)
+                    break
+                outcome.results[task.step] = previous
+            yield outcome
 
-    def submit(self, step: str, index: int, fn: Callable, *args, **options):
-        """One task (Dask `options` such as resources={"GPU": 1}); its key names step and index.
-        It stays in `submitted` (what `cancel()` cancels) until it is collected by `map`."""
-        future = self.client.submit(fn, *args, key=f"{step}-{self.token}-{index}", **options)
-        self.submitted.append(future)
-        return future
-
-    def finished(self, futures: list) -> Iterator[tuple[str, int, Any]]:
-        """(step, index, result) of each future as it finishes; a failed task raises, named."""
-        from distributed import as_completed
-
-        for future in as_completed(futures):
-            step, _, index = future.key.partition(f"-{self.token}-")
+    def map(self, step: str, fn: Callable, arg_tuples: Iterable[tuple]) -> list:
+        results = []
+        for index, args in enumerate(arg_tuples):
             try:
-                result = future.result()
+                results.append(fn(*args))
             except Exception as exc:
-                failure = _failed(step, int(index), exc)
+                failure = _failed(step, index, exc)
                 if failure is exc:
                     raise
                 raise failure from exc
-            yield step, int(index), result
+        return results
+
+
+def run_serially(step: str, fn: Callable, arg_tuples: Iterable[tuple]) -> list:
+    """`map` in this process (what a dataset-wide pass runs on without a cluster)."""
+    return InProcessExecutor().map(step, fn, arg_tuples)
+
+
+# Shards in flight per task slot of the cluster: enough that a slot never waits for the driver
+# to submit the next shard, few enough that the driver and the scheduler hold a bounded graph.
+SHARDS_PER_SLOT = 2
+
+
+class DaskExecutor:
+    def __init__(self, client, retries: int = 2, shards_per_slot: int = SHARDS_PER_SLOT):
+        self.client = client
+        self.retries = retries
+        self.shards_per_slot = shards_per_slot
+        self.token = uuid.uuid4().hex[:8]  # task keys unique per run, so runs can share a cluster
+        self.peak_in_flight = 0  # the most shards in flight at once, over the run (reported in stats)
+
+    @property
+    def bound(self) -> int:
+        """Shards in flight at most: a small multiple of the cluster's task slots, asked anew
+        each time, so it follows workers joining or leaving."""
+        workers = self.client.scheduler_info(n_workers=-1).get("workers", {}).values()
+        slots = sum(w.get("nthreads", 1) for w in workers)
+        return max(2, self.shards_per_slot * max(1, slots))
+
+    def run_chains(self, phase: str, chains: Iterable[tuple[int, list[Task]]]) -> Iterator[ShardOutcome]:
+        from distributed import as_completed
+
+        source = iter(chains)
+        in_flight: dict[str, tuple[int, list]] = {}  # key of the chain's last task → (shard, futures)
+        done = as_completed()
+        try:
+            def fill() -> None:
+                bound = self.bound
+                while len(in_flight) < bound:
+                    item = next(source, None)
+                    if item is None:
+                        return
+                    shard, tasks = item
+                    futures, previous = [], None
+                    for task in tasks:
+                        args = [previous if a is UPSTREAM else a for a in task.args]
+                        previous = self.client.submit(task.fn, *args, key=f"{task.step}-{self.token}-{shard}",
+                                                      retries=self.retries, **task.options)
+                        futures.append((task.step, previous))
+                    in_flight[previous.key] = (shard, futures)
+                    done.add(previous)
+                    self.peak_in_flight = max(self.peak_in_flight, len(in_flight))
+
+            fill()
+            for last in done:
+                shard, futures = in_flight.pop(last.key)
+                yield self._outcome(shard, futures)
+                fill()
+        finally:
+            self.client.cancel([f for _, futures in in_flight.values() for _, f in futures])
+
+    def _outcome(self, shard: int, futures: list) -> ShardOutcome:
+        outcome = ShardOutcome(shard, {})
+        for step, future in futures:
+            if future.status == "error":
+                exc = future.exception()
+                if _fatal(exc):
+                    raise exc
+                outcome.failed_step, outcome.error = step, _describe(exc)
+                return outcome
+            outcome.results[step] = future.result()
+        return outcome
 
     def map(self, step: str, fn: Callable, arg_tuples: Iterable[tuple]) -> list:
-        futures = [self.submit(step, i, fn, *args) for i, args in enumerate(arg_tuples)]
-        try:
-            results = {index: result for _, index, result in self.finished(futures)}
-            return [results[i] for i in range(len(futures))]
-        finally:
-            self.cancel(futures)
-            done = {f.key for f in futures}
-            self.submitted = [f for f in self.submitted if f.key not in done]
+        from distributed import as_completed
 
-    def cancel(self, futures: list | None = None) -> None:
-        self.client.cancel(self.submitted if futures is None else futures)
+        futures = [self.client.submit(fn, *args, key=f"{step}-{self.token}-{i}", retries=self.retries)
+                   for i, args in enumerate(arg_tuples)]
+        index = {f.key: i for i, f in enumerate(futures)}
+        try:
+            for future in as_completed(futures):
+                try:
+                    future.result()
+                except Exception as exc:
+                    failure = _failed(step, index[future.key], exc)
+                    if failure is exc:
+                        raise
+                    raise failure from exc
+            return [f.result() for f in futures]
+        finally:
+            self.client.cancel(futures)
+

@@ -43,6 +43,7 @@ FETCH = "download"
 class FetchResult:
     data: Optional[bytes]
     rejection: Optional[Rejection] = None  # None on success
+    http_status: Optional[int] = None  # a failure's HTTP status, where the server answered (404, 503)
 
     @property
     def ok(self) -> bool:
@@ -66,10 +67,12 @@ class FetchError(Exception):
     (`retryable`: a timeout, a dropped connection, a 5xx may pass next time; a 4xx, an
     invalid URL, a blocked address or an opt-out will not). Every raise decides it."""
 
-    def __init__(self, reason: str, detail: str = "", *, retryable: bool, filter: str = FETCH):
+    def __init__(self, reason: str, detail: str = "", *, retryable: bool, filter: str = FETCH,
+                 http_status: Optional[int] = None):
         super().__init__(reason)
         self.rejection = Rejection(reason, filter=filter, detail=detail or reason)
         self.retryable = retryable
+        self.http_status = http_status  # the answer's status, as a number for the report
 
 
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
@@ -315,7 +318,7 @@ def _exchange(conn: http.client.HTTPConnection, target: str, url: str, cfg: Down
         location = resp.getheader("Location")
         if not location:
             raise FetchError("failed_to_download: redirect without location", f"HTTP {resp.status}",
-                             retryable=False)
+                             retryable=False, http_status=resp.status)
         try:
             url = _quote_unsafe(urljoin(url, location))
         except ValueError as exc:
@@ -327,7 +330,7 @@ def _exchange(conn: http.client.HTTPConnection, target: str, url: str, cfg: Down
     if resp.status != 200:
         # A 4xx is the server's answer about this URL; a 5xx (or an odd 1xx/2xx/3xx) may pass next time.
         raise FetchError(f"failed_to_download: HTTP {resp.status}", f"HTTP {resp.status} {resp.reason}",
-                         retryable=not 400 <= resp.status < 500)
+                         retryable=not 400 <= resp.status < 500, http_status=resp.status)
     directive = robots_disallowed(resp.msg, cfg)
     if directive:
         raise FetchError("disallowed_by_x_robots_tag", f"X-Robots-Tag: {directive}", retryable=False)
@@ -372,7 +375,7 @@ def fetch(url: Optional[str], cfg: DownloadConfig, check_url: Optional[Callable[
         try:
             return FetchResult(fetch_once(url, cfg, check_url))
         except FetchError as exc:
-            result = FetchResult(None, exc.rejection)
+            result = FetchResult(None, exc.rejection, exc.http_status)
             if not exc.retryable:
                 return result
         except http.client.IncompleteRead as exc:

@@ -13,7 +13,8 @@ spread over the stages.
     shards/NNNNN.done.json the shard's stats, written last
     stats.json             the run's totals: rows in = written + rejected, per reason
     report.html            the run report (pipeline/report/page.py)
-    report/samples/        its thumbnails, chosen by the write stage (pipeline/report/samples.py)
+    report/samples/        its thumbnails (pipeline/report/samples.py): NNNNN.parquet chosen by the write stage,
+                           NNNNN.download.parquet by the download stage (images it dropped)
 """
 
 from __future__ import annotations
@@ -61,3 +62,7 @@ class RunLayout:
 
     def report_samples_file(self, shard_id: int) -> Path:
         return self.report_samples / f"{shard_name(shard_id)}.parquet"
+
+    def report_download_samples_file(self, shard_id: int) -> Path:
+        """Thumbnails of the images the download stage dropped after fetching them."""
+        return self.report_samples / f"{shard_name(shard_id)}.download.parquet"

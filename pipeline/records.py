@@ -69,15 +69,16 @@ REJECTION_COLUMNS = ["reject_filter", "reject_metric", "reject_value", "reject_t
 
 # Columns every stage's parquet carries, before the input's extra columns.
 RECORD_COLUMNS = [
-    "key", "url", "caption", "status", "reason", "error_message", *REJECTION_COLUMNS,
+    "key", "url", "caption", "status", "reason", "error_message", "http_status", *REJECTION_COLUMNS,
     "width", "height", "original_width", "original_height", "sha256", "bytes",
 ]
 
 # Record fields that say what happened to the row, not what the sample is: not part of the
 # json stored beside an image.
-_OUTCOME = {"status", "reason", "error_message", *REJECTION_COLUMNS}
+_OUTCOME = {"status", "reason", "error_message", "http_status", *REJECTION_COLUMNS}
 
 _TYPES = {
+    "http_status": pa.int64(),  # the status of a failed fetch's HTTP answer (404, 503, ...); null without one
     "reject_filter": pa.string(), "reject_metric": pa.string(),
     "reject_value": pa.float64(), "reject_threshold": pa.float64(),
 }

@@ -39,7 +39,10 @@ def labelled_grid(images: list[Image.Image], prompts: list[str], columns: int = 
         factor = math.ceil(LABEL_MIN_WIDTH / w)
         w, h = w * factor, h * factor
         images = [image.resize((w, h), Image.NEAREST) for image in images]
-    font = ImageFont.load_default()
+    try:
+        font = ImageFont.load_default(size=max(11, w // 28))  # scales with the tile (FreeType, Pillow >= 10.1)
+    except TypeError:  # an older Pillow: its one bitmap size
+        font = ImageFont.load_default()
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line_height = probe.textbbox((0, 0), "Ag", font=font)[3] + 3
     chars = max(8, int(w / max(1.0, probe.textlength("abcdefghij", font=font) / 10)) - 1)

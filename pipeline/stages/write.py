@@ -20,29 +20,30 @@ from curate.pipeline.embeddings import read_embeddings, read_scores
 from curate.pipeline.layout import RunLayout
 from curate.pipeline.records import CLIP_SIMILARITY, Rejection, records_table, sample_meta
 from curate.pipeline.report.samples import ReportSamples
-from curate.pipeline.shards import atomic_path, remove_shard, run_once, shard_name
+from curate.pipeline.shards import atomic_path, read_marker, remove_shard, run_once, shard_name
 from curate.pipeline.tarshard import TarShardWriter, iter_tar_samples
 
 
-def write_shard(shard_id: int, upstream: dict, root: str, cfg: RunConfig, filter_specs: list[dict]) -> dict:
+def write_shard(shard_id: int, root: str, cfg: RunConfig, filter_specs: list[dict], *after) -> dict:
     """Filter and write one final shard. Returns its stats; a done shard is not redone.
 
-    `upstream` holds this shard's earlier results ({"download": stats, "score": stats or
-    None}); taking them as an argument is also what makes Dask run this task after those.
-    `filter_specs` is the config's filter chain with any dataset-wide value (a CLIP
-    top_fraction) already resolved to a threshold.
+    The download (and score) stage's stats are read from their done-markers. `after` are the
+    results (Dask futures) of this shard's earlier tasks: passing them is what makes Dask run
+    this task after those; their values are not used. `filter_specs` is the config's filter
+    chain with any dataset-wide value (a CLIP top_fraction) already resolved.
     """
     layout = RunLayout(root)
-    stats = run_once(layout.shards, shard_id, lambda: _write(shard_id, upstream, layout, cfg, filter_specs))
+    stats = run_once(layout.shards, shard_id, lambda: _write(shard_id, layout, cfg, filter_specs))
     if not cfg.output.keep_intermediate:
         remove_shard(layout.download, shard_id)
     return stats
 
 
-def _write(shard_id: int, upstream: dict, layout: RunLayout, cfg: RunConfig, filter_specs: list[dict]) -> dict:
+def _write(shard_id: int, layout: RunLayout, cfg: RunConfig, filter_specs: list[dict]) -> dict:
     started = time.time()
     download_dir, out_dir = layout.download, layout.shards
-    downloaded, scored = upstream["download"], upstream.get("score")
+    downloaded = read_marker(download_dir, shard_id)
+    scored = read_marker(layout.score, shard_id) if cfg.clip.enabled else None
     name = shard_name(shard_id)
 
     records = pq.read_table(download_dir / f"{name}.parquet").to_pylist()

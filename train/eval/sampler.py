@@ -67,7 +67,9 @@ class Sampler:
 
         unet, vae, text_encoder = parts.unet, parts.vae, parts.text_encoder
         for module in (unet, vae, text_encoder):
-            module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+            module.to(device).eval().requires_grad_(False)
+            # .half() and friends rather than .to(dtype): diffusers' .to(dtype) warns about it
+            {torch.float32: module.float, torch.float16: module.half, torch.bfloat16: module.bfloat16}[dtype]()
         unet.set_attn_processor(AttnProcessor2_0())  # SDPA: torch's fused attention kernels
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

@@ -1,0 +1,55 @@
+"""What `curate run` does, declared as data: the per-shard tasks and the dataset-wide passes.
+
+    prepare (per shard)   download ─► score (if clip.enabled; on GPU workers when there are any)
+    passes                 those the configured filters declare (pipeline/passes.py), in chain order
+    write (per shard)      write (sample filters, final tar + parquet)
+
+Without a pass, prepare and write run as one chain per shard, so shards pipeline through the
+stages (downloading one overlaps scoring another). With a pass, every shard is prepared
+first, then the passes run, then the writes. An executor (pipeline/executor.py) runs the
+chains; pipeline/run.py drives them. The plan holds no per-shard state: tasks are made as
+they are submitted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from curate.filters import build_chain
+from curate.pipeline.config import RunConfig
+from curate.pipeline.executor import UPSTREAM, Task
+from curate.pipeline.layout import RunLayout
+from curate.pipeline.stages.download import download_shard
+from curate.pipeline.stages.score import score_shard
+from curate.pipeline.stages.write import write_shard
+
+
+@dataclass
+class Plan:
+    cfg: RunConfig
+    layout: RunLayout
+    n_shards: int
+    gpu_options: dict  # Dask options of GPU tasks, e.g. {"resources": {"GPU": 1}}, or {}
+
+    @property
+    def passes(self) -> list[tuple[int, str]]:
+        """(index in the filter chain, pass name) of the dataset-wide passes the filters need."""
+        return [(i, f.dataset_pass) for i, f in enumerate(build_chain(self.cfg.filter_specs()))
+                if f.needs_dataset_pass()]
+
+    @property
+    def steps(self) -> list[str]:
+        return ["download"] + (["score"] if self.cfg.clip.enabled else []) + ["write"]
+
+    def prepare_tasks(self, shard: int) -> list[Task]:
+        layout, cfg = self.layout, self.cfg
+        tasks = [Task("download", download_shard, (str(layout.input_shard(shard)), shard, str(layout.download), cfg))]
+        if cfg.clip.enabled:
+            tasks.append(Task("score", score_shard, (shard, UPSTREAM, str(layout.download), str(layout.embeddings),
+                                                     str(layout.score), cfg.clip), self.gpu_options))
+        return tasks
+
+    def write_tasks(self, shard: int, specs: list[dict], after_prepare: bool) -> list[Task]:
+        """The write task; chained after the prepare tasks when they run in the same chain."""
+        args = (shard, str(self.layout.root), self.cfg, specs) + ((UPSTREAM,) if after_prepare else ())
+        return [Task("write", write_shard, args)]
