@@ -12,7 +12,8 @@ $(STAMP): pyproject.toml
 	# This exact torch pair is on the local disk of these machines (see shared/GUIDE.md §4):
 	# asking for it first keeps the install offline and avoids a multi-GB download.
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[dev]'
+	# Everything: the train extra (curate train / eval, the vae_latents filter) too.
+	$(BIN)/pip install -q -e '.[dev,train]'
 	touch $(STAMP)
 
 venv: $(STAMP)

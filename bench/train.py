@@ -1,41 +1,65 @@
-"""Training throughput: curate's loop against a diffusers train_text_to_image-style loop, same run.
+"""Training throughput: curate's loop against diffusers' example training loops, same run.
 
-Model: Stable Diffusion 1.5's shapes with random weights (speed does not depend on them):
-UNet2DConditionModel (860M), AutoencoderKL (84M), CLIP ViT-L/14 text encoder (123M), written
-once as a diffusers folder into bench-work/train/ and loaded from there by both loops.
+Three kinds of rows, each beside its baseline measured in the same invocation:
+
+- **full** fine-tuning of Stable Diffusion 1.5 (`--sizes`, default 256 px batch 64 and 512 px
+  batch 32) against the core of diffusers' examples/text_to_image/train_text_to_image.py;
+- **LoRA** on Stable Diffusion 1.5 (`--lora-sizes`, e.g. 512:32; rank `--rank`, 64) against
+  train_text_to_image_lora.py;
+- **SDXL** (`--sdxl-sizes`, e.g. 1024:4), full fine-tuning against train_text_to_image_sdxl.py
+  and LoRA against train_text_to_image_lora_sdxl.py (`--sdxl-methods full,lora`).
+
+Models: the published shapes with random weights (speed does not depend on them), written
+once as diffusers folders into bench-work/train/ and loaded from there by every loop.
+SD 1.5: UNet2DConditionModel (860M), AutoencoderKL (84M), CLIP ViT-L/14 text encoder (123M).
+SDXL: UNet (2.6B), the same VAE shape, CLIP ViT-L/14 + OpenCLIP bigG/14 text encoders (818M).
 
 Data: photo-like JPEGs (pipeline.synthetic), square at each training size as a
 `resize: center_crop` curate run writes them, with synthetic captions, in real tar shards
 made once into bench-work/train/; a second copy of the shards carries VAE latents made by
 curate's own `vae_latents` filter (the latent cache of `curate run`).
 
-For each size (256 px batch 64, 512 px batch 32 by default):
+Baselines (what diffusers' scripts do per step, without accelerate):
+- SD 1.5 full: `webdataset.WebDataset(shards, resampled=True).shuffle(1000).decode("pil")`, the
+  script's torchvision transforms (Resize bilinear, CenterCrop, ToTensor, Normalize) and tokenizer
+  in DataLoader workers; VAE and text encoder in bf16 (`weight_dtype`), UNet fp32 under bf16
+  autocast (accelerate's mixed_precision="bf16"), online VAE encode (`latent_dist.sample()`),
+  torch.optim.AdamW (foreach, not fused), grad-norm clipping, `loss.item()` every step.
+- SD 1.5 LoRA: the same data and step; the UNet frozen in bf16, peft LoRA (gaussian init,
+  to_k/to_q/to_v/to_out.0, alpha = rank) added after the cast, so its weights are bf16 too, AdamW
+  over the adapter only.
+- SDXL full: the script's precomputation (datasets.map: both text encoders' prompt embeddings and
+  VAE latents of every image, before training, untimed; the text encoders then deleted), then per
+  step: the precomputed batch to the GPU, add_time_ids from original size / crop / target, UNet
+  fp32 under bf16 autocast, AdamW, clipping, `loss.item()`.
+- SDXL LoRA: online as that script: VAE encode (bf16 here; the script keeps the stock SDXL VAE
+  in fp32 unless given the fp16-fix VAE, which would only slow the baseline) and both text
+  encoders every step, UNet bf16 + bf16 LoRA, AdamW over the adapter.
 
-- baseline: the core of diffusers' examples/text_to_image/train_text_to_image.py without
-  accelerate: `webdataset.WebDataset(shards, resampled=True).shuffle(1000).decode("pil")`,
-  its torchvision transforms (Resize bilinear, CenterCrop, ToTensor, Normalize) and
-  tokenizer in DataLoader workers; VAE and text encoder in bf16 (`weight_dtype`), UNet fp32
-  under bf16 autocast (accelerate's mixed_precision="bf16"), online VAE encode
-  (`latent_dist.sample()`), torch.optim.AdamW (not fused), grad-norm clipping, `loss.item()`
-  every step as the script logs it.
-- curate: `train.loop.train` itself on the latent-cached shards (data.latents: required),
-  fused AdamW, channels_last, bf16 autocast over fp32 master weights; `--compile` adds a
-  torch.compile variant, `--online` a variant encoding with the VAE on the fly.
+curate: `train.loop.train` itself on the latent-cached shards (data.latents: required), fused
+AdamW, channels_last, bf16 autocast over fp32 master weights (LoRA: frozen bf16 UNet, fp32
+adapters), SDPA; `--compile` adds a torch.compile variant to the SD 1.5 rows, `--compile-sdxl` to
+the SDXL rows; `--online` a variant encoding with the VAE on the fly; `--nchw` one without
+channels_last.
 
 Each variant: `--warmup` untimed steps (data loader start, cuDNN autotuning, compilation),
 then `--steps` timed steps; images/s = timed images / timed seconds. Peak GPU memory is
-torch.cuda.max_memory_allocated over the variant.
+torch.cuda.max_memory_allocated over the variant. MFU (model FLOPs utilisation) = images/s x
+the UNet's forward + backward FLOPs per image (counted with torch.utils.flop_counter on the
+meta device: with LoRA, the backward pass has no weight gradients of the frozen layers) / 790
+TFLOP/s, the H200's measured bf16 matrix rate. VAE and text encoder work is not counted.
 
-    python bench/train.py                      # GPU; writes the "## Training" section of BENCHMARKS.md
-    python bench/train.py --compile --online   # more variants
-    python bench/train.py --quick              # CPU smoke test of the whole script, tiny model, < 1 minute
+    python bench/train.py                          # GPU: full fine-tuning rows ("## Training" in BENCHMARKS.md)
+    python bench/train.py --sizes none --lora-sizes 512:32 --sdxl-sizes 1024:4 --compile
+                                                   # GPU: LoRA and SDXL rows ("## Training: LoRA and SDXL")
+    python bench/train.py --quick                  # CPU smoke test of every kind of row, tiny models, ~2 minutes
 
---quick uses curate's tiny model at 32 px, a few steps, and never writes BENCHMARKS.md.
+--quick uses curate's tiny models (tiny, tiny-sdxl) at 32 px, a few steps, and never writes
+BENCHMARKS.md.
 
 One size's rows always come from one invocation (its baseline measured beside it). Results are
-kept per device in bench-work/train/results-DEVICE.json, so sizes run by separate invocations
-(e.g. `--sizes 256:64 --compile`, then `--sizes 512:32 --compile`, to stay within a time limit)
-end up in one table; `--fresh` forgets earlier ones.
+kept per device in bench-work/train/results-DEVICE.json, so rows run by separate invocations
+(to stay within a time limit) end up in one table; `--fresh` forgets earlier ones.
 """
 
 from __future__ import annotations
@@ -62,7 +86,10 @@ from curate.pipeline.demo.synthetic import caption, photo_like_jpeg, random_scen
 from curate.pipeline.tarshard import TarShardWriter, iter_tar_samples  # noqa: E402
 
 WORK = REPO / "bench-work" / "train"
-HEADING = "## Training"
+HEADING = "## Training"  # full fine-tuning rows
+LORA_SDXL_HEADING = "## Training: LoRA and SDXL"
+PEAK_FLOPS = 790e12  # H200, bf16 dense matrix products, measured (see the device notes)
+LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # diffusers' LoRA examples
 
 # Stable Diffusion 1.5's published configs (unet/, vae/, text_encoder/ config.json), as data.
 SD15_UNET = dict(
@@ -84,8 +111,26 @@ CLIP_L_TEXT = dict(
     num_hidden_layers=12, num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768,
     bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
 )
-# Targets for curate from the issue: 1.5x the online-VAE baseline measured on an H200.
+# stabilityai/stable-diffusion-xl-base-1.0's unet/, vae/ and text_encoder_2/ configs.
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+    cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, act_fn="silu", norm_num_groups=32, norm_eps=1e-5,
+    flip_sin_to_cos=True, freq_shift=0,
+)
+SDXL_VAE = dict(SD15_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+OPENCLIP_BIGG_TEXT = dict(
+    vocab_size=49408, max_position_embeddings=77, hidden_size=1280, intermediate_size=5120,
+    num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu", projection_dim=1280,
+    bos_token_id=49406, eos_token_id=49407, pad_token_id=0,
+)
+# Targets from the issues: full fine-tuning 1.5x the online-VAE baseline measured on an H200
+# (images/s by size); LoRA 1.5x its baseline's images/s at no more than its peak memory.
 TARGETS = {256: 370, 512: 95}
+LORA_SPEEDUP = 1.5
 
 
 def log(*args) -> None:
@@ -110,7 +155,7 @@ def make_shards(size: int, n_images: int, shard_size: int, processes: int) -> Pa
     folder.mkdir(parents=True)
     started = time.perf_counter()
     with multiprocessing.Pool(processes) as pool:
-        samples = pool.map(_sample, [(i, size) for i in range(n_images)], chunksize=16)
+        samples = pool.map(_sample, [(i, size) for i in range(n_images)], chunksize=4)
     for shard in range(-(-n_images // shard_size)):
         with TarShardWriter(folder / f"{shard_name(shard)}.tar") as tar:
             for i in range(shard * shard_size, min(n_images, (shard + 1) * shard_size)):
@@ -155,37 +200,74 @@ def make_latent_shards(plain: Path, model_dir: Path, size: int, device: str) -> 
     return folder
 
 
-# ---------------------------------------------------------------- model
+# ---------------------------------------------------------------- models
 
 
-def make_model(quick: bool, device: str) -> Path:
-    """A diffusers Stable Diffusion folder with random weights: SD 1.5's shapes, or curate's tiny model."""
+def make_model(kind: str, quick: bool, device: str) -> Path:
+    """A diffusers folder with random weights: SD 1.5's or SDXL's shapes, or curate's tiny models."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from curate.train.model import SD_SCHEDULE, Components, save_pipeline, tiny_components
-    from curate.train.tokenizer import clip_tokenizer
+    from curate.train.model import SD_SCHEDULE, Components, load_components, save_pipeline
+    from curate.train.tokenizer import SDXL_PAD_TOKEN_2, clip_tokenizer
 
-    folder = WORK / ("model-tiny" if quick else "model-sd15-random")
+    folder = WORK / (f"model-tiny-{kind}" if quick else f"model-{kind}-random")
     if (folder / "model_index.json").exists():
         return folder
     started = time.perf_counter()
     if quick:
-        unet, vae, text_encoder, tokenizer, scheduler = tiny_components(0)
+        parts = load_components("tiny" if kind == "sd15" else "tiny-sdxl")
     else:
         torch.manual_seed(0)
-        with torch.device(device):  # initialising 1B parameters is much faster on the GPU
-            unet = UNet2DConditionModel(**SD15_UNET)
-            vae = AutoencoderKL(**SD15_VAE)
+        with torch.device(device):  # initialising billions of parameters is much faster on the GPU
+            unet = UNet2DConditionModel(**(SD15_UNET if kind == "sd15" else SDXL_UNET))
+            vae = AutoencoderKL(**(SD15_VAE if kind == "sd15" else SDXL_VAE))
             text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT))
-        tokenizer, scheduler = clip_tokenizer(), DDPMScheduler(**SD_SCHEDULE)
-    parts = Components(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                       noise_scheduler=scheduler, vae_name="", vae_fingerprint="")
-    save_pipeline(parts, unet, folder)
-    n = sum(p.numel() for p in unet.parameters())
+            text_encoder_2 = None if kind == "sd15" else CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_BIGG_TEXT))
+        if kind == "sdxl":  # half the bytes to write and read (the loops load fp32 master weights from them)
+            for model in (unet, vae, text_encoder, text_encoder_2):
+                model.to(torch.bfloat16)
+        parts = Components(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(),
+                           noise_scheduler=DDPMScheduler(**SD_SCHEDULE), vae_name="", vae_fingerprint="",
+                           text_encoder_2=text_encoder_2,
+                           tokenizer_2=None if kind == "sd15" else clip_tokenizer(SDXL_PAD_TOKEN_2))
+    save_pipeline(parts, parts.unet, folder)
+    n = sum(p.numel() for p in parts.unet.parameters())
     log(f"model: {folder.relative_to(REPO)} written in {time.perf_counter() - started:.1f} s (UNet {n / 1e6:.0f}M parameters)")
     return folder
+
+
+def unet_flops_per_image(model_dir: Path, size: int, lora_rank: int | None) -> float:
+    """Forward + backward FLOPs of the UNet for one size² image, counted on the meta device (no
+    memory, no compute): what a training step computes per image besides the VAE and text encoders."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = UNet2DConditionModel.load_config(model_dir, subfolder="unet")
+    vae_config = AutoencoderKL.load_config(model_dir, subfolder="vae")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    unet.set_attn_processor(AttnProcessor2_0())
+    if lora_rank:
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
+                                    target_modules=LORA_TARGETS))
+    side = size // 2 ** (len(vae_config["block_out_channels"]) - 1)
+    meta = dict(device="meta")
+    extra = {}
+    if config.get("addition_embed_type") == "text_time":
+        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        extra = {"added_cond_kwargs": {"text_embeds": torch.zeros(1, pooled, **meta), "time_ids": torch.zeros(1, 6, **meta)}}
+    with FlopCounterMode(display=False) as counter:
+        out = unet(torch.zeros(1, 4, side, side, **meta), torch.tensor([500], **meta),
+                   torch.zeros(1, 77, config["cross_attention_dim"], **meta), **extra).sample
+        out.float().square().mean().backward()
+    return float(counter.get_total_flops())
 
 
 def free_memory() -> None:
@@ -204,31 +286,75 @@ def peak_gib() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
-# ---------------------------------------------------------------- the two loops
+def timed(step, batches, warmup: int, steps: int, batch: int, device: str) -> dict:
+    """Run warmup + steps steps of `step(next(batches))`; images/s over the timed ones."""
+    import torch
+
+    started = None
+    for i in range(warmup + steps):
+        if i == warmup:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+        step(next(batches))
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return {"images_per_second": steps * batch / (time.perf_counter() - started), "peak_gib": peak_gib()}
+
+
+# ---------------------------------------------------------------- baselines: diffusers' example loops
 
 
 class _BaselinePreprocess:
-    """train_text_to_image.py's preprocess_train + tokenize_captions, per sample, in the workers."""
+    """The scripts' preprocess_train + tokenize_captions, per sample, in the DataLoader workers:
+    (pixels, token ids per tokenizer, original (h, w), crop top-left (y, x))."""
 
-    def __init__(self, size: int, tokenizer):
+    def __init__(self, size: int, tokenizers: list):
         from torchvision import transforms
 
-        self.transform = transforms.Compose([
-            transforms.Resize(size, interpolation=transforms.InterpolationMode.BILINEAR),
-            transforms.CenterCrop(size), transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
-        self.tokenizer = tokenizer
+        self.resize = transforms.Resize(size, interpolation=transforms.InterpolationMode.BILINEAR)
+        self.crop = transforms.CenterCrop(size)
+        self.to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
+        self.size, self.tokenizers = size, tokenizers
 
     def __call__(self, sample):
-        ids = self.tokenizer(sample["txt"], max_length=self.tokenizer.model_max_length, padding="max_length",
-                             truncation=True, return_tensors="pt").input_ids[0]
-        return self.transform(sample["jpg"].convert("RGB")), ids
+        import torch
+
+        image = sample["jpg"].convert("RGB")
+        original = (image.height, image.width)
+        image = self.resize(image)
+        top, left = max(0, round((image.height - self.size) / 2)), max(0, round((image.width - self.size) / 2))
+        ids = [tok(sample["txt"], max_length=tok.model_max_length, padding="max_length", truncation=True,
+                   return_tensors="pt").input_ids[0] for tok in self.tokenizers]
+        return (self.to_tensor(self.crop(image)), *ids, torch.tensor(original), torch.tensor([top, left]))
+
+
+def baseline_batches(shards: Path, size: int, batch: int, workers: int, tokenizers: list, cuda: bool):
+    import torch
+    import webdataset as wds
+
+    urls = [str(p) for p in sorted(shards.glob("*.tar"))]
+    dataset = (wds.WebDataset(urls, resampled=True, shardshuffle=False, handler=wds.warn_and_continue)
+               .shuffle(1000).decode("pil").map(_BaselinePreprocess(size, tokenizers)).batched(batch))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=cuda,
+                                         **({"prefetch_factor": 4} if workers else {}))
+    return iter(loader)
+
+
+def add_baseline_lora(unet, rank: int) -> list:
+    """As the LoRA scripts: frozen UNet already cast to weight_dtype, then add_adapter (so the
+    adapter is in that dtype too); returns the trainable parameters."""
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    return [p for p in unet.parameters() if p.requires_grad]
 
 
 def run_baseline(model_dir: Path, shards: Path, size: int, batch: int, warmup: int, steps: int,
-                 workers: int, device: str) -> dict:
+                 workers: int, device: str, lora_rank: int | None = None) -> dict:
+    """train_text_to_image.py (full) or train_text_to_image_lora.py (lora_rank), SD 1.x."""
     import torch
     import torch.nn.functional as F
-    import webdataset as wds
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -242,26 +368,23 @@ def run_baseline(model_dir: Path, shards: Path, size: int, batch: int, warmup: i
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
-    unet.train()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    if lora_rank:
+        unet.requires_grad_(False)
+        unet.to(device, dtype=weight_dtype)
+        params = add_baseline_lora(unet, lora_rank)
+        lr = 1e-4
+    else:
+        unet.train()
+        unet.to(device)
+        params, lr = list(unet.parameters()), 1e-5
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     lr_scheduler = get_scheduler("constant", optimizer=optimizer, num_warmup_steps=0, num_training_steps=warmup + steps)
-    unet.to(device)
     text_encoder.to(device, dtype=weight_dtype)
     vae.to(device, dtype=weight_dtype)
     autocast = torch.autocast(device, dtype=torch.bfloat16)
 
-    urls = [str(p) for p in sorted(shards.glob("*.tar"))]
-    dataset = (wds.WebDataset(urls, resampled=True, shardshuffle=False, handler=wds.warn_and_continue)
-               .shuffle(1000).decode("pil").map(_BaselinePreprocess(size, tokenizer)).batched(batch))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=cuda,
-                                         **({"prefetch_factor": 4} if workers else {}))
-    batches = iter(loader)
-    started = None
-    for step in range(warmup + steps):
-        if step == warmup:
-            started = time.perf_counter()
-        pixel_values, input_ids = next(batches)
-        pixel_values, input_ids = pixel_values.to(device, non_blocking=True), input_ids.to(device, non_blocking=True)
+    def step(batch_):
+        pixel_values, input_ids = batch_[0].to(device, non_blocking=True), batch_[1].to(device, non_blocking=True)
         latents = vae.encode(pixel_values.to(weight_dtype)).latent_dist.sample() * vae.config.scaling_factor
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
@@ -270,21 +393,107 @@ def run_baseline(model_dir: Path, shards: Path, size: int, batch: int, warmup: i
         with autocast:
             model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
         loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
-        loss.item()  # the script gathers and logs the loss every step
+        loss.item()  # the scripts gather and log the loss every step
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad()
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
-    del batches, loader
-    return {"images_per_second": steps * batch / seconds, "peak_gib": peak_gib()}
+
+    batches = baseline_batches(shards, size, batch, workers, [tokenizer], cuda)
+    result = timed(step, batches, warmup, steps, batch, device)
+    del batches
+    return result
+
+
+def run_baseline_sdxl(model_dir: Path, shards: Path, size: int, batch: int, warmup: int, steps: int,
+                      workers: int, device: str, lora_rank: int | None = None, images: int = 0) -> dict:
+    """train_text_to_image_sdxl.py (full: embeddings and latents precomputed) or
+    train_text_to_image_lora_sdxl.py (lora_rank: both encoded every step)."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    cuda = device == "cuda"
+    weight_dtype = torch.bfloat16
+    noise_scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
+    tokenizers = [CLIPTokenizer.from_pretrained(model_dir, subfolder=f) for f in ("tokenizer", "tokenizer_2")]
+    text_encoders = [CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder").to(device, weight_dtype),
+                     CLIPTextModelWithProjection.from_pretrained(model_dir, subfolder="text_encoder_2").to(device, weight_dtype)]
+    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae").to(device, weight_dtype)
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    for model in (vae, *text_encoders):
+        model.requires_grad_(False)
+
+    @torch.no_grad()
+    def encode(batch_) -> dict:
+        """The scripts' encode_prompt + VAE encode + the batch's add_time_ids."""
+        pixels, ids, ids_2, original, crop = batch_
+        embeds, pooled = [], None
+        for encoder, token_ids in zip(text_encoders, (ids, ids_2)):
+            out = encoder(token_ids.to(device), output_hidden_states=True, return_dict=False)
+            pooled = out[0]
+            embeds.append(out[-1][-2])
+        latents = vae.encode(pixels.to(device, weight_dtype)).latent_dist.sample() * vae.config.scaling_factor
+        target = torch.tensor([size, size]).expand(len(original), 2)
+        time_ids = torch.cat([original, crop, target], dim=1).to(device, weight_dtype)
+        return {"latents": latents, "embeds": torch.cat(embeds, dim=-1), "pooled": pooled, "time_ids": time_ids}
+
+    batches = baseline_batches(shards, size, batch, workers, tokenizers, cuda)
+    if lora_rank:
+        unet.requires_grad_(False)
+        unet.to(device, dtype=weight_dtype)
+        params, lr = add_baseline_lora(unet, lora_rank), 1e-4
+        inputs = (encode(b) for b in batches)
+    else:
+        # datasets.map(compute_embeddings_fn) and map(compute_vae_encodings_fn) before training:
+        # every image once, kept on the CPU; then the text encoders are deleted.
+        cache = [{k: v.cpu() for k, v in encode(next(batches)).items()} for _ in range(-(-images // batch))]
+        del batches, text_encoders
+        free_memory()
+        unet.train()
+        unet.to(device)
+        params, lr = list(unet.parameters()), 1e-6
+
+        def cycle():
+            while True:
+                for i in torch.randperm(len(cache)).tolist():
+                    yield {k: v.to(device, non_blocking=True) for k, v in cache[i].items()}
+
+        inputs = cycle()
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    lr_scheduler = get_scheduler("constant", optimizer=optimizer, num_warmup_steps=0, num_training_steps=warmup + steps)
+    autocast = torch.autocast(device, dtype=torch.bfloat16)
+
+    def step(x):
+        latents = x["latents"].float() if not lora_rank else x["latents"]
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        with autocast:
+            model_pred = unet(noisy, timesteps, x["embeds"], return_dict=False,
+                              added_cond_kwargs={"text_embeds": x["pooled"], "time_ids": x["time_ids"]})[0]
+        loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+        loss.item()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad()
+
+    result = timed(step, inputs, warmup, steps, batch, device)
+    del inputs
+    return result
+
+
+# ---------------------------------------------------------------- curate
 
 
 def run_curate(model_dir: Path, shards: Path, size: int, batch: int, warmup: int, steps: int, workers: int,
-               cached: bool, compile_unet: bool, device: str, channels_last: bool = True) -> dict:
+               cached: bool, compile_unet: bool, device: str, channels_last: bool = True,
+               lora_rank: int | None = None, lr: float = 1e-4) -> dict:
     from curate.train.config import TrainConfig
     from curate.train.loop import read_log, train
 
@@ -292,20 +501,21 @@ def run_curate(model_dir: Path, shards: Path, size: int, batch: int, warmup: int
     cfg = TrainConfig.model_validate({
         "data": {"shards": [str(shards)], "resolution": size, "workers": workers,
                  "latents": "required" if cached else "off"},
-        "model": {"pretrained": str(model_dir)},
+        "model": {"pretrained": str(model_dir),
+                  **({"lora": {"rank": lora_rank, "alpha": lora_rank, "target_modules": LORA_TARGETS}} if lora_rank else {})},
         # Timed steps in whole log windows; the first window (warm-up) is left out.
         # bf16, fused AdamW and channels_last on a CPU too (--quick): the GPU's code path.
-        "training": {"steps": warmup + steps, "batch_size": batch, "lr": 1e-4, "log_every": warmup,
+        "training": {"steps": warmup + steps, "batch_size": batch, "lr": lr, "log_every": warmup,
                      "precision": "bf16", "fused_adam": "on", "channels_last": channels_last, "compile": compile_unet,
                      "device": device},
         "output": {"path": str(out)},
     })
     train(cfg, overwrite=True, progress=False, save=False)
     entries = read_log(out / "log.jsonl")
-    timed = [e for e in entries if e["step"] > warmup]
+    timed_entries = [e for e in entries if e["step"] > warmup]
     # Each window's rate is (images in window / its seconds): recombine as total images / total seconds.
-    seconds = sum(warmup * batch / e["images_per_second"] for e in timed)
-    return {"images_per_second": len(timed) * warmup * batch / seconds, "peak_gib": peak_gib()}
+    seconds = sum(warmup * batch / e["images_per_second"] for e in timed_entries)
+    return {"images_per_second": len(timed_entries) * warmup * batch / seconds, "peak_gib": peak_gib()}
 
 
 # ---------------------------------------------------------------- report
@@ -315,60 +525,126 @@ def fmt(x, spec=",.1f", none="—"):
     return none if x is None else format(x, spec)
 
 
-def report(rows: list[dict], meta: dict) -> str:
-    lines = [f"{HEADING} ({meta['date']}, {meta['device']})", "",
-             f"`bench/train.py`: {meta['model']}; {meta['data']}. torch {meta['torch']}, diffusers "
-             f"{meta['diffusers']}, transformers {meta['transformers']}; {meta['cores']} cores, "
-             f"{meta['workers']} DataLoader workers per loop; {meta['warmup']} warm-up + {meta['steps']} timed steps "
-             f"per variant. Whole run {meta['minutes']:.1f} min.", "",
-             "- **baseline**: diffusers train_text_to_image.py's loop (no accelerate): WebDataset + torchvision "
-             "transforms + tokenizer in workers, VAE/text encoder bf16, UNet fp32 under bf16 autocast, online "
-             "VAE encode, torch.optim.AdamW (foreach, not fused), `loss.item()` each step.",
-             "- **curate**: `train.loop.train` on the latent-cached shards (`vae_latents` filter), fused AdamW, "
-             "channels_last, bf16 autocast over fp32 master weights, SDPA; *online*: encoding with the VAE "
-             "instead; *NCHW*: without channels_last; *compiled*: plus torch.compile of the UNet.", "",
-             "| size | batch | loop | images/s | vs baseline | target | peak GPU memory |",
-             "|---|---:|---|---:|---:|---|---:|"]
+def row_key(r: dict) -> tuple:
+    return (r["group"], r["size"])
+
+
+def target_of(r: dict, base: dict | None) -> str:
+    rate = r.get("images_per_second")
+    if r["loop"] == "baseline":
+        return ""
+    if r["group"] == "full" and r["size"] in TARGETS:
+        goal = TARGETS[r["size"]]
+        return f"≥ {goal}: " + ("ok" if rate and rate >= goal else "MISSED")
+    if r["group"] == "lora" and base and base.get("images_per_second"):
+        fast = bool(rate) and rate >= LORA_SPEEDUP * base["images_per_second"]
+        lean = r.get("peak_gib") is None or base.get("peak_gib") is None or r["peak_gib"] <= base["peak_gib"]
+        return f"≥ {LORA_SPEEDUP}× at ≤ its memory: " + ("ok" if fast and lean else "MISSED")
+    return ""
+
+
+def table(rows: list[dict], with_model: bool) -> list[str]:
+    head = ["model", "method"] if with_model else []
+    lines = ["| " + " | ".join(head + ["size", "batch", "loop", "images/s", "vs baseline", "target",
+                                       "peak GPU memory", "TFLOP/image", "MFU"]) + " |",
+             "|" + "---|" * len(head) + "---|---:|---|---:|---:|---|---:|---:|---:|"]
     for r in rows:
-        base = next((b for b in rows if b["size"] == r["size"] and b["loop"] == "baseline"), None)
+        base = next((b for b in rows if row_key(b) == row_key(r) and b["loop"] == "baseline"), None)
         rate = r.get("images_per_second")
         ratio = f"{rate / base['images_per_second']:.2f}×" if rate and base and base.get("images_per_second") else "—"
-        target = ""
-        if r["loop"] != "baseline" and r["size"] in TARGETS:
-            goal = TARGETS[r["size"]]
-            target = f"≥ {goal}: " + ("ok" if rate and rate >= goal else "MISSED")
         shown = fmt(rate) if rate is not None else r.get("error", "—")
         memory = f"{r['peak_gib']:.1f} GiB" if r.get("peak_gib") is not None else "—"
-        lines.append(f"| {r['size']} px | {r['batch']} | {r['loop']} | {shown} | {ratio} | {target} | {memory} |")
-    return "\n".join(lines) + "\n"
+        flops = r.get("flops_per_image")
+        mfu = f"{rate * flops / PEAK_FLOPS:.1%}" if rate and flops else "—"
+        model = [r["model"], r["method"]] if with_model else []
+        lines.append("| " + " | ".join(model + [f"{r['size']} px", str(r["batch"]), r["loop"], shown, ratio,
+                                                 target_of(r, base), memory, fmt(flops and flops / 1e12, ".3g"), mfu]) + " |")
+    return lines
+
+
+def report(heading: str, rows: list[dict], meta: dict) -> str:
+    common = (f"{meta['model']}; {meta['data']}. torch {meta['torch']}, diffusers {meta['diffusers']}, "
+              f"transformers {meta['transformers']}, peft {meta['peft']}; {meta['cores']} cores, {meta['workers']} "
+              f"DataLoader workers per loop; {meta['warmup']} warm-up + {meta['steps']} timed steps per variant. "
+              f"Whole run {meta['minutes']:.1f} min.")
+    mfu = (f"- **MFU**: images/s × the UNet's forward + backward FLOPs per image (TFLOP/image, counted with "
+           f"torch.utils.flop_counter.FlopCounterMode; LoRA's backward has no weight gradients of the frozen "
+           f"layers) / {PEAK_FLOPS / 1e12:.0f} TFLOP/s (H200 bf16, measured); VAE and text encoders not counted.")
+    if heading == HEADING:
+        lines = [f"{heading} ({meta['date']}, {meta['device']})", "", f"`bench/train.py`: {common}", "",
+                 "- **baseline**: diffusers train_text_to_image.py's loop (no accelerate): WebDataset + torchvision "
+                 "transforms + tokenizer in workers, VAE/text encoder bf16, UNet fp32 under bf16 autocast, online "
+                 "VAE encode, torch.optim.AdamW (foreach, not fused), `loss.item()` each step.",
+                 "- **curate**: `train.loop.train` on the latent-cached shards (`vae_latents` filter), fused AdamW, "
+                 "channels_last, bf16 autocast over fp32 master weights, SDPA; *online*: encoding with the VAE "
+                 "instead; *NCHW*: without channels_last; *compiled*: plus torch.compile of the UNet.", mfu, ""]
+        return "\n".join(lines + table(rows, with_model=False)) + "\n"
+    lines = [f"{heading} ({meta['date']}, {meta['device']})", "", f"`bench/train.py`: {common}", "",
+             f"- **LoRA**: rank {meta['rank']}, alpha = rank, on to_k/to_q/to_v/to_out.0. *baseline*: "
+             "train_text_to_image_lora.py's loop (SD 1.5) / train_text_to_image_lora_sdxl.py's (SDXL): UNet and "
+             "adapter in bf16 under autocast, VAE encode and text encoders every step, AdamW (foreach) over the "
+             "adapter, `loss.item()` each step. *curate*: `train.loop.train` with `model.lora`: frozen UNet bf16, "
+             "adapter fp32, latent-cached shards, fused AdamW, channels_last, SDPA.",
+             "- **SDXL full**: *baseline*: train_text_to_image_sdxl.py's loop: prompt embeddings and VAE latents "
+             "precomputed for every image before training (untimed), UNet fp32 under bf16 autocast, AdamW "
+             "(foreach). *curate*: `train.loop.train` on the latent-cached shards (both text encoders run every "
+             "step), fused AdamW, channels_last.",
+             f"- Target for SD 1.5 LoRA: ≥ {LORA_SPEEDUP}× the baseline's images/s at no more than its peak memory.",
+             mfu, ""]
+    return "\n".join(lines + table(rows, with_model=True)) + "\n"
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_sizes(text: str | None, default: str) -> list[tuple[int, int]]:
+    text = default if text is None else text
+    if text in ("", "none"):
+        return []
+    return [tuple(int(v) for v in item.split(":")) for item in text.split(",")]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="CPU smoke test: tiny model, 32 px, a few steps")
-    parser.add_argument("--sizes", default=None, help="SIZE:BATCH,... (default 256:64,512:32)")
+    parser.add_argument("--quick", action="store_true", help="CPU smoke test: tiny models, 32 px, a few steps")
+    parser.add_argument("--sizes", default=None, help="full fine-tuning, SD 1.5: SIZE:BATCH,... (default 256:64,512:32; none)")
+    parser.add_argument("--lora-sizes", default=None, help="LoRA, SD 1.5: SIZE:BATCH,... (default none; e.g. 512:32)")
+    parser.add_argument("--sdxl-sizes", default=None, help="SDXL: SIZE:BATCH,... (default none; e.g. 1024:4)")
+    parser.add_argument("--sdxl-methods", default="full,lora", help="SDXL rows: full, lora or both")
+    parser.add_argument("--rank", type=int, default=64, help="LoRA rank (alpha = rank)")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="timed steps (a multiple of --warmup)")
-    parser.add_argument("--images", type=int, default=None, help="distinct images per size")
+    parser.add_argument("--images", type=int, default=None, help="distinct images per size (default 1024; 256 above 512 px)")
     parser.add_argument("--workers", type=int, default=None)
-    parser.add_argument("--compile", action="store_true", help="add a torch.compile variant of curate's loop")
+    parser.add_argument("--compile", action="store_true", help="add a torch.compile variant of curate's SD 1.5 loops")
+    parser.add_argument("--compile-sdxl", action="store_true", help="add a torch.compile variant of curate's SDXL loops")
     parser.add_argument("--online", action="store_true", help="add curate's loop encoding with the VAE on the fly")
     parser.add_argument("--nchw", action="store_true", help="add curate's loop without channels_last")
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     parser.add_argument("--fresh", action="store_true", help="forget the results of earlier invocations")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
-    sizes = [tuple(int(v) for v in item.split(":")) for item in (args.sizes or ("32:4" if args.quick else "256:64,512:32")).split(",")]
+    quick = "32:4" if args.quick else None
+    sdxl_groups = [group for method, group in (("full", "sdxl"), ("lora", "sdxl-lora"))
+                   if method in args.sdxl_methods.split(",")]
+    # (group, model kind, size, batch) per table block: its baseline and curate's variants.
+    plan = ([("full", "sd15", s, b) for s, b in parse_sizes(args.sizes, quick or "256:64,512:32")]
+            + [("lora", "sd15", s, b) for s, b in parse_sizes(args.lora_sizes, quick or "none")]
+            + [(g, "sdxl", s, b) for s, b in parse_sizes(args.sdxl_sizes, quick or "none") for g in sdxl_groups])
     warmup = args.warmup or (2 if args.quick else 10)
     steps = args.steps or (2 if args.quick else 30)
     steps = max(warmup, steps // warmup * warmup)
-    images = args.images or (64 if args.quick else 1024)
-    workers = args.workers if args.workers is not None else (2 if args.quick else min(8, cores))
+    workers = args.workers if args.workers is not None else (1 if args.quick else min(8, cores))
     started = time.perf_counter()
 
-    plain = {size: make_shards(size, images, max(16, images // 8), cores) for size, _ in sizes}  # before torch (fork)
+    def n_images(size: int) -> int:
+        return args.images or (16 if args.quick else (1024 if size <= 512 else 256))
+
+    sizes = sorted({s for _, _, s, _ in plan})
+    plain = {s: make_shards(s, n_images(s), max(16, n_images(s) // 8), cores) for s in sizes}  # before torch (fork)
 
     import diffusers
+    import peft
     import torch
     import transformers
 
@@ -376,62 +652,87 @@ def main() -> None:
     if args.quick:
         torch.set_num_threads(min(2, cores))
     device_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU only: {cpu_name()}"
-    log(f"device: {device_name}; torch {torch.__version__}, diffusers {diffusers.__version__}")
+    log(f"device: {device_name}; torch {torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}")
     if device == "cpu" and not args.quick:
         log("warning: no GPU; the default sizes are meant for a GPU (use --quick on a CPU)")
-    model_dir = make_model(args.quick, device)
-    cached = {size: make_latent_shards(plain[size], model_dir, size, device) for size, _ in sizes}
+    models = {kind: make_model(kind, args.quick, device) for kind in sorted({k for _, k, _, _ in plan})}
+    cached = {(kind, s): make_latent_shards(plain[s], models[kind], s, device)
+              for _, kind, s, _ in plan}
     free_memory()
 
-    variants = [("baseline", None), ("curate", dict(cached=True, compile_unet=False))]
-    if args.online:
-        variants.append(("curate, online VAE", dict(cached=False, compile_unet=False)))
-    if args.nchw:
-        variants.append(("curate, NCHW", dict(cached=True, compile_unet=False, channels_last=False)))
-    if args.compile:
-        variants.append(("curate, compiled", dict(cached=True, compile_unet=True)))
     rows = []
-    for size, batch in sizes:
+    for group, kind, size, batch in plan:
+        lora_rank = args.rank if group in ("lora", "sdxl-lora") else None
+        variants = [("baseline", None), ("curate", dict(cached=True, compile_unet=False))]
+        if args.online:
+            variants.append(("curate, online VAE", dict(cached=False, compile_unet=False)))
+        if args.nchw:
+            variants.append(("curate, NCHW", dict(cached=True, compile_unet=False, channels_last=False)))
+        if (args.compile and kind == "sd15") or (args.compile_sdxl and kind == "sdxl"):
+            variants.append(("curate, compiled", dict(cached=True, compile_unet=True)))
+        flops = unet_flops_per_image(models[kind], size, lora_rank)
         for name, options in variants:
             free_memory()
-            row = {"size": size, "batch": batch, "loop": name}
+            row = {"group": group, "model": "SD 1.5" if kind == "sd15" else "SDXL",
+                   "method": f"LoRA r{lora_rank}" if lora_rank else "full", "size": size, "batch": batch,
+                   "loop": name, "flops_per_image": flops}
             t0 = time.perf_counter()
             try:
-                if options is None:
-                    row.update(run_baseline(model_dir, plain[size], size, batch, warmup, steps, workers, device))
+                if options is None and kind == "sd15":
+                    row.update(run_baseline(models[kind], plain[size], size, batch, warmup, steps, workers, device,
+                                            lora_rank=lora_rank))
+                elif options is None:
+                    row.update(run_baseline_sdxl(models[kind], plain[size], size, batch, warmup, steps, workers,
+                                                 device, lora_rank=lora_rank, images=n_images(size)))
                 else:
-                    shards = cached[size] if options["cached"] else plain[size]
-                    row.update(run_curate(model_dir, shards, size, batch, warmup, steps, workers, device=device, **options))
+                    shards = cached[(kind, size)] if options["cached"] else plain[size]
+                    lr = 1e-4 if lora_rank else (1e-5 if kind == "sd15" else 1e-6)
+                    row.update(run_curate(models[kind], shards, size, batch, warmup, steps, workers, device=device,
+                                          lora_rank=lora_rank, lr=lr, **options))
             except torch.cuda.OutOfMemoryError:
                 row.update(error="out of memory", peak_gib=peak_gib())
             except Exception as exc:  # one failing variant must not lose the others' numbers
                 traceback.print_exc()
                 row.update(error=f"failed: {type(exc).__name__}")
             rows.append(row)
-            log(f"{size} px, batch {batch}, {name}: {fmt(row.get('images_per_second'), none=row.get('error'))} images/s, "
-                f"peak {fmt(row.get('peak_gib'), '.1f')} GiB ({time.perf_counter() - t0:.0f} s)")
+            rate = row.get("images_per_second")
+            log(f"{row['model']} {row['method']}, {size} px, batch {batch}, {name}: "
+                f"{fmt(rate, none=row.get('error'))} images/s, peak {fmt(row.get('peak_gib'), '.1f')} GiB, "
+                f"MFU {fmt(rate and rate * flops / PEAK_FLOPS * 100, '.1f')}% ({time.perf_counter() - t0:.0f} s)")
 
-    unet_params = "tiny UNet (curate's test model)" if args.quick else "SD-1.5-shaped UNet (860M), VAE and CLIP ViT-L text encoder, random weights"
+    described = ("curate's tiny models (tiny, tiny-sdxl)" if args.quick else
+                 "SD-1.5-shaped (UNet 860M, VAE, CLIP ViT-L text encoder) and SDXL-shaped (UNet 2.6B, VAE, "
+                 "CLIP ViT-L + OpenCLIP bigG text encoders) models, random weights")
     meta = {
-        "date": datetime.date.today().isoformat(), "device": device_name, "model": unet_params,
-        "data": f"{images} photo-like JPEGs per size in tar shards (+ a latent-cached copy)",
+        "date": datetime.date.today().isoformat(), "device": device_name, "model": described,
+        "data": "photo-like JPEGs in tar shards (+ a latent-cached copy): "
+                + ", ".join(f"{n_images(s)} at {s} px" for s in sizes),
         "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-        "cores": cores, "workers": workers, "warmup": warmup, "steps": steps,
-        "minutes": (time.perf_counter() - started) / 60,
+        "peft": peft.__version__, "cores": cores, "workers": workers, "warmup": warmup, "steps": steps,
+        "rank": args.rank, "minutes": (time.perf_counter() - started) / 60,
     }
-    if not args.quick:  # merge with earlier invocations' other sizes (same device)
+    measured = {r["group"] for r in rows}
+    if not args.quick:  # merge with earlier invocations' other rows (same device)
         results = WORK / f"results-{''.join(c if c.isalnum() else '-' for c in device_name)}.json"
         stored = {} if args.fresh or not results.exists() else json.loads(results.read_text())
-        for size, _ in sizes:
-            stored[str(size)] = [r for r in rows if r["size"] == size]
+        for key in {f"{r['group']}:{r['size']}" for r in rows}:
+            stored[key] = [r for r in rows if f"{r['group']}:{r['size']}" == key]
         results.write_text(json.dumps(stored, indent=1))
-        rows = [r for key in sorted(stored, key=int) for r in stored[key]]
-    table = report(rows, meta)
-    log("\n" + table)
+        order = ["full", "lora", "sdxl", "sdxl-lora"]
+        rows = [r for key in sorted(stored, key=lambda k: (order.index(k.split(":")[0]), int(k.split(":")[1])))
+                for r in stored[key]]
+    sections = []
+    if "full" in measured:
+        sections.append((HEADING, report(HEADING, [r for r in rows if r["group"] == "full"], meta)))
+    if measured - {"full"}:
+        sections.append((LORA_SDXL_HEADING, report(LORA_SDXL_HEADING, [r for r in rows if r["group"] != "full"], meta)))
+    for _, text in sections:
+        log("\n" + text)
     if args.quick or args.no_write or device != "cuda":
         log("(BENCHMARKS.md not written: --quick, --no-write or no GPU)")
     else:
-        update_benchmarks(HEADING, table)
+        for heading, text in sections:
+            update_benchmarks(f"{heading} (", text)  # "## Training (": not the start of "## Training: LoRA ..."
         log("BENCHMARKS.md updated")
 
 

@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import Field
 
 from curate.filters.base import Decision, Filter
+from curate.pipeline.errors import require_extra
 
 class VaeLatents(Filter):
     """Adds the VAE latent of the training crop to every sample; always keeps."""
@@ -36,6 +37,10 @@ class VaeLatents(Filter):
     tiny_seed: int = 0
     resolution: int = Field(512, ge=8)  # square crop for samples without a `bucket`
     device: str = "auto"
+
+    def check(self, context: dict[str, Any]) -> None:
+        # diffusers (the VAE) comes with the train extra: say so when the config is read, not on a worker.
+        require_extra("train", "the vae_latents filter", ("diffusers",))
 
     def setup(self, context: dict[str, Any]) -> None:
         from curate.pipeline.models.vae import cached_vae  # torch and diffusers: only when configured

@@ -7,3 +7,26 @@ class UserError(Exception):
     The CLI prints `curate: error: <message>` and exits 2; the traceback is shown only
     with --debug.
     """
+
+
+# The optional dependencies of `pip install 'curate[NAME]'` (pyproject.toml), by the module
+# each brings: downloading and filtering need none of them.
+EXTRAS = {
+    "train": ("diffusers", "transformers", "accelerate", "peft", "pytorch_fid"),
+}
+
+
+def require_extra(extra: str, needed_by: str, modules: tuple[str, ...] | None = None) -> None:
+    """Raise a UserError naming the extra to install when a module it brings cannot be imported,
+    e.g. "curate train needs curate's 'train' extra (diffusers is not installed): pip install
+    'curate[train]'". `modules`: the ones `needed_by` imports (default: all of the extra's)."""
+    import importlib
+
+    for module in modules or EXTRAS[extra]:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            missing = exc.name == module if isinstance(exc, ModuleNotFoundError) else False
+            why = f"{module} is not installed" if missing else f"{module} cannot be imported: {exc}"
+            raise UserError(f"{needed_by} needs curate's {extra!r} extra ({why}): "
+                            f"pip install 'curate[{extra}]'") from exc

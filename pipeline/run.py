@@ -177,8 +177,6 @@ def _run(cfg: RunConfig, layout: RunLayout, files: list[str], executor, gpu_opti
             pass_stats = finish()
             if pass_stats:
                 stats[name] = pass_stats
-    stats["scheduling"] = {"shards_in_flight_bound": executor.bound,
-                           "peak_shards_in_flight": getattr(executor, "peak_in_flight", 1)}
     with atomic_path(layout.stats) as tmp:
         tmp.write_text(json.dumps(stats, indent=1))
     build_report(layout.root)  # report.html; `curate report` rebuilds it

@@ -9,15 +9,19 @@ What it shows, and where each part comes from:
   counts and percentages per reason): stats.json, in the chain order of config.yaml;
 - histograms (every score column with its threshold marked, image sizes, aspect
   ratios, caption lengths), split into written / dropped by that rule / dropped for
-  another reason: the shard parquets, read one shard at a time and only the needed
-  columns, binned per shard into bins fixed beforehand and summed, so memory is bounded
-  by a shard's columns whatever the run's size. Which columns are scores, where the
+  another reason, each with the share of rows a threshold at x would keep (a cumulative
+  curve) and a linear / log switch: the shard parquets, read one shard at a time and only
+  the needed columns, binned per shard into bins fixed beforehand and summed, so memory is
+  bounded by a shard's columns whatever the run's size. Which columns are scores, where the
   thresholds lie and which rows a rule dropped come from the data, never from parsing a
   reason: the score fields the run's filters declared (stats.json `score_fields`), and
   each rejected row's `reject_filter`, `reject_metric`, `reject_value`, `reject_threshold`;
-- sample grids (random kept samples, dropped samples nearest each threshold):
-  report/samples/, thumbnails the write stage kept (pipeline/report/samples.py). Rows
-  rejected for safety are never shown;
+- both sides of each threshold (the kept samples nearest it beside the dropped ones nearest
+  it), random kept samples, dropped samples per reason, pictures of images the download
+  stage dropped: report/samples/, thumbnails the stages kept (pipeline/report/samples.py).
+  Rows rejected for safety are never shown;
+- why downloads failed: per reason and domain (top domains), per HTTP status (the
+  `http_status` column), a few example URLs per reason: the failed rows' columns;
 - throughput and duration per stage: stats.json and the shards' done-markers;
 - the run's config: config.yaml.
 
@@ -25,7 +29,7 @@ Charts are plotly figures; plotly.js is inlined once (about 4.8 MB) so the page 
 from file:// with no network, and thumbnails are data: URIs. plotly rather than
 vega-lite/altair: its Python package ships the JS bundle itself (altair needs a second
 package to inline vega), and a histogram from pre-binned counts is a plain bar trace.
-The page is a jinja2 template (pipeline/templates/report.html.j2), autoescaped, so a
+The page is a jinja2 template (pipeline/report/templates/report.html.j2), autoescaped, so a
 caption can never inject markup.
 """
 
@@ -58,11 +62,16 @@ from curate.pipeline.errors import UserError
 from curate.pipeline.layout import RunLayout
 from curate.pipeline.records import RECORD_COLUMNS
 from curate.pipeline.report.samples import BottomK, is_safety_reason
+from curate.pipeline.urls import normalize_host
 from curate.pipeline.shards import atomic_path
 from curate.pipeline.tarshard import iter_tar_samples
 
 KEPT_SHOWN = 24          # random kept samples in the grid
 DROPPED_SHOWN = 12       # dropped samples shown per reason
+NEAR_SHOWN = 8           # samples shown on each side of a threshold
+DOMAINS_SHOWN = 10       # top domains of the download failures
+REASONS_BY_DOMAIN = 6    # reasons (columns) of the failures-by-domain table; the rest add up as "other"
+URLS_SHOWN = 4           # example URLs per download failure reason
 CAPTIONS_SHOWN = 8       # example captions per reason for rows dropped before download
 CAPTION_WORDS_MAX = 60   # longer captions count in the last bin
 SCORE_BINS = 50
@@ -70,6 +79,7 @@ SIZE_BINS = 40
 ASPECT_MAX = 6.0         # long side / short side; wider ones count in the last bin
 
 COLORS = {"written": "#2e7d32", "rule": "#c62828", "other": "#9e9e9e"}
+KEPT_CURVE = "#1565c0"
 
 
 # ---------------------------------------------------------------- the run folder
@@ -204,6 +214,9 @@ class Histogram:
     rule_filter: Optional[str] = None
     rule_metric: Optional[str] = None
     markers: list[tuple[float, str]] = field(default_factory=list)
+    # Does a threshold keep the values above it (min_similarity, min_side) or below it
+    # (max_aspect_ratio, punsafe)? None: as the rule's drops say (see keeps_above).
+    keep_above: Optional[bool] = None
     counts: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -233,6 +246,27 @@ class Histogram:
     @property
     def total(self) -> int:
         return int(sum(c.sum() for c in self.counts.values()))
+
+    def keeps_above(self) -> bool:
+        """Whether a threshold of this chart keeps the values at or above it: given, or told by
+        where this rule's drops lie relative to its first marker (above it: an upper limit)."""
+        if self.keep_above is not None:
+            return self.keep_above
+        if self.markers:
+            centers = (self.edges[:-1] + self.edges[1:]) / 2
+            x = self.markers[0][0]
+            dropped = self.counts["rule"]
+            return bool(dropped[centers < x].sum() >= dropped[centers >= x].sum())
+        return True
+
+    def kept_share(self) -> tuple[np.ndarray, np.ndarray]:
+        """(x, % of the rows with a value that a threshold at x would keep), at the bin edges:
+        "at 0.30 I keep 61%". Exact at each edge, for this rule alone."""
+        per_bin = sum(self.counts.values())
+        n = per_bin.sum()
+        at_or_above = np.concatenate([np.cumsum(per_bin[::-1])[::-1], [0]])
+        kept = at_or_above if self.keeps_above() else n - at_or_above
+        return self.edges, (100.0 * kept / n if n else np.zeros(len(self.edges)))
 
 
 def column_ranges(files: list[Path]) -> dict[str, tuple[float, float]]:
@@ -343,14 +377,14 @@ def plan_histograms(files: list[Path], stats: dict, config: dict) -> list[Histog
     charts.append(Histogram(
         key="size", title="Image size (shorter side, as downloaded)", x_title="pixels",
         edges=np.arange(0, largest + step, step), rule_metric="side",
-        markers=size_marks,
+        markers=size_marks, keep_above=True,
     ))
     aspect_marks = _limits(config, [("resolution", "max_aspect_ratio", 0)])
     aspect_top = min(ASPECT_MAX, max([3.0] + [x + 1 for x, _ in aspect_marks]))
     charts.append(Histogram(
         key="aspect", title="Aspect ratio (longer side / shorter side)", x_title="ratio",
         edges=np.linspace(1.0, aspect_top, 41), rule_metric="aspect",
-        markers=aspect_marks,
+        markers=aspect_marks, keep_above=False,
     ))
     # A caption of max_words passes and one more word fails: that limit sits one bin right.
     charts.append(Histogram(
@@ -424,43 +458,251 @@ def chart_figure(chart: Histogram) -> go.Figure:
         fig.update_xaxes(range=[lo - pad, hi + pad])
     for x, label in chart.markers:
         fig.add_vline(x=x, line_dash="dash", line_color="#000", annotation_text=label, annotation_position="top")
+    x, share = chart.kept_share()
+    side = "≥" if chart.keeps_above() else "<"
+    fig.add_trace(go.Scatter(
+        x=x.tolist(), y=share.round(3).tolist(), yaxis="y2", mode="lines", name=f"% kept by a threshold at x (rows {side} x)",
+        line=dict(color=KEPT_CURVE, width=1.5),
+        hovertemplate=f"threshold %{{x:.4g}}: keeps %{{y:.1f}}% (rows {side} it)<extra></extra>",
+    ))
     fig.update_layout(
-        title=chart.title, barmode="stack", bargap=0, height=320, template="plotly_white",
-        margin=dict(l=50, r=20, t=60, b=45), legend=dict(orientation="h", y=-0.2),
+        title=chart.title, barmode="stack", bargap=0, height=340, template="plotly_white",
+        margin=dict(l=50, r=50, t=60, b=45), legend=dict(orientation="h", y=-0.22),
         xaxis_title=chart.x_title, yaxis_title="rows",
+        yaxis2=dict(overlaying="y", side="right", range=[0, 100], showgrid=False, ticksuffix="%",
+                    tickmode="linear", tick0=0, dtick=25,
+                    title="kept", zeroline=False),
+        updatemenus=[log_switch()],
     )
     return fig
 
 
+def log_switch() -> dict:
+    """A linear / log switch of the counts axis (where one bar dwarfs the rest): a plotly
+    button, drawn and handled by the inlined plotly.js, so it works offline."""
+    return dict(
+        type="buttons", direction="right", showactive=True, active=0, x=1.0, xanchor="right", y=1.2,
+        yanchor="top", pad=dict(r=0, t=0), font=dict(size=11),
+        buttons=[dict(label="linear", method="relayout", args=[{"yaxis.type": "linear"}]),
+                 dict(label="log", method="relayout", args=[{"yaxis.type": "log"}])],
+    )
+
+
 # ---------------------------------------------------------------- samples
 
-def choose_samples(folder: Path, kept_shown: int = KEPT_SHOWN, per_reason: int = DROPPED_SHOWN) -> tuple[list[dict], dict[str, list[dict]]]:
-    """Kept samples at random and, per reason, the dropped ones nearest the threshold, from the
-    write stage's per-shard selections; one shard file in memory at a time."""
+Rule = tuple[str, str, float]  # (filter, metric, threshold) of a threshold rule
+
+
+@dataclass
+class ChosenSamples:
+    """The thumbnails the report shows, from the stages' per-shard selections."""
+
+    kept: list[dict]                         # written, at random
+    dropped: dict[str, list[dict]]           # per reason: nearest its threshold, or at random
+    near_kept: dict[Rule, list[dict]]        # per threshold rule: the written ones nearest it
+    near_dropped: dict[Rule, list[dict]]     # per threshold rule: the dropped ones nearest it
+
+
+def _rule(row: dict) -> Optional[Rule]:
+    if row.get("rule_metric") is None or row.get("threshold") is None or row.get("distance") is None:
+        return None
+    return (row.get("rule_filter") or "", row["rule_metric"], float(row["threshold"]))
+
+
+def choose_samples(folder: Path, kept_shown: int = KEPT_SHOWN, per_reason: int = DROPPED_SHOWN,
+                   per_rule: int = NEAR_SHOWN) -> ChosenSamples:
+    """Kept samples at random; per reason the dropped ones nearest the threshold (or at random);
+    per threshold rule the kept and the dropped ones nearest it. From every stage's per-shard
+    selection (report/samples/*.parquet), one file in memory at a time."""
     rng = random.Random(0)
     kept = BottomK(kept_shown)
     dropped: dict[str, BottomK] = {}
+    near: dict[tuple[str, Rule], BottomK] = {}
     for path in sorted(Path(folder).glob("*.parquet")) if Path(folder).is_dir() else []:
         for row in pq.read_table(path).to_pylist():
             if is_safety_reason(row["reason"]):
                 continue  # never shown, whatever a samples file holds
+            rule = _rule(row)
+            if rule is not None:
+                side = "kept" if row["status"] == "ok" else "dropped"
+                near.setdefault((side, rule), BottomK(per_rule)).offer(row["distance"], row)
             if row["status"] == "ok":
-                kept.offer(rng.random(), row)
+                if rule is None:
+                    kept.offer(rng.random(), row)
             else:
                 group = dropped.setdefault(row["reason"], BottomK(per_reason))
                 group.offer(row["distance"] if row["distance"] is not None else rng.random(), row)
-    return kept.items(), {reason: group.items() for reason, group in dropped.items()}
+    return ChosenSamples(
+        kept=kept.items(),
+        dropped={reason: group.items() for reason, group in dropped.items()},
+        near_kept={rule: g.items() for (side, rule), g in near.items() if side == "kept"},
+        near_dropped={rule: g.items() for (side, rule), g in near.items() if side == "dropped"},
+    )
 
 
 def _tile(row: dict) -> dict:
     scores = json.loads(row.get("scores") or "{}")
+    value = row.get("value")
     return {
         "key": row["key"], "caption": row.get("caption") or "", "reason": row.get("reason"),
         "src": "data:image/jpeg;base64," + base64.b64encode(row["thumbnail"]).decode(),
         "size": f"{row['width']}×{row['height']}" if row.get("width") else "",
         "scores": ", ".join(f"{k} {v:.3f}" for k, v in sorted(scores.items())),
         "distance": row.get("distance"),
+        "value": None if value is None else f"{row.get('rule_metric')} {value:.4g}",
+        "stage": row.get("stage") or "write",
     }
+
+
+def threshold_groups(chosen: ChosenSamples, dropped_by_rule: Counter) -> list[dict]:
+    """Per threshold rule: the kept samples nearest it beside the dropped ones nearest it."""
+    rules = set(chosen.near_kept) | set(chosen.near_dropped)
+    groups = []
+    for rule in sorted(rules, key=lambda r: (r[1] != "clip_similarity", -dropped_by_rule.get(r, 0), r)):
+        name, metric, threshold = rule
+        groups.append({
+            "filter": name, "metric": metric, "threshold": f"{threshold:g}",
+            "dropped_count": dropped_by_rule.get(rule, 0),
+            "kept": [_tile(r) for r in chosen.near_kept.get(rule, [])],
+            "dropped": [_tile(r) for r in chosen.near_dropped.get(rule, [])],
+        })
+    return groups
+
+
+def count_rule_drops(table: pa.Table, counts: Counter) -> None:
+    """Add one shard's rejections per threshold rule (reject_filter, reject_metric, reject_threshold)."""
+    names = ["reject_filter", "reject_metric", "reject_threshold"]
+    if not set(names) <= set(table.column_names):
+        return
+    ruled = table.filter(pc.and_(pc.is_valid(table["reject_metric"]), pc.is_valid(table["reject_threshold"])))
+    if not ruled.num_rows:
+        return
+    grouped = ruled.group_by(names, use_threads=False).aggregate([("reject_metric", "count")])
+    for f, m, t, n in zip(*(grouped[c].to_pylist() for c in names + ["reject_metric_count"])):
+        counts[(f or "", m, float(t))] += n
+
+
+# ---------------------------------------------------------------- download failures
+
+# The host of a URL, found by Arrow on a whole column (scheme://[userinfo@]host[:port]...).
+_HOST = r"^[A-Za-z][A-Za-z0-9+.\-]*://(?:[^@/?#]*@)?(?P<host>\[[^\]]*\]|[^:/?#]*)"
+
+
+class TopCounts:
+    """Counts of the most frequent keys in bounded memory: exact while there are at most
+    2 × `capacity` distinct keys; beyond that the rarest are dropped (down to `capacity`) and
+    the counts kept are lower bounds (`approximate`). A web crawl has millions of domains."""
+
+    def __init__(self, capacity: int = 5000):
+        self.capacity = capacity
+        self.counts: Counter = Counter()
+        self.approximate = False
+
+    def update(self, counts: dict) -> None:
+        self.counts.update(counts)
+        if len(self.counts) > 2 * self.capacity:
+            self.counts = Counter(dict(self.counts.most_common(self.capacity)))
+            self.approximate = True
+
+
+def _hosts(urls: pa.Array) -> pa.Array:
+    """The host of each URL as written (lower case), "" where there is none."""
+    if not pa.types.is_string(urls.type) and not pa.types.is_large_string(urls.type):
+        urls = pc.cast(urls, pa.string())
+    found = pc.struct_field(pc.extract_regex(urls, pattern=_HOST), [0])
+    return pc.fill_null(pc.utf8_lower(found), "")
+
+
+def _domain(host: str) -> str:
+    return normalize_host(host) if host else "(no host)"
+
+
+class DownloadFailures:
+    """Why downloads failed: rows the download stage rejected before it had any bytes
+    (`reject_filter` "download", no `bytes`), per reason, per domain and reason (top domains),
+    per HTTP status (`http_status`), with a few example URLs per reason. Fed one shard at a time;
+    memory bounded by the top-domain counters."""
+
+    COLUMNS = {"status", "reason", "url", "reject_filter", "bytes", "http_status", "error_message"}
+
+    def __init__(self):
+        self._rng = random.Random(2)
+        self.reasons: Counter = Counter()
+        self.rows_by_domain = TopCounts()
+        self.failed_by_domain = TopCounts()
+        self.by_domain_reason = TopCounts(capacity=20000)
+        self.http: Counter = Counter()
+        self.no_answer = 0
+        self._examples: dict[str, BottomK] = {}
+
+    def add(self, table: pa.Table) -> None:
+        if not {"url", "reject_filter", "reason"} <= set(table.column_names):
+            return
+        hosts = _hosts(table["url"])
+        seen = pc.value_counts(hosts)
+        self.rows_by_domain.update(dict(zip(seen.field("values").to_pylist(), seen.field("counts").to_pylist())))
+        failed = pc.fill_null(pc.equal(table["reject_filter"], "download"), False)
+        if "bytes" in table.column_names:
+            failed = pc.and_(failed, pc.is_null(table["bytes"]))
+        rows = table.filter(failed)
+        if not rows.num_rows:
+            return
+        hosts = hosts.filter(failed).to_pylist()
+        reasons = rows["reason"].to_pylist()
+        statuses = rows["http_status"].to_pylist() if "http_status" in rows.column_names else [None] * rows.num_rows
+        details = rows["error_message"].to_pylist() if "error_message" in rows.column_names else [None] * rows.num_rows
+        self.reasons.update(reasons)
+        self.failed_by_domain.update(Counter(hosts))
+        self.by_domain_reason.update(Counter(zip(hosts, reasons)))
+        for status in statuses:
+            if status is None:
+                self.no_answer += 1
+            else:
+                self.http[int(status)] += 1
+        for i, (reason, url) in enumerate(zip(reasons, rows["url"].to_pylist())):
+            group = self._examples.get(reason)
+            if group is None:
+                if len(self._examples) >= 64:  # reasons are few; a flood of new ones is not shown
+                    continue
+                group = self._examples[reason] = BottomK(URLS_SHOWN)
+            priority = self._rng.random()
+            if group.accepts(priority):
+                group.offer(priority, {"url": url or "", "detail": details[i] or "", "http_status": statuses[i]})
+
+    @property
+    def total(self) -> int:
+        return sum(self.reasons.values())
+
+    def domain_table(self) -> dict:
+        """Rows: the top failing domains; columns: the top reasons (and the rest as "other")."""
+        reasons = [r for r, _ in self.reasons.most_common(REASONS_BY_DOMAIN)]
+        rows = []
+        for host, failed in self.failed_by_domain.counts.most_common(DOMAINS_SHOWN):
+            seen = self.rows_by_domain.counts.get(host, 0)
+            cells = [self.by_domain_reason.counts.get((host, r), 0) for r in reasons]
+            rows.append({"domain": _domain(host), "rows": seen, "failed": failed,
+                         "percent": 100.0 * failed / seen if seen else None,
+                         "cells": cells, "other": failed - sum(cells)})
+        approximate = self.rows_by_domain.approximate or self.failed_by_domain.approximate
+        return {"reasons": reasons, "rows": rows, "approximate": approximate,
+                "domains": len(self.failed_by_domain.counts)}
+
+    def examples(self) -> list[dict]:
+        return [{"reason": reason, "count": n, "urls": self._examples[reason].items()}
+                for reason, n in self.reasons.most_common() if reason in self._examples]
+
+    def http_figure(self) -> Optional[go.Figure]:
+        if not self.http:
+            return None
+        codes = sorted(self.http)
+        fig = go.Figure(go.Bar(
+            x=[f"HTTP {c}" for c in codes], y=[self.http[c] for c in codes], marker_color=COLORS["rule"],
+            text=[f"{self.http[c]:,}" for c in codes], textposition="outside",
+        ))
+        fig.update_layout(title="Failed downloads by HTTP status (the server answered)", height=300, bargap=0.5,
+                          template="plotly_white", margin=dict(l=50, r=20, t=50, b=40), yaxis_title="rows",
+                          xaxis_type="category")
+        return fig
 
 
 # ---------------------------------------------------------------- stages
@@ -553,23 +795,31 @@ def build_report(root: str | Path) -> Path:
     captions = CaptionExamples({
         r for name, c in (stats.get("filters") or {}).items() if _stage(name) == "row" for r in _dropped(c)
     })
-    wanted = {"status", "reason", "caption", "original_width", "original_height", "reject_filter", "reject_metric"}
+    failures = DownloadFailures()
+    dropped_by_rule: Counter = Counter()
+    wanted = {"status", "reason", "caption", "original_width", "original_height", "reject_filter", "reject_metric",
+              "reject_threshold"} | DownloadFailures.COLUMNS
     wanted |= {c.key[len("score:"):] for c in charts if c.key.startswith("score:")}
     for path in files:  # one shard's needed columns in memory at a time
         names = set(pq.read_schema(path).names)
         table = pq.read_table(path, columns=sorted(wanted & names))
         fill_histograms(charts, table)
         captions.add(table)
+        failures.add(table)
+        count_rule_drops(table, dropped_by_rule)
     charts = [c for c in charts if c.total]
 
-    kept, dropped = choose_samples(layout.report_samples)
+    chosen = choose_samples(layout.report_samples)
     counts = stats.get("rejected_by_reason") or {}
+    # Reasons of threshold rules are shown beside their threshold; here the others.
     dropped_groups = [
-        {"reason": reason, "count": counts.get(reason, 0), "threshold": any(r["distance"] is not None for r in rows),
-         "tiles": [_tile(r) for r in rows]}
-        for reason, rows in sorted(dropped.items(), key=lambda kv: (-counts.get(kv[0], 0), kv[0]))
+        {"reason": reason, "count": counts.get(reason, 0), "tiles": [_tile(r) for r in rows],
+         "download": all(r.get("stage") == "download" for r in rows)}
+        for reason, rows in sorted(chosen.dropped.items(), key=lambda kv: (-counts.get(kv[0], 0), kv[0]))
+        if not any(r["distance"] is not None for r in rows)
     ]
     per_shard = stage_seconds(layout)
+    http_figure = failures.http_figure()
 
     html = _environment().get_template("report.html.j2").render(
         title=f"curate run report: {layout.root.resolve().name}",
@@ -579,30 +829,46 @@ def build_report(root: str | Path) -> Path:
         steps=steps,
         funnel_chart=_html(funnel_figure(steps), "chart-funnel"),
         charts=[{"title": c.title, "html": _html(chart_figure(c), f"chart-{i}")} for i, c in enumerate(charts)],
-        kept=[_tile(r) for r in kept],
+        kept=[_tile(r) for r in chosen.kept],
+        thresholds=threshold_groups(chosen, dropped_by_rule),
         dropped_groups=dropped_groups,
         row_stage_captions=captions.items(),
+        failures={"total": failures.total, "domains": failures.domain_table(), "examples": failures.examples(),
+                  "no_answer": failures.no_answer,
+                  "http_chart": _html(http_figure, "chart-http") if http_figure is not None else None},
         stages=stage_table(stats, per_shard),
         stage_chart=_html(stage_figure(per_shard), "chart-stages") if per_shard else None,
         config_text=layout.config.read_text(),
         plotly_js=Markup(get_plotlyjs()),
     )
-    for leftover in layout.root.glob(f"{layout.report.name}.tmp-*"):  # from a build killed mid-write
-        leftover.unlink(missing_ok=True)
-    with atomic_path(layout.report) as tmp:
-        tmp.write_text(html, encoding="utf-8")
+    write_page(layout.root, layout.report, html)
     return layout.report
+
+
+def write_page(folder: Path, path: Path, html: str) -> None:
+    """Write a page atomically, first removing what a build killed mid-write left."""
+    for leftover in Path(folder).glob(f"{path.name}.tmp-*"):
+        leftover.unlink(missing_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(html, encoding="utf-8")
 
 
 # ---------------------------------------------------------------- `curate inspect`
 
 def describe_samples(tar_path: str | Path, n: int = 3) -> str:
-    """The first `n` samples of a WebDataset shard: key, members, caption and json metadata."""
+    """The first `n` samples of a WebDataset shard: key, members, caption and json metadata;
+    for n = 0 only how many samples the shard holds."""
     path = Path(tar_path)
     if not path.exists():
         raise UserError(f"{path}: no such file")
     if not path.is_file() or not tarfile.is_tarfile(path):
         raise UserError(f"{path}: not a tar file (expected a WebDataset shard such as shards/00000.tar)")
+    if n <= 0:
+        try:
+            count = sum(1 for _ in iter_tar_samples(path))
+        except (tarfile.TarError, OSError) as exc:
+            raise UserError(f"{path}: unreadable tar ({exc})") from exc
+        return f"{path}: {count:,} sample{'s' if count != 1 else ''} (0 requested: none printed)"
     blocks = []
     try:
         for key, fields in itertools.islice(iter_tar_samples(path), max(n, 0)):

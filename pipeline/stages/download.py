@@ -3,6 +3,12 @@
 One call handles one shard and is one Dask task. Inside it a thread pool fetches
 and normalizes images; results are consumed in row order through a bounded window,
 so output is deterministic and memory is bounded by the window, not the shard.
+
+Images it drops after fetching them (the `resolution` filter's, undecodable ones) are gone
+after this stage, so it keeps thumbnails of a bounded few per reason for the report
+(pipeline/report/samples.py), never of a safety rejection, and only when the run has no
+sample-stage safety filter (nsfw, concepts): those judge images in the write stage, so an
+image dropped here has not been screened by them.
 """
 
 from __future__ import annotations
@@ -16,15 +22,17 @@ from typing import Optional
 
 import pyarrow.parquet as pq
 
-from curate.filters import apply_chain, build_stage_chain, chain_counts
-from curate.filters.base import Filter
+from curate.filters import apply_chain, build_chain, build_stage_chain, chain_counts
+from curate.filters.base import SAFETY, Filter
 from curate.pipeline.config import RunConfig
 from curate.filters.dedup import needs_phash
 from curate.pipeline.dedup_store import phash_hex
 from curate.pipeline.fetch import fetch
 from curate.pipeline.image import ImageRejected, normalize_image, read_header
 from curate.pipeline.reader import read_input_shard
+from curate.pipeline.layout import RunLayout
 from curate.pipeline.records import Rejection, records_table, sample_meta
+from curate.pipeline.report.samples import ReportSamples
 from curate.pipeline.shards import atomic_path, run_once, sample_key, shard_name
 from curate.pipeline.tarshard import TarShardWriter
 
@@ -39,12 +47,26 @@ def _rejection(exc: ImageRejected) -> Rejection:
 
 def _process_row(row: dict, cfg: RunConfig, bytes_chain: list[Filter], phash: bool = False,
                  check_url=None) -> tuple[dict, bytes | None]:
-    """Fetch, check and normalize one row. Never raises: a failure is a rejection with a reason."""
+    """Fetch, check and normalize one row: its record, and the normalized image (None when
+    rejected). Never raises: a failure is a rejection with a reason."""
+    record, image, _ = _process(row, cfg, bytes_chain, phash, check_url)
+    return record, image
+
+
+def _process(row: dict, cfg: RunConfig, bytes_chain: list[Filter], phash: bool = False,
+             check_url=None) -> tuple[dict, bytes | None, Optional[tuple[bytes, Rejection]]]:
+    """`_process_row`, and for a row rejected after its bytes were fetched, those bytes with the
+    rejection (for the report's pictures; never for a safety rejection)."""
     record = {"status": "rejected"}
     got = fetch(row["url"], cfg.download, check_url)
     if not got.ok:
-        record.update(got.rejection.columns())
-        return record, None
+        record.update(got.rejection.columns(), http_status=got.http_status)
+        return record, None, None
+
+    def dropped(rejection: Rejection):
+        record.update(rejection.columns())
+        return record, None, (None if rejection.is_safety else (got.data, rejection))
+
     record["sha256"] = hashlib.sha256(got.data).hexdigest()
     record["bytes"] = len(got.data)
     # The header, read once: the size the bytes filters judge (resolution) and the report charts,
@@ -65,21 +87,17 @@ def _process_row(row: dict, cfg: RunConfig, bytes_chain: list[Filter], phash: bo
                       "original_width": record.get("original_width"), "original_height": record.get("original_height")}
             rejection = apply_chain(bytes_chain, sample)
             if rejection is not None:
-                record.update(rejection.columns())
-                return record, None
+                return dropped(rejection)
         if unreadable is not None:
-            record.update(_rejection(unreadable).columns())
-            return record, None
+            return dropped(_rejection(unreadable))
         try:
             img = normalize_image(got.data, cfg.resize, cfg.download.max_image_area, header)
             # For the dedup filter's near-duplicate pass: the hash of the image as it is stored.
             perceptual = phash_hex(img.data) if phash else None
         except ImageRejected as exc:
-            record.update(_rejection(exc).columns())
-            return record, None
+            return dropped(_rejection(exc))
         except Exception as exc:  # one strange image must never fail the shard
-            record.update(Rejection("decode_error", filter=DOWNLOAD, detail=f"{type(exc).__name__}: {exc}"[:200]).columns())
-            return record, None
+            return dropped(Rejection("decode_error", filter=DOWNLOAD, detail=f"{type(exc).__name__}: {exc}"[:200]))
     finally:
         if header is not None:
             header.close()  # normalize_image has closed it already when it ran; twice is harmless
@@ -91,7 +109,7 @@ def _process_row(row: dict, cfg: RunConfig, bytes_chain: list[Filter], phash: bo
         record["bucket"] = list(img.bucket)  # resize.mode buckets: training batches by it
     if perceptual is not None:
         record["phash"] = perceptual
-    return record, img.data
+    return record, img.data, None
 
 
 def redirect_check(row_chain: list[Filter]):
@@ -113,7 +131,15 @@ def redirect_check(row_chain: list[Filter]):
 
 def download_shard(input_path: str, shard_id: int, stage_dir: str, cfg: RunConfig) -> dict:
     """Download one shard. Returns its stats; a done shard is not redone."""
-    return run_once(Path(stage_dir), shard_id, lambda: _download(input_path, shard_id, Path(stage_dir), cfg))
+    pictures = RunLayout(cfg.output.path).report_download_samples_file(shard_id)
+    return run_once(Path(stage_dir), shard_id, lambda: _download(input_path, shard_id, Path(stage_dir), cfg),
+                    also_clean=[pictures])
+
+
+def screened_by_every_safety_filter(filter_specs: list[dict]) -> bool:
+    """Whether an image this stage drops has been through every safety filter of the run:
+    not when a sample-stage one (nsfw, concepts) is configured, which judges only later."""
+    return not any(f.priority == SAFETY and f.stage == "sample" for f in build_chain(filter_specs))
 
 
 def _download(input_path: str, shard_id: int, stage_dir: Path, cfg: RunConfig) -> dict:
@@ -124,6 +150,9 @@ def _download(input_path: str, shard_id: int, stage_dir: Path, cfg: RunConfig) -
     check_url = redirect_check(row_chain)
     bytes_chain = build_stage_chain(cfg.filter_specs(), "bytes", context)
     phash = needs_phash(cfg.filter_specs())  # ~1 ms an image: only when dedup uses it
+    # The report's pictures of images dropped here (bounded; thumbnailed as chosen).
+    pictures = (ReportSamples(shard_id, kept=0, stage="download")
+                if screened_by_every_safety_filter(cfg.filter_specs()) else None)
     records: list[dict] = []
     reasons: Counter = Counter()
     name = shard_name(shard_id)
@@ -145,10 +174,10 @@ def _download(input_path: str, shard_id: int, stage_dir: Path, cfg: RunConfig) -
                     rejection = apply_chain(row_chain, sample) if row_chain else None
                     if rejection is not None:
                         done = Future()
-                        done.set_result((rejection.columns(), None))
+                        done.set_result((rejection.columns(), None, None))
                         window.append((index, sample, done))
                         continue
-                    window.append((index, sample, pool.submit(_process_row, sample, cfg, bytes_chain, phash, check_url)))
+                    window.append((index, sample, pool.submit(_process, sample, cfg, bytes_chain, phash, check_url)))
                     return
 
             for _ in range(limit):
@@ -156,7 +185,7 @@ def _download(input_path: str, shard_id: int, stage_dir: Path, cfg: RunConfig) -
             while window:
                 index, row, future = window.popleft()
                 submit_next()
-                outcome, image = future.result()
+                outcome, image, dropped = future.result()
                 record = {
                     "key": row["key"],
                     "url": row["url"],
@@ -167,12 +196,18 @@ def _download(input_path: str, shard_id: int, stage_dir: Path, cfg: RunConfig) -
                 records.append(record)
                 if image is None:
                     reasons[record["reason"]] += 1
+                    if dropped is not None and pictures is not None:
+                        data, rejection = dropped
+                        pictures.add_dropped({"key": record["key"], "caption": record["caption"], "jpg": data, "meta": {
+                            "width": record.get("original_width"), "height": record.get("original_height")}}, rejection)
                     continue
                 meta = sample_meta(record)
                 tar.write(record["key"], {"jpg": image, "json": json.dumps(meta, default=str).encode()})
 
     with atomic_path(stage_dir / f"{name}.parquet") as pq_tmp:
         pq.write_table(records_table(records, extra_cols), pq_tmp)
+    if pictures is not None:
+        pictures.save(RunLayout(cfg.output.path).report_download_samples_file(shard_id))
 
     return {
         "shard": shard_id,

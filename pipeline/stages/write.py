@@ -55,7 +55,10 @@ def _write(shard_id: int, layout: RunLayout, cfg: RunConfig, filter_specs: list[
     raw_samples = iter_tar_samples(download_dir / f"{name}.tar")
     reasons: Counter = Counter()
     # report.html's thumbnails: chosen now, while the images of dropped samples still exist.
-    report_samples = ReportSamples(shard_id, score_fields=[CLIP_SIMILARITY, *score_fields(build_chain(filter_specs))])
+    # Every filter of the run: the kept samples nearest each threshold rule are chosen here too.
+    run_filters = build_chain(filter_specs)
+    report_samples = ReportSamples(shard_id, score_fields=[CLIP_SIMILARITY, *score_fields(run_filters)],
+                                   filters=run_filters)
 
     with atomic_path(out_dir / f"{name}.tar") as tar_tmp:
         with TarShardWriter(tar_tmp) as tar:

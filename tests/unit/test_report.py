@@ -60,9 +60,10 @@ def test_safety_rejected_samples_never_get_a_thumbnail(tmp_path):
     # And the report skips such a row even if a samples file somehow holds one.
     planted = dict(saved[0], key="0000000099", status="rejected", reason="unsafe: test")
     pq.write_table(pa.Table.from_pylist(saved + [planted], schema=SCHEMA), tmp_path / "samples" / "00001.parquet")
-    kept, dropped = choose_samples(tmp_path / "samples")
-    shown = [s["key"] for s in kept] + [s["key"] for group in dropped.values() for s in group]
-    assert "0000000099" not in shown and "unsafe: test" not in dropped
+    chosen = choose_samples(tmp_path / "samples")
+    shown = [s["key"] for s in chosen.kept] + [s["key"] for group in chosen.dropped.values() for s in group]
+    shown += [s["key"] for side in (chosen.near_kept, chosen.near_dropped) for g in side.values() for s in g]
+    assert "0000000099" not in shown and "unsafe: test" not in chosen.dropped
 
 
 def test_collector_is_bounded_prefers_the_threshold_and_repeats(tmp_path):
@@ -231,3 +232,187 @@ def test_describe_samples_of_an_empty_tar(tmp_path):
     with tarfile.open(tmp_path / "empty.tar", "w"):
         pass
     assert describe_samples(tmp_path / "empty.tar").endswith("no samples")
+    # -n 0 asks for none: it says how many there are, not that there are none.
+    assert describe_samples(tmp_path / "empty.tar", 0).endswith(": 0 samples (0 requested: none printed)")
+
+
+# ------------------------------------------------------------------ both sides of each threshold
+
+def test_filters_say_their_thresholds_and_measure_a_written_sample():
+    from curate.filters import build_chain
+
+    chain = {f.name: f for f in build_chain([
+        {"name": "caption_length", "min_words": 3, "max_words": 40},
+        {"name": "resolution", "min_side": 64, "max_aspect_ratio": 3},
+        {"name": "clip_similarity", "min_similarity": 0.28},
+        {"name": "laion_columns", "punsafe_threshold": 0.5},
+    ])}
+    assert chain["caption_length"].thresholds() == [("words", 3.0), ("words", 40.0)]
+    assert chain["resolution"].thresholds() == [("side", 64.0), ("aspect", 3.0)]
+    assert chain["clip_similarity"].thresholds() == [("clip_similarity", 0.28)]
+    assert chain["laion_columns"].thresholds() == [("punsafe", 0.5)]
+    sample = {"caption": "a red circle on blue", "meta": {"clip_similarity": 0.31, "original_width": 300,
+                                                          "original_height": 100, "bytes": 1234}}
+    assert chain["caption_length"].measures(sample) == {"words": 5.0, "chars": 20.0}
+    assert chain["resolution"].measures(sample) == {"side": 100.0, "area": 30000.0, "aspect": 3.0, "bytes": 1234.0}
+    assert chain["clip_similarity"].measures(sample) == {"clip_similarity": 0.31}
+    assert chain["clip_similarity"].measures({"meta": {}}) == {}
+    # A top fraction is no threshold until resolved.
+    assert build_chain([{"name": "clip_similarity", "top_fraction": 0.3}])[0].thresholds() == []
+
+
+def test_kept_samples_nearest_each_rule_and_none_for_safety_rules():
+    from curate.filters import build_chain
+
+    filters = build_chain([{"name": "clip_similarity", "min_similarity": 0.5},
+                           {"name": "laion_columns", "punsafe_threshold": 0.5}])
+    c = ReportSamples(0, kept=2, per_rule=3, filters=filters)
+    scores = [0.9, 0.52, 0.7, 0.55, 0.61, 0.5]
+    for i, score in enumerate(scores):
+        c.add_kept(dict(_sample(i), meta={"clip_similarity": score, "punsafe": 0.49}))
+    entries = c.entries()
+    near = [e for e in entries if e["rule_metric"] == "clip_similarity"]
+    assert [e["value"] for e in near] == [0.5, 0.52, 0.55]
+    assert [e["distance"] for e in near] == pytest.approx([0.0, 0.02, 0.05])
+    assert {(e["rule_filter"], e["threshold"], e["status"]) for e in near} == {("clip_similarity", 0.5, "ok")}
+    # The kept images nearest to being judged unsafe are not picked out.
+    assert not [e for e in entries if e["rule_metric"] == "punsafe"]
+    assert len([e for e in entries if e["rule_metric"] is None]) == 2
+    # Dropped samples of a threshold rule carry the rule too, for the report to pair them.
+    c.add_dropped(_sample(20, 0.45), clip_rejection(0.45, 0.5))
+    dropped = [e for e in c.entries() if e["status"] == "rejected"]
+    assert [(e["rule_filter"], e["rule_metric"], e["threshold"], e["value"]) for e in dropped] == [
+        ("clip_similarity", "clip_similarity", 0.5, 0.45)]
+
+
+def test_choose_samples_pairs_both_sides_of_a_rule(tmp_path):
+    from curate.filters import build_chain
+
+    filters = build_chain([{"name": "clip_similarity", "min_similarity": 0.5}])
+    for shard in range(2):
+        c = ReportSamples(shard, kept=1, per_rule=4, filters=filters)
+        for i in range(10):
+            c.add_kept(dict(_sample(100 * shard + i), meta={"clip_similarity": 0.5 + (i + shard) / 100}))
+            c.add_dropped(_sample(1000 + 100 * shard + i, 0.5 - (i + 1) / 50), clip_rejection(0.5 - (i + 1) / 50, 0.5))
+        c.save(tmp_path / f"0000{shard}.parquet")
+    chosen = choose_samples(tmp_path, per_rule=5)
+    rule = ("clip_similarity", "clip_similarity", 0.5)
+    assert list(chosen.near_kept) == [rule] and list(chosen.near_dropped) == [rule]
+    assert [round(s["value"], 2) for s in chosen.near_kept[rule]] == [0.5, 0.51, 0.51, 0.52, 0.52]
+    assert [round(s["value"], 2) for s in chosen.near_dropped[rule]] == [0.48, 0.48, 0.46, 0.46, 0.44]
+    assert len(chosen.kept) == 2  # the random ones only
+
+
+def test_download_stage_pictures_are_thumbnailed_as_chosen_and_never_unsafe(tmp_path):
+    c = ReportSamples(3, kept=0, per_reason=2, stage="download")
+    big = _jpeg((10, 200, 10), size=(2000, 500))
+    c.add_dropped({"key": "1", "caption": "wide", "jpg": big, "meta": {"width": 2000, "height": 500}},
+                  Rejection("resolution: aspect>3", filter="resolution", metric="aspect", value=4.0, threshold=3.0))
+    c.add_dropped({"key": "2", "caption": "broken", "jpg": b"\xff\xd8\xff\xe0" + bytes(100), "meta": {}},
+                  Rejection("decode_error", filter="download"))
+    c.add_dropped({"key": "3", "caption": "x", "jpg": big, "meta": {}}, Rejection("unsafe: hash_blocklist"))
+    c.add_kept({"key": "4", "caption": "y", "jpg": big, "meta": {}})
+    entries = c.entries()
+    # Thumbnails, not the originals, are held; an image without one is not chosen at all.
+    assert [e["key"] for e in entries] == ["1"] and "jpg" not in entries[0]
+    with Image.open(io.BytesIO(entries[0]["thumbnail"])) as im:
+        assert max(im.size) == 128
+    assert c.save(tmp_path / "00003.download.parquet") == 1
+    assert pq.read_table(tmp_path / "00003.download.parquet").to_pylist()[0]["stage"] == "download"
+
+
+def test_images_dropped_at_download_get_pictures_only_when_safety_filters_saw_them():
+    from curate.pipeline.stages.download import screened_by_every_safety_filter
+
+    assert screened_by_every_safety_filter([{"name": "resolution", "min_side": 64},
+                                            {"name": "caption_blocklist", "words": ["x"]}])
+    assert not screened_by_every_safety_filter([{"name": "resolution", "min_side": 64},
+                                                {"name": "concepts", "concepts": [
+                                                    {"name": "c", "prompts": ["a c"], "threshold": 0.3}]}])
+
+
+# ------------------------------------------------------------------ what a threshold would keep
+
+def test_kept_share_and_its_direction():
+    from curate.pipeline.report.page import Histogram
+
+    h = Histogram(key="score:s", title="s", x_title="s", edges=np.linspace(0, 1, 11), rule_metric="s",
+                  markers=[(0.5, "threshold 0.5")])
+    values = np.array([0.05, 0.15, 0.25, 0.55, 0.65, 0.75, 0.85, 0.95])
+    rejected = values < 0.5
+    h.add(values, np.where(rejected, "rejected", "ok").astype(object),
+          np.full(8, "f", dtype=object), np.where(rejected, "s", "").astype(object))
+    assert h.keeps_above()
+    x, share = h.kept_share()
+    assert share[0] == 100 and share[5] == pytest.approx(62.5) and share[-1] == 0
+    # Drops above the marker: an upper limit, which keeps what lies below.
+    h2 = Histogram(key="score:p", title="p", x_title="p", edges=np.linspace(0, 1, 11), rule_metric="p",
+                   markers=[(0.5, "threshold 0.5")])
+    h2.add(values, np.where(~rejected, "rejected", "ok").astype(object),
+           np.full(8, "f", dtype=object), np.where(~rejected, "p", "").astype(object))
+    assert not h2.keeps_above()
+    assert h2.kept_share()[1][5] == pytest.approx(37.5)
+
+
+# ------------------------------------------------------------------ why downloads failed
+
+def test_download_failures_by_reason_domain_and_status():
+    from curate.pipeline.report.page import DownloadFailures, TopCounts
+
+    def row(url, reason=None, status=None, nbytes=None, detail=None, by="download"):
+        return {"url": url, "status": "rejected" if reason else "ok", "reason": reason, "reject_filter": by if reason else None,
+                "http_status": status, "bytes": nbytes, "error_message": detail}
+
+    table = pa.Table.from_pylist([
+        row("http://A.example.com/1.jpg", "failed_to_download: HTTP 404", 404, detail="HTTP 404 Not Found"),
+        row("https://user@a.example.com:8080/2.jpg", "failed_to_download: HTTP 404", 404),
+        row("http://b.example.org/x", "failed_to_download: timeout", None, detail="no answer"),
+        row("http://b.example.org/y"),
+        row("http://b.example.org/z", "decode_error", nbytes=100),            # bytes fetched: not a download failure
+        row("http://c.example.net/w", "caption_too_short: <2 words", by="caption_length"),
+        row("ftp://weird", "invalid_url: unsupported scheme"),
+        row(None, "invalid_url: missing"),
+    ], schema=pa.schema([("url", pa.string()), ("status", pa.string()), ("reason", pa.string()),
+                         ("reject_filter", pa.string()), ("http_status", pa.int64()), ("bytes", pa.int64()),
+                         ("error_message", pa.string())]))
+    f = DownloadFailures()
+    f.add(table)
+    f.add(table.slice(0, 1))
+    assert f.reasons == {"failed_to_download: HTTP 404": 3, "failed_to_download: timeout": 1,
+                         "invalid_url: unsupported scheme": 1, "invalid_url: missing": 1}
+    assert f.http == {404: 3} and f.no_answer == 3
+    domains = f.domain_table()
+    assert [(d["domain"], d["failed"], d["rows"]) for d in domains["rows"]][:2] == [
+        ("a.example.com", 3, 3), ("b.example.org", 1, 3)]
+    assert {d["domain"] for d in domains["rows"]} == {"a.example.com", "b.example.org", "weird", "(no host)"}
+    assert domains["reasons"][0] == "failed_to_download: HTTP 404" and not domains["approximate"]
+    examples = {e["reason"]: e["urls"] for e in f.examples()}
+    assert {u["url"] for u in examples["failed_to_download: HTTP 404"]} == {
+        "http://A.example.com/1.jpg", "https://user@a.example.com:8080/2.jpg"}
+    assert f.http_figure() is not None
+
+    # Bounded: beyond twice its capacity the rarest keys go, and the counts say they are lower bounds.
+    top = TopCounts(capacity=2)
+    top.update({"a": 5, "b": 1, "c": 1})
+    assert not top.approximate
+    top.update({"d": 1, "e": 2})
+    assert top.approximate and len(top.counts) == 2 and top.counts.most_common(1) == [("a", 5)]
+
+
+# ------------------------------------------------------------------ two runs
+
+def test_merge_labels_keeps_each_runs_order():
+    from curate.pipeline.report.compare import merge_labels
+
+    assert merge_labels(["rows in", "a", "downloaded", "written"], ["rows in", "downloaded", "b", "written"]) == [
+        "rows in", "a", "downloaded", "b", "written"]
+    # A label the first lacks goes after the one it follows in the second (or last, if it leads).
+    assert merge_labels(["x"], ["y", "x", "z"]) == ["x", "z", "y"]
+
+
+def test_compare_needs_two_runs_and_out_only_with_them(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    assert "no such folder" in _error_line(capsys)
+    (tmp_path / "a").mkdir()
+    assert main(["report", str(tmp_path / "a"), "-o", str(tmp_path / "x.html")]) == 2
+    assert "give a second run" in _error_line(capsys)

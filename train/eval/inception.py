@@ -104,6 +104,7 @@ def weights_file(setting: str) -> Path:
     path = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_FILE
     if not path.is_file():
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(FID_WEIGHTS_URL, str(path), hash_prefix=FID_WEIGHTS_SHA256_PREFIX)
         except Exception as exc:  # offline: URLError, timeouts, a proxy's refusal, ...
             raise UserError(
@@ -141,3 +142,19 @@ def _load(path: Path, device: str) -> LoadedInception:
     sha = _sha256(path)
     model = FIDInception(net).eval().requires_grad_(False).to(device)
     return LoadedInception(model, device, str(path), sha, sha.startswith(FID_WEIGHTS_SHA256_PREFIX))
+
+
+def write_random_weights(path: Path, seed: int = 0) -> Path:
+    """Save a randomly initialised FID Inception in the public file's format (a state_dict with
+    its keys and shapes), for tests and benchmark dry runs on machines without the real file.
+    He-initialised convolutions keep the activations of the 94-layer network at a usable scale."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = fid_inception_network()
+        for module in net.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            elif isinstance(module, torch.nn.Linear):
+                torch.nn.init.normal_(module.weight, std=module.in_features ** -0.5)
+    torch.save(net.state_dict(), path)
+    return Path(path)

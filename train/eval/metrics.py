@@ -93,8 +93,10 @@ def inception_score(logits, splits: int = 10) -> tuple[float, float]:
     scores = []
     for part in np.array_split(log_p, min(splits, len(log_p))):
         p = np.exp(part)
-        log_marginal = np.log(p.mean(axis=0))
-        scores.append(np.exp(np.mean(np.sum(p * (part - log_marginal), axis=1))))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            # 0 · log 0 = 0: a class no image of the split predicts adds nothing
+            terms = np.where(p > 0, p * (part - np.log(p.mean(axis=0))), 0.0)
+        scores.append(np.exp(np.mean(np.sum(terms, axis=1))))
     return float(np.mean(scores)), float(np.std(scores))
 
 
