@@ -27,7 +27,7 @@ train-demo: $(STAMP)
 	$(BIN)/python -m curate.pipeline.cli train configs/train-demo.yaml
 
 test: $(STAMP)
-	# tests/test_report.py opens the run report in Debian's headless Chromium.
+	# tests/e2e/test_report_run.py opens the run report in Debian's headless Chromium.
 	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ]; then \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; fi
 	$(BIN)/python -m pytest -q

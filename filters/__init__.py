@@ -1,7 +1,7 @@
 """Filters: each answers keep, or drop with a Rejection (reason, and the measure it compared).
 
 Adding a filter: write a module with a `Filter` subclass, import it and add it to FILTERS
-below, add a test file (filters/repetition.py and tests/test_filter_repetition.py are a
+below, add a test file (filters/repetition.py and tests/unit/test_filter_repetition.py are a
 small complete example). The YAML names it in `filters:` with its parameters, in order.
 """
 

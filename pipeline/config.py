@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
+from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from curate.filters import FILTERS, FilterConfigError, build_chain
@@ -73,6 +74,21 @@ class DownloadConfig(Section):
     # Off by default: URL lists come from the open web and must not reach internal
     # services. The demo and tests turn it on to fetch from 127.0.0.1.
     allow_private_addresses: bool = False
+    # Egress through an HTTP(S) proxy (clusters that reach the internet only that way):
+    # http://HOST:PORT for every fetch; null: the HTTP_PROXY / HTTPS_PROXY / NO_PROXY
+    # environment of each worker, when `proxy_from_environment`. The address rules above still
+    # apply to every target host, checked here before the request is sent to the proxy.
+    proxy: Optional[str] = None
+    proxy_from_environment: bool = True
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy_url(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"expected http://HOST:PORT, got {value!r}")
+        return value
 
 
 class ResizeConfig(Section):

@@ -21,6 +21,7 @@ import socket
 import ssl
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from typing import Callable, Optional
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
@@ -174,15 +175,62 @@ def _open_connection(url: str, cfg: DownloadConfig, timeout: float) -> tuple[htt
         port = parts.port
     except ValueError as exc:
         raise FetchError("invalid_url: bad port", str(exc), retryable=False) from exc
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    proxy = proxy_for(parts.scheme, host, cfg)
+    if proxy is not None:
+        return _via_proxy(proxy, parts.scheme, host, port, target, cfg, timeout)
     if parts.scheme == "https":
         conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=_SSL_CONTEXT)
     else:
         conn = http.client.HTTPConnection(host, port, timeout=timeout)
     conn._create_connection = _connector(cfg.allow_private_addresses)  # checked before every connect
-    target = parts.path or "/"
-    if parts.query:
-        target += "?" + parts.query
     return conn, target
+
+
+def proxy_for(scheme: str, host: str, cfg: DownloadConfig) -> Optional[str]:
+    """The proxy URL to reach `host` through, or None for a direct connection: download.proxy,
+    else (when allowed) HTTP_PROXY / HTTPS_PROXY unless NO_PROXY names the host."""
+    if cfg.proxy:
+        return cfg.proxy
+    if not cfg.proxy_from_environment:
+        return None
+    proxies = urllib.request.getproxies_environment()
+    if not proxies.get(scheme) or urllib.request.proxy_bypass_environment(host, proxies):
+        return None
+    return proxies[scheme]
+
+
+def check_target(host: str, port: Optional[int], allow_private: bool) -> None:
+    """The address rules for a host the proxy will connect to: every address it resolves to is
+    judged here, before anything is sent (the proxy resolves it again; a name whose answer
+    changes in between is the proxy's own policy's to refuse)."""
+    try:
+        infos = socket.getaddrinfo(host, port or 443, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise FetchError("failed_to_download: dns error", f"{host}: {exc}", retryable=True) from exc
+    for *_, sockaddr in infos:
+        ip = ipaddress.ip_address(sockaddr[0].split("%")[0])
+        why = address_block_reason(ip, allow_private)
+        if why:
+            raise FetchError("blocked_address", f"{host} resolves to {ip} ({why})", retryable=False)
+
+
+def _via_proxy(proxy: str, scheme: str, host: str, port: Optional[int], target: str, cfg: DownloadConfig,
+               timeout: float) -> tuple[http.client.HTTPConnection, str]:
+    """A connection to the proxy: plain HTTP asks it for the absolute URL; HTTPS tunnels through
+    it (CONNECT) and speaks TLS with the target. The proxy itself is infrastructure the user
+    configured, so its own address is not judged by the row rules."""
+    check_target(host, port, cfg.allow_private_addresses)
+    p = urlsplit(proxy)
+    if scheme == "https":
+        conn = http.client.HTTPSConnection(p.hostname, p.port or 8080, timeout=timeout, context=_SSL_CONTEXT)
+        conn.set_tunnel(host, port or 443)
+        return conn, target
+    conn = http.client.HTTPConnection(p.hostname, p.port or 8080, timeout=timeout)
+    netloc = f"[{host}]" if ":" in host else host
+    return conn, f"http://{netloc}{f':{port}' if port else ''}{target}"
 
 
 def user_agent(cfg: DownloadConfig) -> str:

@@ -593,7 +593,7 @@ class TopCounts:
     2 × `capacity` distinct keys; beyond that the rarest are dropped (down to `capacity`) and
     the counts kept are lower bounds (`approximate`). A web crawl has millions of domains."""
 
-    def __init__(self, capacity: int = 5000):
+    def __init__(self, capacity: int = 50_000):
         self.capacity = capacity
         self.counts: Counter = Counter()
         self.approximate = False
@@ -613,6 +613,11 @@ def _hosts(urls: pa.Array) -> pa.Array:
     return pc.fill_null(pc.utf8_lower(found), "")
 
 
+def _counts(value_counts: pa.StructArray) -> dict:
+    """{value: count} from Arrow's value_counts."""
+    return dict(zip(value_counts.field("values").to_pylist(), value_counts.field("counts").to_pylist()))
+
+
 def _domain(host: str) -> str:
     return normalize_host(host) if host else "(no host)"
 
@@ -630,7 +635,7 @@ class DownloadFailures:
         self.reasons: Counter = Counter()
         self.rows_by_domain = TopCounts()
         self.failed_by_domain = TopCounts()
-        self.by_domain_reason = TopCounts(capacity=20000)
+        self.by_domain_reason = TopCounts(capacity=100_000)
         self.http: Counter = Counter()
         self.no_answer = 0
         self._examples: dict[str, BottomK] = {}
@@ -639,35 +644,43 @@ class DownloadFailures:
         if not {"url", "reject_filter", "reason"} <= set(table.column_names):
             return
         hosts = _hosts(table["url"])
-        seen = pc.value_counts(hosts)
-        self.rows_by_domain.update(dict(zip(seen.field("values").to_pylist(), seen.field("counts").to_pylist())))
+        self.rows_by_domain.update(_counts(pc.value_counts(hosts)))
         failed = pc.fill_null(pc.equal(table["reject_filter"], "download"), False)
         if "bytes" in table.column_names:
             failed = pc.and_(failed, pc.is_null(table["bytes"]))
         rows = table.filter(failed)
         if not rows.num_rows:
             return
-        hosts = hosts.filter(failed).to_pylist()
-        reasons = rows["reason"].to_pylist()
-        statuses = rows["http_status"].to_pylist() if "http_status" in rows.column_names else [None] * rows.num_rows
-        details = rows["error_message"].to_pylist() if "error_message" in rows.column_names else [None] * rows.num_rows
-        self.reasons.update(reasons)
-        self.failed_by_domain.update(Counter(hosts))
-        self.by_domain_reason.update(Counter(zip(hosts, reasons)))
-        for status in statuses:
-            if status is None:
-                self.no_answer += 1
-            else:
-                self.http[int(status)] += 1
-        for i, (reason, url) in enumerate(zip(reasons, rows["url"].to_pylist())):
+        columns = {"host": hosts.filter(failed), "reason": pc.fill_null(rows["reason"], ""),
+                   "url": pc.fill_null(pc.cast(rows["url"], pa.string()), "")}
+        columns["http_status"] = rows["http_status"] if "http_status" in rows.column_names else pa.nulls(rows.num_rows, pa.int64())
+        columns["detail"] = (pc.fill_null(rows["error_message"], "") if "error_message" in rows.column_names
+                             else pa.array([""] * rows.num_rows))
+        failures = pa.table(columns)
+        # Counted by Arrow, per shard: Python sees distinct values, not rows.
+        self.reasons.update(_counts(pc.value_counts(failures["reason"])))
+        self.failed_by_domain.update(_counts(pc.value_counts(failures["host"])))
+        pairs = failures.group_by(["host", "reason"], use_threads=False).aggregate([("url", "count")])
+        self.by_domain_reason.update(dict(zip(zip(pairs["host"].to_pylist(), pairs["reason"].to_pylist()),
+                                              pairs["url_count"].to_pylist())))
+        statuses = _counts(pc.value_counts(failures["http_status"]))
+        self.no_answer += statuses.pop(None, 0)
+        self.http.update({int(code): n for code, n in statuses.items()})
+        # Examples: per reason, the rows with the smallest random keys (a uniform pick), offered.
+        priorities = np.array([self._rng.random() for _ in range(failures.num_rows)])
+        reasons = failures["reason"].to_numpy(zero_copy_only=False)
+        for reason in np.unique(reasons):
             group = self._examples.get(reason)
             if group is None:
                 if len(self._examples) >= 64:  # reasons are few; a flood of new ones is not shown
                     continue
                 group = self._examples[reason] = BottomK(URLS_SHOWN)
-            priority = self._rng.random()
-            if group.accepts(priority):
-                group.offer(priority, {"url": url or "", "detail": details[i] or "", "http_status": statuses[i]})
+            where = np.flatnonzero(reasons == reason)
+            for i in where[np.argsort(priorities[where], kind="stable")[:URLS_SHOWN]]:
+                if group.accepts(priorities[i]):
+                    picked = failures.slice(int(i), 1).to_pylist()[0]
+                    group.offer(priorities[i], {"url": picked["url"], "detail": picked["detail"],
+                                                "http_status": picked["http_status"]})
 
     @property
     def total(self) -> int:
