@@ -495,7 +495,8 @@ def run_curate(model_dir: Path, shards: Path, size: int, batch: int, warmup: int
                cached: bool, compile_unet: bool, device: str, channels_last: bool = True,
                lora_rank: int | None = None, lr: float = 1e-4) -> dict:
     from curate.train.config import TrainConfig
-    from curate.train.loop import read_log, train
+    from curate.train.logs import read_log
+    from curate.train.loop import train
 
     out = WORK / "out"
     cfg = TrainConfig.model_validate({
@@ -660,6 +661,18 @@ def main() -> None:
               for _, kind, s, _ in plan}
     free_memory()
 
+    described = ("curate's tiny models (tiny, tiny-sdxl)" if args.quick else
+                 "SD-1.5-shaped (UNet 860M, VAE, CLIP ViT-L text encoder) and SDXL-shaped (UNet 2.6B, VAE, "
+                 "CLIP ViT-L + OpenCLIP bigG text encoders) models, random weights")
+    meta = {
+        "date": datetime.date.today().isoformat(), "device": device_name, "model": described,
+        "data": "photo-like JPEGs in tar shards (+ a latent-cached copy): "
+                + ", ".join(f"{n_images(s)} at {s} px" for s in sizes),
+        "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+        "peft": peft.__version__, "cores": cores, "workers": workers, "warmup": warmup, "steps": steps,
+        "rank": args.rank,
+    }
+    run = {"args": args, "device": device, "meta": meta, "started": started}
     rows = []
     for group, kind, size, batch in plan:
         lora_rank = args.rank if group in ("lora", "sdxl-lora") else None
@@ -695,26 +708,28 @@ def main() -> None:
                 traceback.print_exc()
                 row.update(error=f"failed: {type(exc).__name__}")
             rows.append(row)
+            publish(rows, run, final=False)
             rate = row.get("images_per_second")
             log(f"{row['model']} {row['method']}, {size} px, batch {batch}, {name}: "
                 f"{fmt(rate, none=row.get('error'))} images/s, peak {fmt(row.get('peak_gib'), '.1f')} GiB, "
                 f"MFU {fmt(rate and rate * flops / PEAK_FLOPS * 100, '.1f')}% ({time.perf_counter() - t0:.0f} s)")
 
-    described = ("curate's tiny models (tiny, tiny-sdxl)" if args.quick else
-                 "SD-1.5-shaped (UNet 860M, VAE, CLIP ViT-L text encoder) and SDXL-shaped (UNet 2.6B, VAE, "
-                 "CLIP ViT-L + OpenCLIP bigG text encoders) models, random weights")
-    meta = {
-        "date": datetime.date.today().isoformat(), "device": device_name, "model": described,
-        "data": "photo-like JPEGs in tar shards (+ a latent-cached copy): "
-                + ", ".join(f"{n_images(s)} at {s} px" for s in sizes),
-        "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-        "peft": peft.__version__, "cores": cores, "workers": workers, "warmup": warmup, "steps": steps,
-        "rank": args.rank, "minutes": (time.perf_counter() - started) / 60,
-    }
+    publish(rows, run, final=True)
+
+
+def publish(rows: list[dict], run: dict, final: bool) -> None:
+    """Merge this invocation's rows with earlier ones (same device) and write the tables; called
+    after every row too, so a run stopped by a time limit keeps what it measured."""
+    args, device = run["args"], run["device"]
+    meta = {**run["meta"], "minutes": (time.perf_counter() - run["started"]) / 60}
     measured = {r["group"] for r in rows}
-    if not args.quick:  # merge with earlier invocations' other rows (same device)
-        results = WORK / f"results-{''.join(c if c.isalnum() else '-' for c in device_name)}.json"
-        stored = {} if args.fresh or not results.exists() else json.loads(results.read_text())
+    if not args.quick:
+        results = WORK / f"results-{''.join(c if c.isalnum() else '-' for c in meta['device'])}.json"
+        if args.fresh and not run.get("forgot"):  # --fresh: the earlier invocations', not this one's rows
+            results.unlink(missing_ok=True)
+            run["forgot"] = True
+        stored = json.loads(results.read_text()) if results.exists() else {}
+        stored = {k: v for k, v in stored.items() if ":" in k}  # GROUP:SIZE (older files: SIZE, no MFU)
         for key in {f"{r['group']}:{r['size']}" for r in rows}:
             stored[key] = [r for r in rows if f"{r['group']}:{r['size']}" == key]
         results.write_text(json.dumps(stored, indent=1))
@@ -726,13 +741,16 @@ def main() -> None:
         sections.append((HEADING, report(HEADING, [r for r in rows if r["group"] == "full"], meta)))
     if measured - {"full"}:
         sections.append((LORA_SDXL_HEADING, report(LORA_SDXL_HEADING, [r for r in rows if r["group"] != "full"], meta)))
-    for _, text in sections:
-        log("\n" + text)
+    if final:
+        for _, text in sections:
+            log("\n" + text)
     if args.quick or args.no_write or device != "cuda":
-        log("(BENCHMARKS.md not written: --quick, --no-write or no GPU)")
-    else:
-        for heading, text in sections:
-            update_benchmarks(f"{heading} (", text)  # "## Training (": not the start of "## Training: LoRA ..."
+        if final:
+            log("(BENCHMARKS.md not written: --quick, --no-write or no GPU)")
+        return
+    for heading, text in sections:
+        update_benchmarks(f"{heading} (", text)  # "## Training (": not the start of "## Training: LoRA ..."
+    if final:
         log("BENCHMARKS.md updated")
 
 

@@ -6,6 +6,7 @@
     curate inspect SHARD.tar [-n N]  the first N samples of a shard
     curate init NAME [PATH]          write one of the shipped configs (laion-subset, demo, ...)
     curate train CONFIG [--set ...]  fine-tune a latent diffusion model on the shards (train/; curate[train])
+    curate eval [CONFIG] [...]       measure a trained model: FID, KID, CLIP score, speed (train/eval/; curate[train])
 
 Problems the user can fix end as one line on stderr and exit code 2; a traceback
 only with --debug.

@@ -50,7 +50,7 @@ from curate.pipeline.config import changed_settings
 from curate.train.config import RESUMABLE_CHANGES, TrainConfig, dump_train_config
 from curate.train.data import check_readable, shard_urls, training_loader
 from curate.train.ema import EMA
-from curate.train.logs import TrainingLog, check_logging, read_log  # noqa: F401 (read_log: bench/train.py)
+from curate.train.logs import TrainingLog, check_logging
 from curate.train.lora import LORA_WEIGHTS, add_lora, adapter_state, load_adapter_state, save_lora
 from curate.pipeline.models.device import resolve_device
 from curate.pipeline.models.latents import encode, scale_latents

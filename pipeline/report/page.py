@@ -466,8 +466,8 @@ def chart_figure(chart: Histogram) -> go.Figure:
         hovertemplate=f"threshold %{{x:.4g}}: keeps %{{y:.1f}}% (rows {side} it)<extra></extra>",
     ))
     fig.update_layout(
-        title=chart.title, barmode="stack", bargap=0, height=340, template="plotly_white",
-        margin=dict(l=50, r=50, t=60, b=45), legend=dict(orientation="h", y=-0.22),
+        title=dict(text=chart.title, y=0.97, yanchor="top"), barmode="stack", bargap=0, height=350,
+        template="plotly_white", margin=dict(l=50, r=50, t=75, b=45), legend=dict(orientation="h", y=-0.22),
         xaxis_title=chart.x_title, yaxis_title="rows",
         yaxis2=dict(overlaying="y", side="right", range=[0, 100], showgrid=False, ticksuffix="%",
                     tickmode="linear", tick0=0, dtick=25,
@@ -481,8 +481,8 @@ def log_switch() -> dict:
     """A linear / log switch of the counts axis (where one bar dwarfs the rest): a plotly
     button, drawn and handled by the inlined plotly.js, so it works offline."""
     return dict(
-        type="buttons", direction="right", showactive=True, active=0, x=1.0, xanchor="right", y=1.2,
-        yanchor="top", pad=dict(r=0, t=0), font=dict(size=11),
+        type="buttons", direction="right", showactive=True, active=0, x=1.0, xanchor="right", y=1.0,
+        yanchor="bottom", pad=dict(r=0, t=0, b=28), font=dict(size=11),
         buttons=[dict(label="linear", method="relayout", args=[{"yaxis.type": "linear"}]),
                  dict(label="log", method="relayout", args=[{"yaxis.type": "log"}])],
     )

@@ -244,6 +244,8 @@ def test_report_renders_in_chromium(run_dir, compared, tmp_path):
             rules = page.locator("#thresholds .rule")
             titles = [t.split("(")[0].strip() for t in rules.locator("h3").all_inner_texts()]
             assert titles[0] == f"clip_similarity · threshold {THRESHOLD}"
+            dropped_by_clip = stats["rejected_by_reason"][CLIP_REASON]
+            assert f"{dropped_by_clip:,} rows dropped by it" in rules.nth(0).locator("h3").inner_text()
             assert {"side · threshold 64", "aspect · threshold 3", f"words · threshold {MIN_WORDS}"} <= set(titles)
             for title, rule in zip(titles, rules.all()):
                 kept, dropped = rule.locator(".side.kept img").count(), rule.locator(".side.dropped img").count()
