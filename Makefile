@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo train-demo test bench-download clean
+.PHONY: venv demo train-demo ablation-demo test bench-download clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ train-demo: $(STAMP)
 	@test -d demo-output/shards || $(MAKE) demo
 	$(BIN)/python -m curate.pipeline.cli train configs/train-demo.yaml
 
+# Does curation help the model? The tiny model trained twice on the demo's data (raw, curated),
+# same seed and steps, then `curate eval` on the same held-out prompts: one table (CPU, minutes).
+# On a GPU, with more steps: python -m curate.train.eval.ablation --steps 3000 --benchmarks BENCHMARKS.md
+ablation-demo: $(STAMP)
+	$(BIN)/python -m curate.train.eval.ablation
+
 test: $(STAMP)
 	# tests/e2e/test_report_run.py opens the run report in Debian's headless Chromium.
 	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ]; then \
@@ -37,4 +43,4 @@ bench-download: $(STAMP)
 	$(BIN)/python bench/download.py
 
 clean:
-	rm -rf demo-data demo-output bench-work
+	rm -rf demo-data demo-output bench-work ablation-work

@@ -15,9 +15,10 @@ For each scheduler (DDPM 1000, DDIM 50, DPM-Solver++ 20 by default):
   the UNet; `curate, compiled, batch B`: larger batches (`--big-batch`, not for 1000-step
   schedulers: one batch would take minutes).
 
-Each variant: one untimed warm-up batch with a few steps (same shapes: cuDNN autotuning,
-compilation), then `--batches` timed batches (one for 1000-step schedulers). images/s = timed
-images / timed seconds; peak GPU memory = torch.cuda.max_memory_allocated over the variant.
+Each variant is built (and compiled) once and runs every scheduler: per scheduler one untimed
+warm-up batch of 2 steps (same shapes: cuDNN autotuning, compilation on the first), then
+`--batches` timed batches (one for 1000-step schedulers). images/s = timed
+images / timed seconds; peak GPU memory = torch.cuda.max_memory_allocated over the timed batches.
 Images: curate's first timed batch against the baseline's for the same seeds, as 8-bit pixels
 (mean and max |Δ|, PSNR); bf16 against fp16 weights is the only difference, so they should look
 the same (a stochastic scheduler draws the same noise: curate draws it as the pipeline does).
@@ -126,54 +127,70 @@ def batch_prompts(batch: int, index: int) -> tuple[list[str], list[int]]:
     return [PROMPTS[s % len(PROMPTS)] for s in seeds], seeds
 
 
-def run_baseline(parts, scheduler: str, steps: int, batch: int, batches: int, warmup_steps: int, size: int,
-                 guidance: float, device: str, dtype) -> tuple[dict, list]:
-    import numpy as np
-    import torch
-    from diffusers import StableDiffusionPipeline
+class Baseline:
+    """A plain StableDiffusionPipeline in fp16, called as a user calls it."""
 
-    from curate.train.eval.sampler import make_scheduler
+    def __init__(self, parts, device: str, dtype):
+        from diffusers import StableDiffusionPipeline
 
-    p = copy_parts(parts, dtype, device)
-    pipe = StableDiffusionPipeline(vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer, unet=p.unet,
-                                   scheduler=make_scheduler(scheduler, parts.noise_scheduler.config),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+        from curate.train.eval.sampler import make_scheduler
 
-    def call(prompts, seeds, n_steps):
+        p = copy_parts(parts, dtype, device)
+        self.pipe = StableDiffusionPipeline(vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer, unet=p.unet,
+                                            scheduler=make_scheduler("ddim", parts.noise_scheduler.config),
+                                            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.scheduler_config = parts.noise_scheduler.config
+
+    def __call__(self, prompts, seeds, scheduler, steps, guidance, size):
+        import numpy as np
+        import torch
+
+        from curate.train.eval.sampler import make_scheduler
+
+        self.pipe.scheduler = make_scheduler(scheduler, self.scheduler_config)
         generators = [torch.Generator().manual_seed(s) for s in seeds]
-        return pipe(prompts, num_inference_steps=n_steps, guidance_scale=guidance, height=size, width=size,
-                    generator=generators).images
+        images = self.pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                           generator=generators).images
+        return np.stack([np.asarray(i) for i in images])
 
-    call(*batch_prompts(batch, 0), warmup_steps)
+
+class Curate:
+    """`curate eval`'s sampler (bf16, channels_last, fused QKV, SDPA; optionally compiled)."""
+
+    def __init__(self, parts, device: str, dtype, compile_unet: bool):
+        import torch
+
+        from curate.train.eval.sampler import Sampler
+
+        self.sampler = Sampler.from_components(copy_parts(parts, dtype, device), torch.device(device), dtype, compile_unet)
+
+    def __call__(self, prompts, seeds, scheduler, steps, guidance, size):
+        return self.sampler.sample(prompts, seeds, scheduler, steps, guidance, size, size).numpy()
+
+
+def timed_run(generate, scheduler: str, steps: int, batch: int, batches: int, warmup_steps: int, size: int,
+              guidance: float) -> tuple[dict, object]:
+    """One untimed warm-up batch of a few steps (same shapes), then `batches` timed ones."""
+    generate(*batch_prompts(batch, 0), scheduler, warmup_steps, guidance, size)
     sync()
+    if torch_cuda():
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
     started, first = time.perf_counter(), None
     for b in range(batches):
-        images = call(*batch_prompts(batch, b), steps)
-        first = first if first is not None else np.stack([np.asarray(i) for i in images])
-    sync()
-    seconds = time.perf_counter() - started
-    del pipe, p
-    return {"images_per_second": batches * batch / seconds, "peak_gib": peak_gib()}, first
-
-
-def run_curate(parts, scheduler: str, steps: int, batch: int, batches: int, warmup_steps: int, size: int,
-               guidance: float, device: str, dtype, compile_unet: bool) -> tuple[dict, list]:
-    import torch
-
-    from curate.train.eval.sampler import Sampler
-
-    sampler = Sampler.from_components(copy_parts(parts, dtype, device), torch.device(device), dtype, compile_unet)
-    sampler.sample(*batch_prompts(batch, 0), scheduler, warmup_steps, guidance, size, size)
-    sync()
-    started, first = time.perf_counter(), None
-    for b in range(batches):
-        images = sampler.sample(*batch_prompts(batch, b), scheduler, steps, guidance, size, size).numpy()
+        images = generate(*batch_prompts(batch, b), scheduler, steps, guidance, size)
         first = first if first is not None else images
     sync()
     seconds = time.perf_counter() - started
-    del sampler
     return {"images_per_second": batches * batch / seconds, "peak_gib": peak_gib()}, first
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def compare(ours, theirs) -> dict:
@@ -247,41 +264,51 @@ def main() -> None:
     if not args.no_compile:
         variants.append(("curate, compiled", True, batch))
         if args.big_batch and args.big_batch != batch:
-            variants.append((f"curate, compiled, batch {args.big_batch}", True, args.big_batch))
-    rows = []
-    for name, steps in settings:
-        long_run = steps >= 500
-        batches = 1 if long_run else (1 if args.quick else args.batches)
-        warmup_steps = 2
-        baseline_ips, baseline_images = None, None
-        for variant, compiled, b in variants:
+            variants.append(("curate, compiled", True, args.big_batch))
+    rows: dict[tuple[str, int], list[dict]] = {(n, s): [] for n, s in settings}
+    baseline: dict[tuple[str, int], tuple[float, object]] = {}
+    # Variant by variant, each built (and compiled) once for every scheduler: the UNet's graph
+    # depends on the batch shape, not on the scheduler.
+    for variant, compiled, b in variants:
+        free_memory()
+        t0 = time.perf_counter()
+        try:
+            generate = (Baseline(parts, device, torch.float16) if compiled is None
+                        else Curate(parts, device, torch.bfloat16, compiled))
+        except Exception as exc:
+            traceback.print_exc()
+            for key in rows:
+                rows[key].append({"scheduler": f"{key[0]} {key[1]}", "variant": variant, "batch": b,
+                                  "error": f"failed: {type(exc).__name__}"})
+            continue
+        for name, steps in settings:
+            long_run = steps >= 500
             if long_run and b != batch:
                 continue
-            free_memory()
+            batches = 1 if long_run or args.quick else args.batches
             row = {"scheduler": f"{name} {steps}", "variant": variant, "batch": b}
-            t0 = time.perf_counter()
+            t1 = time.perf_counter()
             try:
-                if compiled is None:
-                    result, images = run_baseline(parts, name, steps, b, batches, warmup_steps, size, guidance, device,
-                                                  torch.float16)
-                    baseline_ips, baseline_images = result["images_per_second"], images
-                else:
-                    result, images = run_curate(parts, name, steps, b, batches, warmup_steps, size, guidance, device,
-                                                torch.bfloat16, compiled)
-                    if baseline_images is not None:
-                        result.update(compare(images, baseline_images))
+                result, images = timed_run(generate, name, steps, b, batches, 2, size, guidance)
                 row.update(result)
-                if baseline_ips and row.get("images_per_second"):
-                    row["speedup"] = row["images_per_second"] / baseline_ips
+                if compiled is None:
+                    baseline[(name, steps)] = (result["images_per_second"], images)
+                elif (name, steps) in baseline:
+                    row.update(compare(images, baseline[(name, steps)][1]))
+                if (name, steps) in baseline:
+                    row["speedup"] = row["images_per_second"] / baseline[(name, steps)][0]
             except torch.cuda.OutOfMemoryError:
                 row.update(error="out of memory", peak_gib=peak_gib())
             except Exception as exc:  # one failing variant must not lose the others' numbers
                 traceback.print_exc()
                 row.update(error=f"failed: {type(exc).__name__}")
-            rows.append(row)
+            rows[(name, steps)].append(row)
             log(f"{name} {steps}, {variant}, batch {b}: {fmt(row.get('images_per_second'), none=row.get('error'))} images/s, "
                 f"×{fmt(row.get('speedup'), '.2f')}, mean |Δ| {fmt(row.get('mean_abs_diff'), '.2f')}, "
-                f"peak {fmt(row.get('peak_gib'), '.1f')} GiB ({time.perf_counter() - t0:.0f} s)")
+                f"peak {fmt(row.get('peak_gib'), '.1f')} GiB ({time.perf_counter() - t1:.0f} s; "
+                f"{time.perf_counter() - t0:.0f} s since the variant's start)")
+        del generate
+    rows = [r for key in rows for r in rows[key]]
 
     meta = {"date": datetime.date.today().isoformat(), "device": device_name, "size": size, "guidance": guidance,
             "model": ("curate's tiny model (--quick)" if args.quick else

@@ -184,7 +184,6 @@ class Trainer:
         self.ddp = model if ranks.world > 1 else None
         self.model = torch.compile(model) if t.compile else model
         self.empty_ids = self.tokenize([""])
-        self.empty_ids_2 = tokenize(parts.tokenizer_2, [""]).to(device) if parts.sdxl else None
 
     # -- state ------------------------------------------------------------------
     def rng_states(self) -> list[dict]:
@@ -233,9 +232,6 @@ class Trainer:
         models = {name: copy.deepcopy(model) for name, model in self.trained.items()}
         self.ema.copy_to([p for model in models.values() for p in model.parameters() if p.requires_grad])
         return models
-
-    def shipped_unet(self):
-        return self.shipped()["unet"]
 
     def save_result(self, folder: Path) -> None:
         """The diffusers form of the model now: a pipeline folder, or (LoRA) the adapter file."""

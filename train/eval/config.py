@@ -148,6 +148,11 @@ class MetricsSection(Section):
     is_splits: int = Field(10, ge=1)
     feature_batch_size: int = Field(50, ge=1)  # images per Inception / CLIP forward pass
 
+    @field_validator("inception", mode="before")
+    @classmethod
+    def _yaml_off(cls, value):
+        return "off" if value is False else value  # YAML reads a bare `off` as false
+
 
 class OutputSection(Section):
     path: str  # eval.json, eval.html, grids, images/
