@@ -214,7 +214,7 @@ def report(rows: list[dict], meta: dict) -> str:
         f"the same prompts and per-image seeds for every variant; torch {meta['torch']}, diffusers {meta['diffusers']}. "
         "baseline: a plain `StableDiffusionPipeline(...)` call in fp16 (the same scheduler, `generator=[...]` per image); "
         "curate: `curate eval`'s sampler (train/eval/sampler.py: bf16 weights, channels_last, fused QKV, SDPA; "
-        "compiled: + torch.compile of the UNet). One untimed warm-up batch per variant; images/s over the timed "
+        "compiled: + torch.compile of the UNet). One untimed warm-up batch (2 steps) per variant and scheduler; images/s over the timed "
         f"batches. |Δ|: curate's images against the baseline's for the same seeds, 8-bit levels. Target: ≥ {TARGET}× the baseline.",
         "",
         "| scheduler | variant | batch | images/s | s/image | × baseline | peak GiB | mean \\|Δ\\| | max \\|Δ\\| | PSNR dB |",

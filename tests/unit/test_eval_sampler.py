@@ -30,13 +30,14 @@ def assert_same_images(a: np.ndarray, b: np.ndarray) -> None:
     assert difference.max() <= 1 and np.mean(difference > 0) < 1e-3, (difference.max(), np.mean(difference > 0))
 
 
-@pytest.mark.parametrize("scheduler, steps", [("ddpm", 4), ("ddim", 3), ("dpm++", 3), ("euler-a", 3)])
-def test_sampler_makes_the_pipelines_images(scheduler, steps):
+@pytest.mark.parametrize("scheduler, steps, layout", [("ddpm", 4, False), ("ddim", 3, False), ("dpm++", 3, False),
+                                                       ("euler-a", 3, False), ("ddim", 3, True)])
+def test_sampler_makes_the_pipelines_images(scheduler, steps, layout):
     """Deterministic (DDIM, DPM-Solver++) and stochastic (DDPM, Euler ancestral: noise drawn at
     every step from the per-image generators) schedulers alike, in fp32 on a CPU: the same final
     latents, so the same 8-bit images but for a rare ±1 where two VAE instances' decodes differ
-    by ~1e-6 on a rounding boundary."""
-    sampler = Sampler.from_components(load_components("tiny"), torch.device("cpu"), torch.float32)
+    by ~1e-6 on a rounding boundary. layout: the GPU's fused QKV projections and channels_last."""
+    sampler = Sampler.from_components(load_components("tiny"), torch.device("cpu"), torch.float32, layout=layout)
     ours = sampler.sample(PROMPTS, SEEDS, scheduler, steps, 4.0, 32, 32).numpy()
 
     parts = load_components("tiny")
@@ -67,6 +68,7 @@ def test_config_errors_name_their_path(tmp_path):
     base = {"model": "tiny", "prompts": str(prompts), "output": str(tmp_path / "out")}
     cfg = load_eval_config(None, ["generation.resolution=32"], schedulers="ddim:50, dpm++:20", **base)
     assert cfg.generation.settings() == [("ddim", 50), ("dpm++", 20)] and cfg.prompts.file == str(prompts)
+    assert load_eval_config(None, ["metrics.inception=off"], **base).metrics.inception == "off"  # YAML's false
     with pytest.raises(UserError, match=r"generation\.schedulers.*'ddim50'"):
         load_eval_config(None, [], schedulers="ddim50", **base)
     with pytest.raises(UserError, match=r"generation\.schedulers.*'heun:20'"):

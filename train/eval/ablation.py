@@ -19,6 +19,7 @@ way on the demo's data twice, raw and curated, measured on the same held-out pro
 
     python -m curate.train.eval.ablation                 # CPU, a few minutes (make ablation-demo)
     python -m curate.train.eval.ablation --steps 3000 --benchmarks BENCHMARKS.md   # GPU, the real run
+    python -m curate.train.eval.ablation --heldout-only   # just ablation-work/heldout (configs/eval-demo.yaml reads it)
 
 A step already done (its output in ablation-work/) is skipped; --fresh starts over.
 """
@@ -209,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--benchmarks", help="write the table into this markdown file (BENCHMARKS.md)")
     parser.add_argument("--fresh", action="store_true", help="start over")
+    parser.add_argument("--heldout-only", action="store_true",
+                        help="only write the held-out run (WORK/heldout), e.g. for `curate eval configs/eval-demo.yaml`")
     args = parser.parse_args(argv)
 
     from curate.pipeline.models.clip import TINY_CLIP
@@ -220,8 +223,11 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
-    runs = demo_runs(work, args.rows)
     heldout = heldout_run(work / "heldout", args.heldout, TINY_CLIP)
+    if args.heldout_only:
+        log(f"held-out run: {heldout}")
+        return 0
+    runs = demo_runs(work, args.rows)
     base = base_model(work / "base", args.vae_steps, device)
     results = {}
     for name, run in runs.items():

@@ -140,6 +140,8 @@ def reference_set(shards: list[str], folder: Optional[str], count: Optional[int]
         cache = root / ".curate-eval"
         from_shards = False
     else:
+        if not shards:
+            raise UserError("reference: give reference.shards or reference.folder (the real images to compare with)")
         files = shard_files(shards, "reference.shards")
         # Beside the shards: a `curate run` output keeps it in OUTPUT/.curate-eval.
         parent = files[0].parent

@@ -99,6 +99,12 @@ def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
+def _model_name(model: str) -> str:
+    """A folder's name (a `curate train` output's, not its pipeline/'s), or the hub id / tiny."""
+    path = Path(model)
+    return (path.parent.name if path.name == "pipeline" else path.name) if path.is_absolute() else model
+
+
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.PackageLoader("curate.train.eval", "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined)
@@ -111,7 +117,7 @@ def write_page(out: Path, summary: dict, grids: list[tuple[str, Path]]) -> Path:
     fig, quality = quality_figure(summary["results"])
     grids = [{"scheduler": scheduler, "uri": _data_uri(path)} for scheduler, path in grids]
     html = _environment().get_template("eval.html.j2").render(
-        title=f"curate eval: {Path(summary['model']).name or summary['model']}",
+        title=f"curate eval: {_model_name(summary['model'])}",
         summary=summary, results=summary["results"], quality=quality,
         chart=Markup(fig.to_html(full_html=False, include_plotlyjs=False, div_id="chart-quality",
                                  config={"displaylogo": False, "responsive": True})),

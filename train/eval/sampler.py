@@ -60,9 +60,12 @@ class Sampler:
     device: torch.device
     dtype: torch.dtype
     compiled: bool = False
+    channels_last: bool = False
 
     @classmethod
-    def from_components(cls, parts, device: torch.device, dtype: torch.dtype, compile_unet: bool = False) -> "Sampler":
+    def from_components(cls, parts, device: torch.device, dtype: torch.dtype, compile_unet: bool = False,
+                        layout: Optional[bool] = None) -> "Sampler":
+        """layout: fused QKV projections and channels_last (default: on CUDA, where they pay)."""
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         unet, vae, text_encoder = parts.unet, parts.vae, parts.text_encoder
@@ -74,12 +77,14 @@ class Sampler:
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = True  # one shape per run: cuDNN may pick its fastest kernels
+        layout = device.type == "cuda" if layout is None else layout
+        if layout:
             unet.fuse_qkv_projections()  # one GEMM for q, k, v of self-attention
             unet.to(memory_format=torch.channels_last)
             vae.to(memory_format=torch.channels_last)
         model = torch.compile(unet, fullgraph=False, dynamic=False) if compile_unet else unet
         return cls(model, vae, text_encoder, parts.tokenizer, parts.noise_scheduler.config, device, dtype,
-                   compiled=compile_unet)
+                   compiled=compile_unet, channels_last=layout)
 
     @property
     def vae_scale(self) -> int:
@@ -114,11 +119,10 @@ class Sampler:
         embeddings = self.encode_prompts(list(prompts))
         if guided:
             embeddings = torch.cat([self.encode_prompts([""] * batch), embeddings])
-        channels_last = self.device.type == "cuda"
         for t in sched.timesteps:
             model_input = torch.cat([latents, latents]) if guided else latents
             model_input = sched.scale_model_input(model_input, t).to(self.dtype)
-            if channels_last:
+            if self.channels_last:
                 model_input = model_input.contiguous(memory_format=torch.channels_last)
             prediction = self.unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False)[0].float()
             if guided:
