@@ -74,8 +74,9 @@ def rng_state(generator: torch.Generator) -> dict:
 
 
 def set_rng_state(state: dict, generator: torch.Generator) -> None:
-    random.setstate((state["python_version"], tuple(state["python_keys"].tolist()), None))
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
+    # A checkpoint loaded onto a GPU (map_location) brings these tensors there too.
+    random.setstate((state["python_version"], tuple(state["python_keys"].cpu().tolist()), None))
+    np.random.set_state(("MT19937", state["numpy_keys"].cpu().numpy().astype(np.uint32), state["numpy_pos"],
                          state["numpy_has_gauss"], state["numpy_gauss"]))
     torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
