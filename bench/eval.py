@@ -148,7 +148,7 @@ class Baseline:
 
         from curate.train.eval.sampler import make_scheduler
 
-        self.pipe.scheduler = make_scheduler(scheduler, self.scheduler_config)
+        self.pipe.scheduler = make_scheduler(scheduler, self.scheduler_config, steps)
         generators = [torch.Generator().manual_seed(s) for s in seeds]
         images = self.pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
                            generator=generators).images

@@ -94,3 +94,17 @@ def test_prompts_from_text_and_jsonl(tmp_path):
     lines.write_text('{"text": "one"}\n')
     with pytest.raises(UserError, match=r"p.jsonl:1"):
         load_prompts(PromptsSection(file=str(lines)))
+
+
+def test_as_many_steps_as_training_timesteps_use_every_timestep():
+    """DDPM 1000 on Stable Diffusion's schedule (steps_offset 1, leading spacing) would ask for
+    timestep 1000; the scheduler is made to use 999..0 instead, and fewer steps keep the offset."""
+    from curate.train.model import SD_SCHEDULE
+
+    config = {**SD_SCHEDULE, "steps_offset": 1, "timestep_spacing": "leading"}
+    full = make_scheduler("ddpm", config, 1000)
+    full.set_timesteps(1000)
+    assert full.timesteps[0] == 999 and full.timesteps[-1] == 0 and len(full.timesteps) == 1000
+    fewer = make_scheduler("ddpm", config, 50)
+    fewer.set_timesteps(50)
+    assert fewer.timesteps[0] == 981 and fewer.timesteps[-1] == 1  # offset kept

@@ -25,13 +25,22 @@ import torch
 from curate.train.eval.config import SCHEDULERS
 
 
-def make_scheduler(name: str, model_scheduler_config):
+def make_scheduler(name: str, model_scheduler_config, steps: Optional[int] = None):
     """A fresh scheduler `name` (see config.SCHEDULERS) on the model's noise schedule (its
-    betas, prediction type, timestep spacing)."""
+    betas, prediction type, timestep spacing) for `steps` inference steps.
+
+    Stable Diffusion's schedule shifts "leading" timesteps by steps_offset 1: with as many
+    inference steps as training timesteps (DDPM 1000) the last one would be timestep 1000,
+    past the end of the schedule (diffusers' own pipeline fails there). Then every timestep
+    999..0 is used, which is what sampling with all of them means: no offset."""
     import diffusers
 
     class_name, settings = SCHEDULERS[name]
-    return getattr(diffusers, class_name).from_config(model_scheduler_config, **settings)
+    config = dict(model_scheduler_config)
+    if (steps is not None and steps >= config.get("num_train_timesteps", 1000)
+            and config.get("timestep_spacing", "leading") == "leading" and config.get("steps_offset", 0)):
+        config["steps_offset"] = 0
+    return getattr(diffusers, class_name).from_config(config, **settings)
 
 
 def initial_latents(seeds: list[int], shape: tuple[int, int, int]) -> tuple[torch.Tensor, list[torch.Generator]]:
@@ -106,7 +115,7 @@ class Sampler:
         noise, generators = initial_latents(seeds, shape)
         if latents is None:
             latents = noise
-        sched = make_scheduler(scheduler, self.scheduler_config)
+        sched = make_scheduler(scheduler, self.scheduler_config, steps)
         sched.set_timesteps(steps, device=self.device)
         latents = latents.to(self.device, torch.float32) * sched.init_noise_sigma
         step_kwargs = {}
