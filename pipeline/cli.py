@@ -18,6 +18,8 @@ import argparse
 import sys
 
 from curate.pipeline.errors import UserError, require_extra
+from curate.pipeline.log import LEVELS
+from curate.pipeline.log import configure as configure_logging
 
 
 def _version() -> str:
@@ -63,7 +65,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from curate.pipeline.run import run
 
     cfg = load_config(args.config, args.set)
-    stats = run(cfg, overwrite=args.overwrite, progress=not args.no_progress)
+    stats = run(cfg, overwrite=args.overwrite, progress=not args.no_progress, progress_every=args.progress_every)
+    if stats.get("empty_input"):
+        return 0  # said as a warning: nothing to do, nothing written
     _print_summary(stats, cfg.output.path)
     return 1 if stats.get("failed_shards") else 0
 
@@ -151,7 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set input.rows_per_shard=500 (repeatable)")
     run.add_argument("--overwrite", action="store_true", help="delete the output folder and start over")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines")
+    run.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
+                     help="when stderr is not a terminal (a batch job's log): a plain progress line this often "
+                          "(default 30) instead of bars")
+    run.add_argument("--log-file", metavar="PATH", default=None,
+                     help="also write the log (progress, warnings, failed shards, debug detail) to this file")
+    run.add_argument("--log-level", choices=LEVELS, default="info", help="what reaches stderr (default info)")
     run.set_defaults(func=cmd_run)
 
     stats = sub.add_parser(
@@ -230,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        try:
+            configure_logging(getattr(args, "log_level", "info"), getattr(args, "log_file", None))
+        except OSError as exc:
+            raise UserError(f"cannot write the log file {args.log_file}: {exc.strerror or exc}") from exc
         return args.func(args)
     except UserError as exc:
         if args.debug:

@@ -243,7 +243,9 @@ def read_config_mapping(path: Path, overrides: list[str] | None = None) -> dict:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
-        raise UserError(f"{path}: not valid YAML{where}") from exc
+        # The parser's own words say what is wrong there ("mapping values are not allowed here").
+        cause = getattr(exc, "problem", None) or getattr(exc, "context", None)
+        raise UserError(f"{path}: not valid YAML{where}" + (f": {cause}" if cause else "")) from exc
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of sections at the top level")
     for assignment in overrides or []:

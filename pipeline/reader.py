@@ -103,6 +103,26 @@ def check_inputs(cfg: InputConfig) -> list[str]:
     return files
 
 
+def has_rows(cfg: InputConfig, files: list[str]) -> bool:
+    """Whether any input file holds a row: parquet from its footer, csv/tsv/jsonl from their
+    first lines, so an empty input is found before anything starts."""
+    for path in files:
+        fmt = file_format(path, cfg.format)
+        with fsspec.open(path, "rb", compression="infer") as f:
+            if fmt == "parquet":
+                if pq.ParquetFile(f).metadata.num_rows:
+                    return True
+            elif fmt in ("csv", "tsv"):
+                try:
+                    if len(pd.read_csv(f, sep="," if fmt == "csv" else "\t", nrows=1, encoding_errors="replace")):
+                        return True
+                except pd.errors.EmptyDataError:
+                    continue
+            elif any(line.strip() for line in f):
+                return True
+    return False
+
+
 def _read_batches(path: str, fmt: str, cfg: InputConfig) -> Iterator[pd.DataFrame]:
     cols = [cfg.url_col] + ([cfg.caption_col] if cfg.caption_col else []) + list(cfg.extra_cols)
     with fsspec.open(path, "rb", compression="infer") as f:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import shutil
 import time
 from collections import Counter
@@ -25,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from tqdm import tqdm
 
 from curate.filters import build_chain, score_fields
 from curate.pipeline.cluster import dask_client, gpu_resources, local_gpu_count
@@ -36,10 +36,13 @@ from curate.pipeline.layout import RunLayout
 from curate.pipeline.models.clip import check_model_source
 from curate.pipeline.passes import PASSES, PassContext
 from curate.pipeline.plan import Plan
-from curate.pipeline.reader import check_inputs, write_input_shards
+from curate.pipeline.progress import Progress
+from curate.pipeline.reader import check_inputs, has_rows, write_input_shards
 from curate.pipeline.records import CLIP_SIMILARITY
 from curate.pipeline.report.page import build_report
 from curate.pipeline.shards import atomic_path, is_done, read_marker, remove_shard, shard_name
+
+logger = logging.getLogger("curate")
 
 # Settings a rerun into the same output may change: where and how fast it runs, not what it writes.
 MAY_CHANGE = {"dask", "download.threads"}
@@ -132,9 +135,14 @@ def _rows_of(shard: int, n_shards: int, rows: int, rows_per_shard: int) -> int:
     return rows - rows_per_shard * (n_shards - 1) if shard == n_shards - 1 else rows_per_shard
 
 
-def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=print) -> dict:
+EMPTY = {"rows_in": 0, "written": 0, "rejected": 0, "rejected_by_reason": {}, "shards": 0, "empty_input": True}
+
+
+def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=logger.info,
+        progress_every: float = 30.0) -> dict:
     """Run the pipeline; returns the merged stats (also written to stats.json). Failed shards
-    are listed under `failed_shards`."""
+    are listed under `failed_shards`. An input without a single row is not a run: nothing is
+    written and the stats say rows_in 0 (`EMPTY`)."""
     started = time.time()
     layout = RunLayout(Path(cfg.output.path))
     # Everything that can refuse the run does so before a cluster starts and before anything is written.
@@ -142,19 +150,28 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=prin
     if cfg.clip.enabled:
         check_model_source(cfg.clip.model, cfg.clip.pretrained)
     resolved_config = _check_output(cfg, layout, overwrite)
+    if not has_rows(cfg.input, files):
+        logger.warning(f"the input ({', '.join(files)}) has no rows: nothing to do, nothing written")
+        return dict(EMPTY)
+    progress_options = {"enabled": progress, "every": progress_every}
     if cfg.dask.in_process:
         _prepare_output(layout, resolved_config, overwrite)
-        return _run(cfg, layout, files, InProcessExecutor(), {}, progress, started)
+        return _run(cfg, layout, files, InProcessExecutor(), {}, progress_options, started)
     gpus = local_gpu_count() if cfg.clip.enabled and cfg.clip.device in ("auto", "cuda") else 0
     with dask_client(cfg.dask, gpus) as client:  # an unreachable scheduler fails here, before anything is written
         _prepare_output(layout, resolved_config, overwrite)
         if client.dashboard_link:
             log(f"dask dashboard: {client.dashboard_link}")
+        try:  # the workers' warnings and errors of the `curate` logger reach this process's log
+            client.forward_logging("curate", level=logging.WARNING)
+        except (AttributeError, TypeError):  # an older distributed
+            pass
         gpu_options = {"resources": gpu_resources(client)} if cfg.clip.enabled and gpu_resources(client) else {}
-        return _run(cfg, layout, files, DaskExecutor(client, retries=cfg.dask.retries), gpu_options, progress, started)
+        return _run(cfg, layout, files, DaskExecutor(client, retries=cfg.dask.retries), gpu_options,
+                    progress_options, started)
 
 
-def _run(cfg: RunConfig, layout: RunLayout, files: list[str], executor, gpu_options: dict, progress: bool,
+def _run(cfg: RunConfig, layout: RunLayout, files: list[str], executor, gpu_options: dict, progress: dict,
          started: float) -> dict:
     try:
         inputs = write_input_shards(cfg.input, files, layout.input)
@@ -183,19 +200,19 @@ def _run(cfg: RunConfig, layout: RunLayout, files: list[str], executor, gpu_opti
     return stats
 
 
-def _execute(plan: Plan, executor, progress: bool) -> tuple[RunTotals, dict, list]:
+def _execute(plan: Plan, executor, progress: dict) -> tuple[RunTotals, dict, list]:
     """Run the plan's chains and passes; returns the totals, the resolved thresholds and the
     passes' finishing steps (run after every write)."""
     cfg, layout = plan.cfg, plan.layout
     totals = RunTotals()
-    bars = {step: tqdm(total=plan.n_shards, desc=f"{step:8s}", unit="shard", disable=not progress)
-            for step in plan.steps}
+    meter = Progress(plan.steps, plan.n_shards, **progress)
     todo = []
     for shard in range(plan.n_shards):
         if is_done(layout.shards, shard):  # written by an earlier run: counted, not redone
-            totals.add(read_marker(layout.shards, shard))
-            for bar in bars.values():
-                bar.update(1)
+            stats = read_marker(layout.shards, shard)
+            totals.add(stats)
+            for step in plan.steps:
+                meter.shard_done(step, stats)
             if not cfg.output.keep_intermediate:
                 remove_shard(layout.download, shard)  # left behind if a run died right after writing
         else:
@@ -205,10 +222,11 @@ def _execute(plan: Plan, executor, progress: bool) -> tuple[RunTotals, dict, lis
         """Count each finished chain; returns the shards whose chain succeeded."""
         succeeded = []
         for outcome in outcomes:
-            for step in outcome.results:
-                bars[step].update(1)
+            for step, result in outcome.results.items():
+                meter.shard_done(step, result)
             if not outcome.ok:
                 totals.add_failure(outcome)
+                logger.error(f"shard {shard_name(outcome.shard)} failed in {outcome.failed_step}: {outcome.error}")
             else:
                 succeeded.append(outcome.shard)
                 if "write" in outcome.results:
@@ -240,5 +258,4 @@ def _execute(plan: Plan, executor, progress: bool) -> tuple[RunTotals, dict, lis
                                               for shard in prepared)))
         return totals, resolved, finishes
     finally:
-        for bar in bars.values():
-            bar.close()
+        meter.close()

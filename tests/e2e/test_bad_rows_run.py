@@ -309,12 +309,13 @@ def test_yaml_python_tag_runs_no_code(cli_errors):
     assert (folder / "pwned").is_dir()
 
 
-def test_an_empty_input_file_alone_is_an_empty_run(tmp_path):
+def test_an_empty_input_file_alone_warns_and_writes_nothing(tmp_path):
     (tmp_path / "empty.parquet").write_bytes(b"")
     pq.write_table(pa.table({"URL": pa.array([], pa.string()), "TEXT": pa.array([], pa.string()),
                              "truth": pa.array([], pa.string())}), tmp_path / "empty.parquet")
     config = write_config(tmp_path / "config.yaml", tmp_path / "empty.parquet", tmp_path / "out", dask={"n_workers": 1})
     result = run_curate(["run", str(config), "--no-progress"], ENV)
+    # Not an error, but nothing to do: one warning, and nothing written (issue 17).
     assert result.returncode == 0, result.stderr
-    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
-    assert (stats["rows_in"], stats["written"], stats["rejected"], stats["shards"]) == (0, 0, 0, 0)
+    assert "has no rows: nothing to do, nothing written" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -37,12 +37,17 @@ def poisoned(dataset, tmp_path_factory, clean_env_module):
     good = layout.input_shard(1).read_bytes()
     layout.input_shard(1).write_bytes(b"PAR1 this is not a parquet file")
     story = {"layout": layout, "server": server}
-    story["first"] = run_curate(["run", str(config), "--no-progress"], clean_env_module)
+    story["first"] = run_curate(["run", str(config), "--no-progress", "--log-file", str(tmp / "first.log")],
+                                clean_env_module)
+    story["first_log"] = (tmp / "first.log").read_text()
     story["first_stats"] = json.loads(layout.stats.read_text())
     story["shard_files_after_failure"] = sorted(p.name for p in layout.shards.glob("00001*"))
     layout.input_shard(1).write_bytes(good)
     before = server.requests
-    story["second"] = run_curate(["run", str(config), "--no-progress"], clean_env_module)
+    # As in a batch job: stderr is not a terminal (a pipe here), so progress comes as plain lines.
+    story["second"] = run_curate(["run", str(config), "--progress-every", "0", "--log-file", str(tmp / "second.log")],
+                                 clean_env_module)
+    story["second_log"] = (tmp / "second.log").read_text()
     story["second_requests"] = server.requests - before
     story["second_stats"] = json.loads(layout.stats.read_text())
     return story
@@ -121,3 +126,19 @@ def test_shards_in_flight_never_exceed_the_bound(dataset, tmp_path):
     assert stats["shards"] == 15 and "failed_shards" not in stats
     assert len(set().union(*seen)) == 15  # the watcher saw every shard's tasks come and go
     assert max(len(s) for s in seen) <= 2
+
+
+def test_the_failed_shard_is_in_the_log_file_with_its_shard_named(poisoned):
+    line = next(l for l in poisoned["first_log"].splitlines() if "failed" in l)
+    assert " ERROR shard 00001 failed in download:" in line
+    assert line[:4].isdigit()  # timestamped
+
+
+def test_progress_in_a_log_is_plain_lines_counting_rows(poisoned):
+    for text in (poisoned["second"].stderr, poisoned["second_log"]):
+        assert "\r" not in text and "\x1b" not in text  # no bars, no cursor codes
+        progress = [l for l in text.splitlines() if " INFO progress: " in l]
+        assert progress, text
+    last = [l for l in poisoned["second_log"].splitlines() if " INFO progress: " in l][-1]
+    # the rerun counts the two shards written before (from their markers) and the one it redid
+    assert "download 3/3, write 3/3 shards" in last and f"{ROWS:,} rows" in last
