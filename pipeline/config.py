@@ -292,10 +292,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     retired = retired_keys(data)
     if retired:
         raise UserError(f"{path}: {'; '.join(retired)}")
-    try:
-        config = RunConfig.model_validate(data)
-    except ValidationError as exc:
-        raise UserError(f"{path}: {validation_message(exc)}") from exc
+    config = validated(RunConfig, data, path)
     try:
         chain = build_chain(config.filter_specs())  # a misspelled filter or parameter fails here, before any work
     except FilterConfigError as exc:
@@ -331,8 +328,17 @@ def changed_settings(old: Any, new: Any, may_change: set[str] = frozenset(), pat
     return [] if old == new else [path or "<root>"]
 
 
-def dump_config(config: RunConfig) -> str:
-    """The resolved config as YAML, saved beside the output."""
+def validated(model: type[BaseModel], data: dict, where) -> BaseModel:
+    """`data` validated into `model`, or one UserError naming every wrong key's path (the one
+    way curate run, train and eval turn a config mapping into typed settings)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(f"{where}: {validation_message(exc)}") from exc
+
+
+def dump_config(config: BaseModel) -> str:
+    """A resolved config as YAML, saved beside what it made (run, train and eval outputs)."""
     # python mode keeps inf as inf (YAML .inf); json mode would turn it into null.
     data = config.model_dump()
     return yaml.safe_dump(data, sort_keys=False)

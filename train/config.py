@@ -10,11 +10,9 @@ import os
 from pathlib import Path
 from typing import Literal, Optional
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from curate.pipeline.config import read_config_mapping, validation_message
-from curate.pipeline.errors import UserError
+from curate.pipeline.config import read_config_mapping, validated
 
 
 class Section(BaseModel):
@@ -172,12 +170,4 @@ RESUMABLE_CHANGES = {"training.steps", "training.log_every", "data.workers",
 def load_train_config(path: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML train config, apply `--set` overrides, validate. Errors are UserError."""
     path = Path(path)
-    data = read_config_mapping(path, overrides)
-    try:
-        return TrainConfig.model_validate(data)
-    except ValidationError as exc:
-        raise UserError(f"{path}: {validation_message(exc)}") from exc
-
-
-def dump_train_config(config: TrainConfig) -> str:
-    return yaml.safe_dump(config.model_dump(), sort_keys=False)
+    return validated(TrainConfig, read_config_mapping(path, overrides), path)

@@ -46,8 +46,8 @@ from curate.pipeline.errors import UserError
 from curate.train.checkpoint import (
     checkpoint_path, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
 )
-from curate.pipeline.config import changed_settings
-from curate.train.config import RESUMABLE_CHANGES, TrainConfig, dump_train_config
+from curate.pipeline.config import changed_settings, dump_config
+from curate.train.config import RESUMABLE_CHANGES, TrainConfig
 from curate.train.data import check_readable, shard_urls, training_loader
 from curate.train.ema import EMA
 from curate.train.logs import TrainingLog, check_logging
@@ -107,7 +107,7 @@ def prepare_output(cfg: TrainConfig, out: Path, overwrite: bool) -> None:
     if overwrite and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train-config.yaml").write_text(dump_train_config(cfg))
+    (out / "train-config.yaml").write_text(dump_config(cfg))
 
 
 @dataclass

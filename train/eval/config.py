@@ -20,11 +20,9 @@ import re
 from pathlib import Path
 from typing import Literal, Optional
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from curate.pipeline.config import apply_override, read_config_mapping, validation_message
-from curate.pipeline.errors import UserError
+from curate.pipeline.config import apply_override, read_config_mapping, validated
 
 # name in the config -> (diffusers class, settings on top of the model's scheduler config)
 SCHEDULERS: dict[str, tuple[str, dict]] = {
@@ -205,11 +203,4 @@ def load_eval_config(path: Optional[str], overrides: list[str] | None = None, **
     apply_shortcuts(data, **shortcuts)
     for assignment in overrides or []:
         apply_override(data, assignment)
-    try:
-        return EvalConfig.model_validate(data)
-    except ValidationError as exc:
-        raise UserError(f"{path or 'curate eval'}: {validation_message(exc)}") from exc
-
-
-def dump_eval_config(config: EvalConfig) -> str:
-    return yaml.safe_dump(config.model_dump(), sort_keys=False)
+    return validated(EvalConfig, data, path or "curate eval")

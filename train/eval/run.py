@@ -33,10 +33,10 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
-from curate.pipeline.config import changed_settings
+from curate.pipeline.config import changed_settings, dump_config
 from curate.pipeline.errors import UserError
 from curate.pipeline.shards import atomic_path
-from curate.train.eval.config import RESUMABLE_CHANGES, EvalConfig, dump_eval_config, load_eval_config
+from curate.train.eval.config import RESUMABLE_CHANGES, EvalConfig, load_eval_config
 from curate.train.eval.data import Prompt, load_prompts, reference_set
 from curate.train.eval.features import FeatureSet, reference_features, text_embeddings
 from curate.train.eval.metrics import clip_score, frechet_distance, inception_score, kernel_distance, maybe
@@ -54,7 +54,7 @@ def check_output(cfg: EvalConfig, out: Path, overwrite: bool) -> None:
             raise UserError(f"{out} holds an evaluation with other settings ({', '.join(changed)}); "
                             "use --overwrite to start over or another output.path")
     out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(dump_eval_config(cfg))
+    saved.write_text(dump_config(cfg))
 
 
 def resolve_clip(cfg: EvalConfig) -> tuple[str, Optional[str]]:
