@@ -58,3 +58,15 @@ def write_shard(path: Path, samples: list[dict]) -> None:
             meta = {"width": w, "height": h, **s.get("meta", {})}
             tar.write(s["key"], {"jpg": b"not a jpeg" if s.get("corrupt") else data.getvalue(),
                                  "txt": f"caption {s['key']}".encode(), "json": json.dumps(meta).encode()})
+
+
+def run_train(*args: str) -> None:
+    """`curate train ARGS` in this process, as the CLI runs it."""
+    from curate.pipeline.cli import main as curate_main
+
+    assert curate_main(["train", *args, "--no-progress"]) == 0
+
+
+def losses(output: Path) -> dict[int, float]:
+    """step → loss of a training run's log.jsonl."""
+    return {e["step"]: e["loss"] for e in map(json.loads, (output / "log.jsonl").read_text().splitlines())}

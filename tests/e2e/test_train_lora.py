@@ -17,7 +17,7 @@ from curate.pipeline.cli import main as curate_main
 from curate.train.config import load_train_config
 from curate.train.lora import LORA_WEIGHTS
 from curate.train.model import inference_pipeline, load_components, tokenize
-from train_helpers import RESOLUTION, train_config
+from train_helpers import RESOLUTION, losses, run_train, train_config
 from train_helpers import one_torch_thread  # noqa: F401 (an autouse fixture)
 from train_scenes import fixed_batch, fixed_loss, scene_shard
 
@@ -35,14 +35,6 @@ def lora_config(path: Path, shards: Path, output: Path, **overrides) -> Path:
                    data__shuffle_buffer=16, checkpoints__every=EVERY, validation__every=0,
                    validation__prompts=["two red circles"])
     return train_config(path, shards, output, **{**options, **overrides})
-
-
-def run_train(*args: str) -> None:
-    assert curate_main(["train", *args, "--no-progress"]) == 0
-
-
-def losses(output: Path) -> dict[int, float]:
-    return {e["step"]: e["loss"] for e in map(json.loads, (output / "log.jsonl").read_text().splitlines())}
 
 
 @pytest.fixture(scope="module")

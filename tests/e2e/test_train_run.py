@@ -27,7 +27,7 @@ from curate.train.config import load_train_config
 from curate.pipeline.models.latents import encode, fit_crop, latent_from_bytes, scale_latents, to_pixels
 from curate.train.model import load_components
 from curate.train.objective import diffusion_loss
-from train_helpers import EVERY, RESOLUTION, STEPS, train_config, write_shard
+from train_helpers import EVERY, RESOLUTION, STEPS, losses, run_train, train_config, write_shard
 from train_helpers import one_torch_thread  # noqa: F401 (an autouse fixture)
 
 
@@ -47,14 +47,6 @@ def shards(dataset, tmp_path_factory):
     result = run_curate(["run", str(config), "--no-progress"], env, timeout=240)
     assert result.returncode == 0, result.stderr
     return tmp / "out"
-
-
-def run_train(*args: str) -> None:
-    assert curate_main(["train", *args, "--no-progress"]) == 0
-
-
-def losses(output: Path) -> dict[int, float]:
-    return {e["step"]: e["loss"] for e in map(json.loads, (output / "log.jsonl").read_text().splitlines())}
 
 
 @pytest.fixture(scope="module")

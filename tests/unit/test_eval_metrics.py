@@ -15,17 +15,11 @@ from curate.pipeline.errors import UserError
 from curate.train.eval.metrics import (
     _mmd2_polynomial, clip_score, frechet_distance, inception_score, kernel_distance,
 )
+from train_helpers import one_torch_thread  # noqa: F401 (an autouse fixture)
 
 RTOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """On a busy 2-core machine two spinning OpenMP threads per process cost more than they give."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class Passthrough(torch.nn.Module):

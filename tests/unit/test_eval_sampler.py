@@ -11,18 +11,10 @@ from curate.pipeline.errors import UserError
 from curate.train.eval.config import load_eval_config
 from curate.train.eval.sampler import Sampler, initial_latents, make_scheduler
 from curate.train.model import inference_pipeline, load_components
+from train_helpers import one_torch_thread  # noqa: F401 (an autouse fixture)
 
 PROMPTS = ["two red circles on the left of a blue background", "one yellow square", "three white triangles"]
 SEEDS = [11, 12, 11]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models: a second thread gains little, and on a busy 2-core machine costs a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def assert_same_images(a: np.ndarray, b: np.ndarray) -> None:
