@@ -138,11 +138,12 @@ def _rows_of(shard: int, n_shards: int, rows: int, rows_per_shard: int) -> int:
 EMPTY = {"rows_in": 0, "written": 0, "rejected": 0, "rejected_by_reason": {}, "shards": 0, "empty_input": True}
 
 
-def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=logger.info,
+def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=print,
         progress_every: float = 30.0) -> dict:
     """Run the pipeline; returns the merged stats (also written to stats.json). Failed shards
     are listed under `failed_shards`. An input without a single row is not a run: nothing is
-    written and the stats say rows_in 0 (`EMPTY`)."""
+    written and the stats say rows_in 0 (`EMPTY`). `log` gets what a user wants to see on
+    stdout (the Dask dashboard's address); stderr stays for problems and progress."""
     started = time.time()
     layout = RunLayout(Path(cfg.output.path))
     # Everything that can refuse the run does so before a cluster starts and before anything is written.
