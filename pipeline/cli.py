@@ -58,6 +58,9 @@ def _print_summary(stats: dict, output: str) -> None:
               "rerun the same command to retry just these:", file=sys.stderr)
         for f in failed:
             print(f"  shard {f['shard']} ({f['step']}): {f['error']}", file=sys.stderr)
+        if stats.get("shards_waiting"):
+            print(f"  {stats['shards_waiting']} more shard(s), {stats['rows_in_waiting_shards']} rows, wait for them: "
+                  "a dataset-wide filter (dedup, a CLIP top_fraction) needs every shard", file=sys.stderr)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

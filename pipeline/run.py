@@ -91,6 +91,7 @@ class RunTotals:
     shards: int = 0
     bytes_downloaded: int = 0
     failed: list = field(default_factory=list)  # {"shard", "step", "error"}
+    waiting: list = field(default_factory=list)  # shards prepared but not written: the run stopped before a pass
 
     def add(self, shard_stats: dict) -> None:
         self.shards += 1
@@ -104,13 +105,14 @@ class RunTotals:
     def add_failure(self, outcome: ShardOutcome) -> None:
         self.failed.append({"shard": shard_name(outcome.shard), "step": outcome.failed_step, "error": outcome.error})
 
-    def stats(self, rows_in: int, rows_failed: int, seconds: float) -> dict:
-        """The merged stats; rows in must equal written + rejected (+ the rows of failed
-        shards, which are not accounted for yet), or the run fails loudly."""
+    def stats(self, rows_in: int, rows_failed: int, rows_waiting: int, seconds: float) -> dict:
+        """The merged stats; rows in must equal written + rejected (+ the rows of failed and of
+        waiting shards, which are not accounted for yet), or the run fails loudly."""
         total_rejected = sum(self.rejected.values())
-        if self.written + total_rejected + rows_failed != rows_in:
+        if self.written + total_rejected + rows_failed + rows_waiting != rows_in:
             raise RuntimeError(f"accounting mismatch: {rows_in} rows in, {self.written} written + "
-                               f"{total_rejected} rejected + {rows_failed} in failed shards")
+                               f"{total_rejected} rejected + {rows_failed} in failed shards + "
+                               f"{rows_waiting} in shards waiting for them")
         stats = {
             "rows_in": rows_in,
             "written": self.written,
@@ -127,6 +129,9 @@ class RunTotals:
         if self.failed:
             stats["failed_shards"] = sorted(self.failed, key=lambda f: f["shard"])
             stats["rows_in_failed_shards"] = rows_failed
+        if self.waiting:
+            stats["shards_waiting"] = len(self.waiting)
+            stats["rows_in_waiting_shards"] = rows_waiting
         return stats
 
 
@@ -182,9 +187,11 @@ def _run(cfg: RunConfig, layout: RunLayout, files: list[str], executor, gpu_opti
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk, or a full quota
             raise UserError(f"no space left on the device holding {layout.root}; free some and rerun to resume") from exc
         raise
-    rows_failed = sum(_rows_of(int(f["shard"]), plan.n_shards, inputs["rows"], cfg.input.rows_per_shard)
-                      for f in totals.failed)
-    stats = totals.stats(inputs["rows"], rows_failed, time.time() - started)
+    def rows(shards) -> int:
+        return sum(_rows_of(int(s), plan.n_shards, inputs["rows"], cfg.input.rows_per_shard) for s in shards)
+
+    stats = totals.stats(inputs["rows"], rows(f["shard"] for f in totals.failed), rows(totals.waiting),
+                         time.time() - started)
     # The fields the report charts as scores: the score stage's and those the filters declare.
     clip_fields = [CLIP_SIMILARITY] if cfg.clip.enabled else []
     stats["score_fields"] = list(dict.fromkeys(clip_fields + score_fields(build_chain(cfg.filter_specs()))))
@@ -245,7 +252,9 @@ def _execute(plan: Plan, executor, progress: dict) -> tuple[RunTotals, dict, lis
         prepared = consume(executor.run_chains("prepare", ((shard, plan.prepare_tasks(shard)) for shard in todo)))
         if totals.failed:
             # A pass decides over every shard: with one missing it would not be exact. Stop
-            # here; the rerun prepares the failed shards, then passes and writes run.
+            # here; the prepared shards wait, and the rerun prepares the failed ones, then the
+            # passes and every write run.
+            totals.waiting = prepared
             return totals, resolved, finishes
         context = PassContext(cfg, layout, plan.n_shards, executor.map)
         for index, name in passes:

@@ -142,3 +142,31 @@ def test_progress_in_a_log_is_plain_lines_counting_rows(poisoned):
     last = [l for l in poisoned["second_log"].splitlines() if " INFO progress: " in l][-1]
     # the rerun counts the two shards written before (from their markers) and the one it redid
     assert "download 3/3, write 3/3 shards" in last and f"{ROWS:,} rows" in last
+
+
+def test_with_a_dataset_wide_filter_nothing_is_written_until_every_shard_is_prepared(dataset, tmp_path,
+                                                                                   clean_env_module):
+    """dedup decides over every shard: with one failed, the others wait (accounted as waiting),
+    and the rerun, once the shard is fixed, decides and writes them all."""
+    server, urls, _ = dataset
+    pd.read_parquet(urls).head(ROWS).to_parquet(tmp_path / "urls.parquet", index=False)
+    config = write_config(tmp_path / "config.yaml", tmp_path / "urls.parquet", tmp_path / "out",
+                          input={"rows_per_shard": PER_SHARD}, dask={"n_workers": 1, "retries": 0},
+                          filters=[{"name": "dedup"}])
+    cfg = load_config(config)
+    layout = RunLayout(tmp_path / "out")
+    write_input_shards(cfg.input, check_inputs(cfg.input), layout.input)
+    good = layout.input_shard(2).read_bytes()
+    layout.input_shard(2).write_bytes(b"not a parquet file")
+    first = run_curate(["run", str(config), "--no-progress"], clean_env_module)
+    assert first.returncode == 1, first.stderr
+    stats = json.loads(layout.stats.read_text())
+    assert [f["shard"] for f in stats["failed_shards"]] == ["00002"]
+    assert (stats["shards_waiting"], stats["rows_in_waiting_shards"], stats["written"]) == (2, 2 * PER_SHARD, 0)
+    assert "wait for them" in first.stderr
+    assert not list(layout.shards.glob("*.tar"))
+    layout.input_shard(2).write_bytes(good)
+    second = run_curate(["run", str(config), "--no-progress"], clean_env_module)
+    assert second.returncode == 0, second.stderr
+    stats = json.loads(layout.stats.read_text())
+    assert stats["written"] + stats["rejected"] == ROWS and "shards_waiting" not in stats and "dedup" in stats
