@@ -48,7 +48,7 @@ def check_logging(cfg: TrainConfig) -> None:
             from torch.utils.tensorboard import SummaryWriter  # noqa: F401
         except ImportError:
             raise UserError("logging.tensorboard is on but the tensorboard package is not installed "
-                            "(pip install tensorboard)") from None
+                            "(curate's 'train' extra: pip install 'curate[train]')") from None
 
 
 class TrainingLog:
