@@ -240,6 +240,9 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="leave out the compiled variants")
     parser.add_argument("--quick", action="store_true", help="CPU smoke test: tiny model, 32 px, few steps")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--curate-dtype", choices=["bf16", "fp16"], default="bf16",
+                        help="curate's weights dtype; fp16 = the baseline's, to compare images without the "
+                             "bf16-vs-fp16 rounding difference")
     parser.add_argument("--fresh", action="store_true", help="forget earlier results of this device")
     args = parser.parse_args()
 
@@ -274,7 +277,8 @@ def main() -> None:
         t0 = time.perf_counter()
         try:
             generate = (Baseline(parts, device, torch.float16) if compiled is None
-                        else Curate(parts, device, torch.bfloat16, compiled))
+                        else Curate(parts, device, {"bf16": torch.bfloat16, "fp16": torch.float16}[args.curate_dtype],
+                                    compiled))
         except Exception as exc:
             traceback.print_exc()
             for key in rows:
