@@ -126,21 +126,28 @@ def address_block_reason(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, allo
     return None
 
 
+def _checked_addresses(host: str, port: int, allow_private: bool):
+    """The addresses `host` resolves to (getaddrinfo entries), each judged by the address rules
+    as it is reached: a blocked one raises FetchError before it could be used."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise FetchError("failed_to_download: dns error", f"{host}: {exc}", retryable=True) from exc
+    for info in infos:
+        ip = ipaddress.ip_address(info[4][0].split("%")[0])
+        why = address_block_reason(ip, allow_private)
+        if why:
+            raise FetchError("blocked_address", f"{host} resolves to {ip} ({why})", retryable=False)
+        yield info
+
+
 def _connector(allow_private: bool):
     """A replacement for http.client's socket creation that checks the address first."""
 
     def create_connection(address, timeout, source_address=None):
         host, port = address
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except socket.gaierror as exc:
-            raise FetchError("failed_to_download: dns error", f"{host}: {exc}", retryable=True) from exc
         last_exc: Exception | None = None
-        for family, socktype, proto, _, sockaddr in infos:
-            ip = ipaddress.ip_address(sockaddr[0].split("%")[0])
-            why = address_block_reason(ip, allow_private)
-            if why:
-                raise FetchError("blocked_address", f"{host} resolves to {ip} ({why})", retryable=False)
+        for family, socktype, proto, _, sockaddr in _checked_addresses(host, port, allow_private):
             sock = socket.socket(family, socktype, proto)
             try:
                 sock.settimeout(timeout)
@@ -206,15 +213,8 @@ def check_target(host: str, port: Optional[int], allow_private: bool) -> None:
     """The address rules for a host the proxy will connect to: every address it resolves to is
     judged here, before anything is sent (the proxy resolves it again; a name whose answer
     changes in between is the proxy's own policy's to refuse)."""
-    try:
-        infos = socket.getaddrinfo(host, port or 443, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise FetchError("failed_to_download: dns error", f"{host}: {exc}", retryable=True) from exc
-    for *_, sockaddr in infos:
-        ip = ipaddress.ip_address(sockaddr[0].split("%")[0])
-        why = address_block_reason(ip, allow_private)
-        if why:
-            raise FetchError("blocked_address", f"{host} resolves to {ip} ({why})", retryable=False)
+    for _ in _checked_addresses(host, port or 443, allow_private):
+        pass
 
 
 def _via_proxy(proxy: str, scheme: str, host: str, port: Optional[int], target: str, cfg: DownloadConfig,
