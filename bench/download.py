@@ -27,6 +27,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from curate.pipeline.benchmarks import update_section  # noqa: E402
 from curate.pipeline.demo.synthetic import photo_like_jpeg  # noqa: E402
 
 WORK = REPO / "bench-work" / "download"
@@ -180,15 +181,7 @@ def _version(package: str) -> str:
 
 def update_benchmarks(heading: str, table: str) -> None:
     """Replace this benchmark's section in BENCHMARKS.md (other sections stay)."""
-    path = REPO / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nEach section is written by its script in bench/.\n\n"
-    start = text.find(heading)
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + table + (text[end + 1:] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + table
-    path.write_text(text)
+    update_section(REPO / "BENCHMARKS.md", heading, table)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+from curate.pipeline.benchmarks import update_section
+
 REPO_CONFIGS = Path("configs")
 HEADING = "## Ablation: raw vs curated training data"
 
@@ -187,18 +189,6 @@ def markdown(rows: list[dict], results: dict, args, seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, heading: str, text: str) -> None:
-    """Replace (or append) this section of a markdown file, as bench/ scripts do with BENCHMARKS.md."""
-    content = path.read_text() if path.exists() else ""
-    start = content.find(heading)
-    if start >= 0:
-        end = content.find("\n## ", start + 1)
-        content = content[:start] + text + (content[end + 1:] if end >= 0 else "")
-    else:
-        content = content.rstrip("\n") + "\n\n" + text
-    path.write_text(content)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="ablation-work")
@@ -251,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     (work / "ablation.md").write_text(md)
     (work / "ablation.json").write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=1))
     if args.benchmarks:
-        write_section(Path(args.benchmarks), HEADING, md)
+        update_section(args.benchmarks, HEADING, md)
         log(f"{args.benchmarks} updated")
     log(f"\nsamples: {work}/eval-raw/grid-ddim.png, {work}/eval-curated/grid-ddim.png; "
         f"pages: {work}/eval-*/eval.html; table: {work}/ablation.md")
