@@ -172,7 +172,8 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=prin
             client.forward_logging("curate", level=logging.WARNING)
         except (AttributeError, TypeError):  # an older distributed
             pass
-        gpu_options = {"resources": gpu_resources(client)} if cfg.clip.enabled and gpu_resources(client) else {}
+        gpu = gpu_resources(client) if cfg.clip.enabled else None  # {"GPU": 1} when a worker offers one
+        gpu_options = {"resources": gpu} if gpu else {}
         return _run(cfg, layout, files, DaskExecutor(client, retries=cfg.dask.retries), gpu_options,
                     progress_options, started)
 
