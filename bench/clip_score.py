@@ -144,7 +144,7 @@ def make_shards(n_images: int, shard_size: int, n_unique: int, processes: int) -
         with TarShardWriter(folder / f"{shard_name(shard)}.tar") as tar:
             for i in range(min(shard_size, n_images - shard * shard_size)):
                 jpg, width, height = unique[index % n_unique]
-                key = sample_key(shard, i)
+                key = sample_key(shard, i, shard_size)
                 meta = {"key": key, "url": f"https://images.example.com/{index}.jpg", "caption": captions[index],
                         "width": width, "height": height}
                 tar.write(key, {"jpg": jpg, "json": json.dumps(meta).encode()})

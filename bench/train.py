@@ -166,7 +166,7 @@ def make_shards(size: int, n_images: int, shard_size: int, processes: int) -> Pa
         with TarShardWriter(folder / f"{shard_name(shard)}.tar") as tar:
             for i in range(shard * shard_size, min(n_images, (shard + 1) * shard_size)):
                 jpg, text = samples[i]
-                key = sample_key(shard, i - shard * shard_size)
+                key = sample_key(shard, i - shard * shard_size, shard_size)
                 meta = {"key": key, "caption": text, "width": size, "height": size}
                 tar.write(key, {"jpg": jpg, "txt": text.encode(), "json": json.dumps(meta).encode()})
     mean_kb = sum(len(s[0]) for s in samples) / len(samples) / 1024

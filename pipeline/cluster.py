@@ -8,7 +8,9 @@ import os
 from typing import Iterator
 
 from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
+from distributed.diagnostics.plugin import WorkerPlugin
 
+from curate.pipeline import storage
 from curate.pipeline.config import DaskConfig
 from curate.pipeline.errors import UserError
 
@@ -106,3 +108,21 @@ def dask_client(cfg: DaskConfig, gpus: int = 0) -> Iterator[Client]:
     finally:
         client.close()
         cluster.close()
+
+
+class StorageOptions(WorkerPlugin):
+    """The config's object store options (pipeline/storage.py `configure`) set in every worker
+    process, those that join later included, so that each reads and writes the same URLs."""
+
+    name = "curate-storage-options"
+
+    def __init__(self, options: dict):
+        self.options = options
+
+    def setup(self, worker) -> None:
+        storage.configure(self.options)
+
+
+def share_storage_options(client: Client, options: dict) -> None:
+    if options:
+        client.register_plugin(StorageOptions(options))

@@ -13,9 +13,10 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 from urllib.parse import urlsplit
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from curate.filters import FILTERS, FilterConfigError, build_chain
+from curate.pipeline import storage
 from curate.pipeline.errors import UserError
 from curate.pipeline.geometry import BUCKET_STEP
 
@@ -28,25 +29,53 @@ class Section(BaseModel):
 
 
 class InputConfig(Section):
-    """Where the URL list is and how its columns are named."""
+    """Where the input is: URL lists and how their columns are named, or existing WebDataset /
+    img2dataset tar shards (`format: webdataset`, README "Existing shards as input")."""
 
-    # Local paths, globs, or fsspec URLs (s3://, hf://, https://...).
+    # Local paths, globs, or fsspec URLs (s3://, hf://, https://...); for tar shards also brace
+    # expansion (shards/{00000..00999}.tar).
     paths: list[str]
-    # auto: chosen per file from its suffix (.parquet, .csv, .tsv, .jsonl/.json, optionally .gz).
-    format: Literal["auto", "parquet", "csv", "tsv", "jsonl"] = "auto"
+    # auto: chosen per file from its suffix (.parquet, .csv, .tsv, .jsonl/.json, optionally .gz);
+    # webdataset when every path ends in .tar.
+    format: Literal["auto", "parquet", "csv", "tsv", "jsonl", "webdataset"] = "auto"
     url_col: str = "URL"
     caption_col: Optional[str] = "TEXT"
     # Input columns carried into each sample's json and the shard parquet (LAION's
     # WIDTH, HEIGHT, similarity, punsafe, pwatermark, hash, ...). Missing ones are an error.
+    # webdataset: every field of a sample's json is carried; these are only placed first (null where absent).
     extra_cols: list[str] = Field(default_factory=list)
+    # Rows of each input shard cut from URL lists; with them it also sets the keys' index digits
+    # (img2dataset's rule). An input tar is one shard whatever its size: there this only sets the
+    # digits, so a tar holds at most this many samples (README "Existing shards as input").
     rows_per_shard: int = Field(10_000, ge=1)
     # Rows read from the input per batch; bounds the reader's memory.
     read_batch_rows: int = Field(8_192, ge=1)
+
+    # webdataset only: the caption is the sample's `txt` member (null), or this field of its `json` member.
+    caption_field: Optional[str] = None
+    # webdataset only: the members that are a sample's image, by extension, the first found in this order.
+    image_exts: list[str] = Field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"], min_length=1)
 
     @field_validator("paths", mode="before")
     @classmethod
     def _one_path_is_a_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @field_validator("image_exts")
+    @classmethod
+    def _bare_extensions(cls, value: list[str]) -> list[str]:
+        return [ext.lower().lstrip(".") for ext in value]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tar_paths_are_shards(cls, data: Any) -> Any:
+        """format auto with every path a .tar: existing shards (webdataset), saved as such in config.yaml."""
+        if isinstance(data, dict) and data.get("format", "auto") == "auto":
+            paths = data.get("paths")
+            paths = [paths] if isinstance(paths, str) else paths
+            if isinstance(paths, list) and paths and all(isinstance(p, str) and p.endswith(".tar") for p in paths):
+                data = {**data, "format": "webdataset"}
+        return data
 
 
 class OutputConfig(Section):
@@ -130,6 +159,9 @@ class ClipConfig(Section):
     # Helper processes that read shards and tokenize captions beside the scoring process
     # (pipeline/score_reader.py); 0 reads in-process. auto → 2 on a GPU, 0 on the CPU.
     reader_processes: Union[Literal["auto"], int] = "auto"
+    # The most GPU memory a scoring process may hold (PyTorch's allocator frees its cache and
+    # retries before going past it), so that scoring can share a GPU with training; null: no limit.
+    gpu_memory_limit_gib: Optional[float] = Field(16.0, gt=0)
 
     @field_validator("reader_processes")
     @classmethod
@@ -175,6 +207,20 @@ class RunConfig(Section):
     clip: ClipConfig = Field(default_factory=ClipConfig)
     dask: DaskConfig = Field(default_factory=DaskConfig)
     filters: list[FilterSpec] = Field(default_factory=list)
+    # fsspec options per protocol for the object store that input paths and output.path name, e.g.
+    # {s3: {endpoint_url: "http://127.0.0.1:9000"}} for an S3-compatible server. Only where and how
+    # to reach it: credentials come from the environment (AWS_ACCESS_KEY_ID, ~/.aws, fsspec's own
+    # config), so that none is saved in config.yaml, logs or the report.
+    storage: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("storage")
+    @classmethod
+    def _no_credentials(cls, value: dict) -> dict:
+        secret = storage.secret_options(value)
+        if secret:
+            raise ValueError(f"{', '.join(secret)}: credentials do not belong in the config (it is saved with "
+                             "the run); give them through the environment, e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+        return value
 
     def filter_specs(self) -> list[dict]:
         return [f.model_dump() for f in self.filters]
@@ -298,6 +344,8 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     except FilterConfigError as exc:
         raise UserError(f"{path}: {exc}") from exc
     for i, f in enumerate(chain):
+        if config.input.format == "webdataset":
+            break  # every field of a sample's json is carried: none needs listing
         missing = [c for c in f.input_columns() if c not in config.input.extra_cols]
         if missing:
             raise UserError(f"{path}: filters.{i}: {f.name} reads input column(s) {', '.join(missing)}: "

@@ -5,7 +5,7 @@ decisions as Arrow IPC files with one record batch per shard or partition; the `
 filter (filters/dedup.py) reads one shard's decisions back in the write stage. Both use
 this module, so neither needs the other.
 
-    plan.json                  partitions, shards, parameters of the pass
+    plan.json                  partitions, shards, rows_per_shard (for the keys), parameters of the pass
     decisions/PPPPP.arrow      per partition, one batch per shard: (order, original, kind)
     done.json                  the pass's stats, written last
 """
@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
+from curate.pipeline import storage
 from curate.pipeline.layout import RunLayout
 from curate.pipeline.shards import atomic_path, sample_key, shard_name
 
@@ -28,7 +28,7 @@ URL, SHA256, PHASH, SEMANTIC = range(4)
 DECISION_SCHEMA = pa.schema([("order", pa.int64()), ("original", pa.int64()), ("kind", pa.int8())])
 
 
-def dedup_dir(root: str | Path) -> Path:
+def dedup_dir(root: str) -> str:
     return RunLayout(root).dedup
 
 
@@ -50,11 +50,11 @@ def sample_order(shard_id: int, index: int) -> int:
     return (shard_id << 32) | index
 
 
-def order_key(order: int) -> str:
-    return sample_key(order >> 32, order & 0xFFFFFFFF)
+def order_key(order: int, per_shard: int) -> str:
+    return sample_key(order >> 32, order & 0xFFFFFFFF, per_shard)
 
 
-def write_batches(path: Path, schema: pa.Schema, columns: dict, group: np.ndarray, n_groups: int) -> None:
+def write_batches(path: str, schema: pa.Schema, columns: dict, group: np.ndarray, n_groups: int) -> None:
     """Write `columns` (arrays of equal length) as one record batch per group 0..n_groups-1."""
     by_group = np.argsort(group, kind="stable")
     bounds = np.searchsorted(group[by_group], np.arange(n_groups + 1))
@@ -71,9 +71,13 @@ def _fixed_list(matrix: np.ndarray, typ: pa.DataType) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), typ.value_type), typ.list_size)
 
 
-def read_batch(path: Path, index: int) -> pa.RecordBatch:
-    with pa.OSFile(str(path), "rb") as source:
-        return pa.ipc.open_file(source).get_batch(index)
+def read_batch(path: str, index: int) -> pa.RecordBatch:
+    if not storage.is_url(path):
+        with pa.OSFile(str(path), "rb") as source:
+            return pa.ipc.open_file(source).get_batch(index)
+    # In object storage: ranged reads of the one batch (and the file's footer), not the whole file.
+    with storage.open_file(path) as f:
+        return pa.ipc.open_file(pa.PythonFile(f, mode="r")).get_batch(index)
 
 
 def most_exact(order: np.ndarray, original: np.ndarray, kind: np.ndarray):
@@ -85,14 +89,16 @@ def most_exact(order: np.ndarray, original: np.ndarray, kind: np.ndarray):
     return order[first], original[first], kind[first]
 
 
-def read_decisions(root: str | Path, shard_id: int) -> dict[str, tuple[str, str]]:
+def read_decisions(root: str, shard_id: int) -> dict[str, tuple[str, str]]:
     """key → (kind, key of the earlier sample it duplicates) for the duplicates of one shard."""
     folder = dedup_dir(root)
-    if not (folder / "done.json").exists():
+    if not storage.exists(storage.join(folder, "done.json")):
         raise RuntimeError("dedup: the dedup pass has not run for this output (work/dedup/done.json missing)")
-    plan = json.loads((folder / "plan.json").read_text())
-    batches = [read_batch(folder / "decisions" / f"{shard_name(p)}.arrow", shard_id)
+    plan = json.loads(storage.read_text(storage.join(folder, "plan.json")))
+    batches = [read_batch(storage.join(folder, "decisions", f"{shard_name(p)}.arrow"), shard_id)
                for p in range(plan["partitions"])]
     table = pa.Table.from_batches(batches, schema=DECISION_SCHEMA)
     order, original, kind = most_exact(*(table.column(c).to_numpy() for c in DECISION_SCHEMA.names))
-    return {order_key(int(o)): (KINDS[int(k)], order_key(int(g))) for o, g, k in zip(order, original, kind)}
+    per_shard = plan["rows_per_shard"]
+    return {order_key(int(o), per_shard): (KINDS[int(k)], order_key(int(g), per_shard))
+            for o, g, k in zip(order, original, kind)}

@@ -27,7 +27,7 @@ from typing import Callable, Optional
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
 from curate.pipeline.config import DownloadConfig
-from curate.pipeline.records import Rejection
+from curate.pipeline.records import FAILED_TO_DOWNLOAD, Rejection
 from curate.pipeline.urls import normalize_host
 
 _REDIRECTS = {301, 302, 303, 307, 308}
@@ -60,18 +60,20 @@ class FetchResult:
 
 
 def _failed(reason: str, detail: str) -> FetchResult:
-    return FetchResult(None, Rejection(reason, filter=FETCH, detail=detail))
+    return FetchResult(None, Rejection(reason, filter=FETCH, detail=detail, status=FAILED_TO_DOWNLOAD))
 
 
 class FetchError(Exception):
     """A fetch that failed: its rejection, and whether another attempt could succeed
     (`retryable`: a timeout, a dropped connection, a 5xx may pass next time; a 4xx, an
-    invalid URL, a blocked address or an opt-out will not). Every raise decides it."""
+    invalid URL, a blocked address or an opt-out will not). Every raise decides it.
+    The row's status is FAILED_TO_DOWNLOAD, as img2dataset records any failed fetch, unless the
+    rejection is a filter's (a redirect onto a blocked URL: `filter` and `status` are that filter's)."""
 
     def __init__(self, reason: str, detail: str = "", *, retryable: bool, filter: str = FETCH,
-                 http_status: Optional[int] = None):
+                 status: str = FAILED_TO_DOWNLOAD, http_status: Optional[int] = None):
         super().__init__(reason)
-        self.rejection = Rejection(reason, filter=filter, detail=detail or reason)
+        self.rejection = Rejection(reason, filter=filter, detail=detail or reason, status=status)
         self.retryable = retryable
         self.http_status = http_status  # the answer's status, as a number for the report
 
@@ -373,7 +375,8 @@ def _exchange(conn: http.client.HTTPConnection, target: str, url: str, cfg: Down
             raise FetchError("invalid_url: bad redirect", f"Location {location!r}"[:200], retryable=False) from exc
         refused = check_url(url) if check_url else None
         if refused is not None:  # e.g. a redirect onto a blocklisted domain: that filter's rejection
-            raise FetchError(refused.reason, f"redirect to {url}"[:200], retryable=False, filter=refused.filter)
+            raise FetchError(refused.reason, f"redirect to {url}"[:200], retryable=False, filter=refused.filter,
+                             status=refused.status)
         return url
     if resp.status != 200:
         # A 4xx is the server's answer about this URL; a 5xx (or an odd 1xx/2xx/3xx) may pass next time.

@@ -8,8 +8,10 @@ spread over the stages.
     work/dedup/            the dedup filter's global pass (pipeline/stages/dedup.py)
     embeddings/            CLIP embeddings, row-aligned (the layout clip-retrieval reads):
         img_emb/img_emb_NNNNN.npy, text_emb/text_emb_NNNNN.npy, metadata/metadata_NNNNN.parquet
+        (key, url, caption, written: one row per embedded image)
     shards/NNNNN.tar       final WebDataset shards
-    shards/NNNNN.parquet   every row of the shard, kept or rejected, with its reason
+    shards/NNNNN.parquet   every row of the shard, kept or rejected, with its status and reason
+    shards/NNNNN_stats.json img2dataset's per-shard stats (count, successes, failed_to_*, status_dict)
     shards/NNNNN.done.json the shard's stats, written last
     stats.json             the run's totals: rows in = written + rejected, per reason
     report.html            the run report (pipeline/report/page.py)
@@ -19,50 +21,61 @@ spread over the stages.
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
+from curate.pipeline import storage
 from curate.pipeline.shards import shard_name
 
 EMBEDDING_PARTS = ("img_emb", "text_emb", "metadata")
 
 
-def embedding_files(folder: str | Path, shard_id: int) -> dict[str, Path]:
+def embedding_files(folder: str | os.PathLike, shard_id: int) -> dict[str, str]:
     """The score stage's files for one shard under an embeddings folder, by part."""
-    folder, name = Path(folder), shard_name(shard_id)
+    name = shard_name(shard_id)
     return {
-        "img_emb": folder / "img_emb" / f"img_emb_{name}.npy",
-        "text_emb": folder / "text_emb" / f"text_emb_{name}.npy",
-        "metadata": folder / "metadata" / f"metadata_{name}.parquet",
+        "img_emb": storage.join(folder, "img_emb", f"img_emb_{name}.npy"),
+        "text_emb": storage.join(folder, "text_emb", f"text_emb_{name}.npy"),
+        "metadata": storage.join(folder, "metadata", f"metadata_{name}.parquet"),
     }
 
 
 class RunLayout:
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-        self.config = self.root / "config.yaml"
-        self.input = self.root / "work" / "input"
-        self.download = self.root / "work" / "download"
-        self.score = self.root / "work" / "score"
-        self.dedup = self.root / "work" / "dedup"
-        self.embeddings = self.root / "embeddings"
-        self.shards = self.root / "shards"
-        self.stats = self.root / "stats.json"
-        self.report = self.root / "report.html"
-        self.report_samples = self.root / "report" / "samples"
+    """Every path is a string: a local path, or a URL when output.path is one (pipeline/storage.py)."""
 
-    def input_shard(self, shard_id: int) -> Path:
-        return self.input / f"{shard_name(shard_id)}.parquet"
+    def __init__(self, root: str | os.PathLike):
+        self.root = str(root).rstrip("/") if storage.is_url(root) else str(root)
+        join = storage.join
+        self.config = join(self.root, "config.yaml")
+        self.input = join(self.root, "work", "input")
+        self.download = join(self.root, "work", "download")
+        self.score = join(self.root, "work", "score")
+        self.dedup = join(self.root, "work", "dedup")
+        self.embeddings = join(self.root, "embeddings")
+        self.shards = join(self.root, "shards")
+        self.stats = join(self.root, "stats.json")
+        self.report = join(self.root, "report.html")
+        self.report_samples = join(self.root, "report", "samples")
 
-    def download_files(self, shard_id: int) -> dict[str, Path]:
+    def input_shard(self, shard_id: int) -> str:
+        return storage.join(self.input, f"{shard_name(shard_id)}.parquet")
+
+    def download_files(self, shard_id: int) -> dict[str, str]:
         name = shard_name(shard_id)
-        return {"tar": self.download / f"{name}.tar", "parquet": self.download / f"{name}.parquet"}
+        return {"tar": storage.join(self.download, f"{name}.tar"),
+                "parquet": storage.join(self.download, f"{name}.parquet")}
 
-    def embedding_files(self, shard_id: int) -> dict[str, Path]:
+    def shard_files(self, shard_id: int) -> dict[str, str]:
+        name = shard_name(shard_id)
+        return {"tar": storage.join(self.shards, f"{name}.tar"),
+                "parquet": storage.join(self.shards, f"{name}.parquet"),
+                "stats": storage.join(self.shards, f"{name}_stats.json")}  # img2dataset's name
+
+    def embedding_files(self, shard_id: int) -> dict[str, str]:
         return embedding_files(self.embeddings, shard_id)
 
-    def report_samples_file(self, shard_id: int) -> Path:
-        return self.report_samples / f"{shard_name(shard_id)}.parquet"
+    def report_samples_file(self, shard_id: int) -> str:
+        return storage.join(self.report_samples, f"{shard_name(shard_id)}.parquet")
 
-    def report_download_samples_file(self, shard_id: int) -> Path:
+    def report_download_samples_file(self, shard_id: int) -> str:
         """Thumbnails of the images the download stage dropped after fetching them."""
-        return self.report_samples / f"{shard_name(shard_id)}.download.parquet"
+        return storage.join(self.report_samples, f"{shard_name(shard_id)}.download.parquet")

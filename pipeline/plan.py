@@ -1,6 +1,7 @@
 """What `curate run` does, declared as data: the per-shard tasks and the dataset-wide passes.
 
     prepare (per shard)   download ─► score (if clip.enabled; on GPU workers when there are any)
+                          (input tars: read ─► score; the read stage stands for the download)
     passes                 those the configured filters declare (pipeline/passes.py), in chain order
     write (per shard)      write (sample filters, final tar + parquet)
 
@@ -14,12 +15,14 @@ they are submitted.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from curate.filters import build_chain
 from curate.pipeline.config import RunConfig
 from curate.pipeline.executor import UPSTREAM, Task
 from curate.pipeline.layout import RunLayout
 from curate.pipeline.stages.download import download_shard
+from curate.pipeline.stages.read import read_shard
 from curate.pipeline.stages.score import score_shard
 from curate.pipeline.stages.write import write_shard
 
@@ -30,6 +33,7 @@ class Plan:
     layout: RunLayout
     n_shards: int
     gpu_options: dict  # Dask options of GPU tasks, e.g. {"resources": {"GPU": 1}}, or {}
+    input_tars: Optional[list[str]] = None  # existing shards as input: shard N reads input_tars[N]
 
     @property
     def passes(self) -> list[tuple[int, str]]:
@@ -39,11 +43,15 @@ class Plan:
 
     @property
     def steps(self) -> list[str]:
-        return ["download"] + (["score"] if self.cfg.clip.enabled else []) + ["write"]
+        first = "download" if self.input_tars is None else "read"
+        return [first] + (["score"] if self.cfg.clip.enabled else []) + ["write"]
 
     def prepare_tasks(self, shard: int) -> list[Task]:
         layout, cfg = self.layout, self.cfg
-        tasks = [Task("download", download_shard, (str(layout.input_shard(shard)), shard, str(layout.download), cfg))]
+        if self.input_tars is None:
+            tasks = [Task("download", download_shard, (str(layout.input_shard(shard)), shard, str(layout.download), cfg))]
+        else:  # no download: the read stage records where each image lies in the input tar
+            tasks = [Task("read", read_shard, (self.input_tars[shard], shard, str(layout.download), cfg))]
         if cfg.clip.enabled:
             tasks.append(Task("score", score_shard, (shard, UPSTREAM, str(layout.download), str(layout.embeddings),
                                                      str(layout.score), cfg.clip), self.gpu_options))

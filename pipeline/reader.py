@@ -19,8 +19,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curate.pipeline import storage
 from curate.pipeline.config import InputConfig
 from curate.pipeline.errors import UserError
+from curate.pipeline.input_tars import check_tars, has_samples, record_tars
 from curate.pipeline.records import RECORD_COLUMNS
 from curate.pipeline.shards import atomic_path, shard_name
 
@@ -38,6 +40,9 @@ def file_format(path: str, configured: str) -> str:
     for suffix, fmt in _SUFFIX_FORMATS.items():
         if name.endswith(suffix):
             return fmt
+    if name.endswith(".tar"):
+        raise UserError(f"input {path}: a tar shard among URL lists; a run reads either URL lists or tar shards "
+                        "(input.format: webdataset)")
     raise UserError(f"input {path}: cannot tell the format from its name; set input.format")
 
 
@@ -83,6 +88,8 @@ def check_inputs(cfg: InputConfig) -> list[str]:
             f"input.extra_cols: {', '.join(clashing)} clash(es) with columns curate writes itself "
             f"({', '.join(RECORD_COLUMNS)}); drop them from extra_cols"
         )
+    if cfg.format == "webdataset":
+        return check_tars(cfg)
     files = resolve_inputs(cfg)
     wanted = [cfg.url_col] + ([cfg.caption_col] if cfg.caption_col else []) + list(cfg.extra_cols)
     for path in files:
@@ -106,6 +113,8 @@ def check_inputs(cfg: InputConfig) -> list[str]:
 def has_rows(cfg: InputConfig, files: list[str]) -> bool:
     """Whether any input file holds a row: parquet from its footer, csv/tsv/jsonl from their
     first lines, so an empty input is found before anything starts."""
+    if cfg.format == "webdataset":
+        return has_samples(files)
     for path in files:
         fmt = file_format(path, cfg.format)
         with fsspec.open(path, "rb", compression="infer") as f:
@@ -225,13 +234,17 @@ def write_input_shards(cfg: InputConfig, files: list[str], out_dir: Path) -> dic
     Resumable: `_done.json`, written last, records the shard and row counts; when it
     exists the inputs are not read again. A half-finished pass is redone from scratch
     (it is deterministic) so shard boundaries never depend on where it stopped.
+    Input tars are not cut: each is a shard, recorded in `_done.json` (pipeline/input_tars.py).
     """
-    marker = out_dir / "_done.json"
-    if marker.exists():
-        return json.loads(marker.read_text())
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob("*.parquet*"):
-        stale.unlink()
+    if cfg.format == "webdataset":
+        return record_tars(files, out_dir)
+    marker = storage.join(out_dir, "_done.json")
+    if storage.exists(marker):
+        return json.loads(storage.read_text(marker))
+    storage.make_dirs(out_dir)
+    for stale in storage.listing(out_dir):
+        if ".parquet" in storage.name(stale):
+            storage.remove(stale)
 
     shard_id, rows_total = 0, 0
     pending: list[pd.DataFrame] = []
@@ -239,7 +252,7 @@ def write_input_shards(cfg: InputConfig, files: list[str], out_dir: Path) -> dic
 
     def flush() -> None:
         nonlocal shard_id, pending, pending_rows
-        _write_input_shard(pending, out_dir / f"{shard_name(shard_id)}.parquet")
+        _write_input_shard(pending, storage.join(out_dir, f"{shard_name(shard_id)}.parquet"))
         shard_id += 1
         pending, pending_rows = [], 0
 
@@ -269,5 +282,5 @@ def write_input_shards(cfg: InputConfig, files: list[str], out_dir: Path) -> dic
     return summary
 
 
-def read_input_shard(path: Path) -> pa.Table:
-    return pq.read_table(path)
+def read_input_shard(path: str) -> pa.Table:
+    return storage.read_parquet(path)

@@ -10,6 +10,10 @@ A rejection is a `Rejection`: the short, countable `reason` users count in stats
 and beside it who decided and on what measure (`filter`, `metric`, `value`, `threshold`),
 stored as the REJECTION_COLUMNS of the record. The report reads those columns; nothing
 parses a reason string to get a number back.
+
+A record's `status` speaks img2dataset's vocabulary, so tools written for its output read
+curate's: SUCCESS (written), FAILED_TO_DOWNLOAD, FAILED_TO_RESIZE, and curate's own FILTERED for
+a row a filter dropped. Every stage, the report and the tests use these constants.
 """
 
 from __future__ import annotations
@@ -24,6 +28,15 @@ SAFETY_PREFIX = "unsafe"
 # The score stage's score field (the filters declare theirs: Filter.score_fields).
 CLIP_SIMILARITY = "clip_similarity"
 
+# A row's status: img2dataset's values (its parquet's `status`, its _stats.json counts), and one
+# of curate's own for the rows its filters drop.
+SUCCESS = "success"                        # written: in the shard's tar
+FAILED_TO_DOWNLOAD = "failed_to_download"  # the fetch failed or was refused (HTTP error, timeout, bad URL, opt-out)
+FAILED_TO_RESIZE = "failed_to_resize"      # fetched, but the image did not decode or normalize (or was a bomb)
+FILTERED = "filtered"                      # a filter dropped it: `reason` and the reject_* columns say which, why
+REJECTED_STATUSES = (FAILED_TO_DOWNLOAD, FAILED_TO_RESIZE, FILTERED)
+STATUSES = (SUCCESS, *REJECTED_STATUSES)
+
 
 @dataclass(frozen=True)
 class Rejection:
@@ -36,6 +49,9 @@ class Rejection:
     value:     this row's value of `metric`
     threshold: the limit it was compared with
     detail:    free text for the row's error_message (an HTTP status line, a decoder's error)
+    status:    the row's status, by who rejected it: FILTERED for a filter's decision (the default);
+               the stages set FAILED_TO_DOWNLOAD for their fetch's failures and FAILED_TO_RESIZE
+               for an image that does not decode or normalize (pipeline/fetch.py, stages/download.py)
     """
 
     reason: str
@@ -44,6 +60,11 @@ class Rejection:
     value: Optional[float] = None
     threshold: Optional[float] = None
     detail: Optional[str] = None
+    status: str = FILTERED
+
+    def __post_init__(self):
+        if self.status not in REJECTED_STATUSES:
+            raise ValueError(f"a rejection's status is one of {REJECTED_STATUSES}, not {self.status!r}")
 
     @property
     def is_safety(self) -> bool:
@@ -52,7 +73,7 @@ class Rejection:
     def columns(self) -> dict:
         """The record's columns for this rejection."""
         return {
-            "status": "rejected", "reason": self.reason, "error_message": self.detail,
+            "status": self.status, "reason": self.reason, "error_message": self.detail,
             "reject_filter": self.filter, "reject_metric": self.metric,
             "reject_value": None if self.value is None else float(self.value),
             "reject_threshold": None if self.threshold is None else float(self.threshold),
@@ -73,9 +94,9 @@ RECORD_COLUMNS = [
     "width", "height", "original_width", "original_height", "sha256", "bytes",
 ]
 
-# Record fields that say what happened to the row, not what the sample is: not part of the
-# json stored beside an image.
-_OUTCOME = {"status", "reason", "error_message", "http_status", *REJECTION_COLUMNS}
+# Record fields that say why a row was dropped, not what the sample is: not part of the json
+# stored beside an image (which carries `status` and `error_message`, as img2dataset's json does).
+_OUTCOME = {"reason", "http_status", *REJECTION_COLUMNS}
 
 _TYPES = {
     "http_status": pa.int64(),  # the status of a failed fetch's HTTP answer (404, 503, ...); null without one
@@ -85,7 +106,8 @@ _TYPES = {
 
 
 def sample_meta(record: dict) -> dict:
-    """The json stored beside each image: everything known about the sample except its outcome."""
+    """The json stored beside each image: everything known about the sample, with its status
+    (SUCCESS) and error_message (null), but none of a rejection's columns."""
     return {k: v for k, v in record.items() if k not in _OUTCOME}
 
 

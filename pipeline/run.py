@@ -19,7 +19,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,7 +27,8 @@ from pathlib import Path
 import yaml
 
 from curate.filters import build_chain, score_fields
-from curate.pipeline.cluster import dask_client, gpu_resources, local_gpu_count
+from curate.pipeline import storage
+from curate.pipeline.cluster import dask_client, gpu_resources, local_gpu_count, share_storage_options
 from curate.pipeline.config import RunConfig, changed_settings, dump_config
 from curate.pipeline.errors import UserError
 from curate.pipeline.executor import DaskExecutor, InProcessExecutor, ShardOutcome
@@ -45,19 +45,34 @@ from curate.pipeline.shards import atomic_path, is_done, read_marker, remove_sha
 logger = logging.getLogger("curate")
 
 # Settings a rerun into the same output may change: where and how fast it runs, not what it writes.
-MAY_CHANGE = {"dask", "download.threads"}
+MAY_CHANGE = {"dask", "download.threads", "storage"}
 
 
 def _check_output(cfg: RunConfig, layout: RunLayout, overwrite: bool) -> str:
     """Refuse an output that cannot take this run, before anything starts; returns the resolved config."""
-    if layout.root.exists() and not layout.root.is_dir():
+    try:
+        return _check_output_at(cfg, layout, overwrite)
+    except UserError:
+        raise
+    except Exception as exc:  # object storage: a bucket that does not exist, credentials refused, no endpoint
+        if not storage.is_url(layout.root) and not isinstance(exc, OSError):
+            raise
+        raise UserError(f"output.path {layout.root}: {storage.describe_error(exc)}") from exc
+
+
+def _check_output_at(cfg: RunConfig, layout: RunLayout, overwrite: bool) -> str:
+    local = not storage.is_url(layout.root)
+    if local and Path(layout.root).exists() and not Path(layout.root).is_dir():
         raise UserError(f"output.path {layout.root} exists and is not a folder")
-    if overwrite and layout.root.exists() and not layout.config.exists() and any(layout.root.iterdir()):
+    if not local:
+        storage.check_reachable(layout.root)
+    has_config = storage.exists(layout.config)
+    if overwrite and not has_config and storage.has_files(layout.root):
         # A mistyped output.path must not cost the user an unrelated folder.
         raise UserError(f"--overwrite: {layout.root} holds files but no curate run (no config.yaml); not deleting it")
     resolved = dump_config(cfg)
-    if layout.config.exists() and not overwrite:
-        changed = changed_settings(yaml.safe_load(layout.config.read_text()) or {}, yaml.safe_load(resolved), MAY_CHANGE)
+    if has_config and not overwrite:
+        changed = changed_settings(yaml.safe_load(storage.read_text(layout.config)) or {}, yaml.safe_load(resolved), MAY_CHANGE)
         if changed:
             raise UserError(
                 f"{layout.root} holds a run made with a different config ({', '.join(changed)}); "
@@ -68,11 +83,11 @@ def _check_output(cfg: RunConfig, layout: RunLayout, overwrite: bool) -> str:
 
 def _prepare_output(layout: RunLayout, resolved: str, overwrite: bool) -> None:
     """Create the output folder (emptied with --overwrite) and save the resolved config."""
-    if overwrite and layout.root.exists():
-        shutil.rmtree(layout.root)
+    if overwrite:
+        storage.remove_tree(layout.root)
     try:
         for folder in (layout.input, layout.download, layout.shards):
-            folder.mkdir(parents=True, exist_ok=True)
+            storage.make_dirs(folder)
     except OSError as exc:  # e.g. a parent is a file, or not writable
         raise UserError(f"cannot create the output folder {layout.root}: {exc.strerror or exc}") from exc
     with atomic_path(layout.config) as tmp:
@@ -92,9 +107,13 @@ class RunTotals:
     bytes_downloaded: int = 0
     failed: list = field(default_factory=list)  # {"shard", "step", "error"}
     waiting: list = field(default_factory=list)  # shards prepared but not written: the run stopped before a pass
+    rows: int = 0  # rows of the written shards
+    input: dict = field(default_factory=dict)  # input tars: what the read stage found (pipeline/stages/read.py)
 
     def add(self, shard_stats: dict) -> None:
         self.shards += 1
+        self.rows += shard_stats.get("rows", 0)
+        _merge_input(self.input, shard_stats.get("input") or {})
         self.written += shard_stats["written"]
         self.rejected.update(shard_stats["rejected"])
         for name, counts in shard_stats.get("filters", {}).items():
@@ -132,7 +151,29 @@ class RunTotals:
         if self.waiting:
             stats["shards_waiting"] = len(self.waiting)
             stats["rows_in_waiting_shards"] = rows_waiting
+        if self.input:
+            stats["input"] = self.input
         return stats
+
+
+# Entries a list in stats.json's `input` keeps (truncated tars, cross-check mismatches); the counts go on.
+MAX_LISTED = 100
+
+
+def _merge_input(total: dict, part: dict) -> None:
+    """Sum one shard's `input` stats into the run's: counts add up, {reason: n} too, lists are
+    kept to MAX_LISTED entries."""
+    for key, value in part.items():
+        if isinstance(value, dict):
+            counts = total.setdefault(key, {})
+            for name, n in value.items():
+                counts[name] = counts.get(name, 0) + n
+        elif isinstance(value, list):
+            listed = total.setdefault(key, [])
+            listed.extend(value[: max(0, MAX_LISTED - len(listed))])
+            total[f"{key}_count"] = total.get(f"{key}_count", 0) + len(value)
+        else:
+            total[key] = total.get(key, 0) + value
 
 
 def _rows_of(shard: int, n_shards: int, rows: int, rows_per_shard: int) -> int:
@@ -150,7 +191,8 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=prin
     written and the stats say rows_in 0 (`EMPTY`). `log` gets what a user wants to see on
     stdout (the Dask dashboard's address); stderr stays for problems and progress."""
     started = time.time()
-    layout = RunLayout(Path(cfg.output.path))
+    storage.configure(cfg.storage)
+    layout = RunLayout(cfg.output.path)
     # Everything that can refuse the run does so before a cluster starts and before anything is written.
     files = check_inputs(cfg.input)
     if cfg.clip.enabled:
@@ -165,6 +207,7 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=prin
         return _run(cfg, layout, files, InProcessExecutor(), {}, progress_options, started)
     gpus = local_gpu_count() if cfg.clip.enabled and cfg.clip.device in ("auto", "cuda") else 0
     with dask_client(cfg.dask, gpus) as client:  # an unreachable scheduler fails here, before anything is written
+        share_storage_options(client, cfg.storage)
         _prepare_output(layout, resolved_config, overwrite)
         if client.dashboard_link:
             log(f"dask dashboard: {client.dashboard_link}")
@@ -182,17 +225,20 @@ def _run(cfg: RunConfig, layout: RunLayout, files: list[str], executor, gpu_opti
          started: float) -> dict:
     try:
         inputs = write_input_shards(cfg.input, files, layout.input)
-        plan = Plan(cfg, layout, inputs["shards"], gpu_options)
+        plan = Plan(cfg, layout, inputs["shards"], gpu_options, inputs.get("tars"))
         totals, resolved, finished_passes = _execute(plan, executor, progress)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk, or a full quota
             raise UserError(f"no space left on the device holding {layout.root}; free some and rerun to resume") from exc
         raise
     def rows(shards) -> int:
+        if inputs["rows"] is None:  # input tars: a tar's samples are counted by the read stage that reads it
+            return sum(read_marker(layout.download, int(s))["rows"] for s in shards if is_done(layout.download, int(s)))
         return sum(_rows_of(int(s), plan.n_shards, inputs["rows"], cfg.input.rows_per_shard) for s in shards)
 
-    stats = totals.stats(inputs["rows"], rows(f["shard"] for f in totals.failed), rows(totals.waiting),
-                         time.time() - started)
+    failed_rows, waiting_rows = rows(f["shard"] for f in totals.failed), rows(totals.waiting)
+    rows_in = inputs["rows"] if inputs["rows"] is not None else totals.rows + failed_rows + waiting_rows
+    stats = totals.stats(rows_in, failed_rows, waiting_rows, time.time() - started)
     # The fields the report charts as scores: the score stage's and those the filters declare.
     clip_fields = [CLIP_SIMILARITY] if cfg.clip.enabled else []
     stats["score_fields"] = list(dict.fromkeys(clip_fields + score_fields(build_chain(cfg.filter_specs()))))

@@ -144,6 +144,32 @@ class ReaderPool:
                 if not finished:  # an error, or the consumer stopped early: answers are still in the pipes
                     self.close()
 
+    def tokenized(self, captions: list[str], batch_size: int) -> Iterator[Any]:
+        """Token ids of `captions` in batches of `batch_size`, in order, made by the helpers (batch b
+        by helper b % processes): for shards whose images need no reading by them (input tars,
+        pipeline/sources.py), so this process still does none of the tokenizing."""
+        with self._lock:
+            self._ensure_started()
+            finished = False
+            try:
+                yield from self._tokenize(captions, batch_size)
+                finished = True
+            finally:
+                if not finished:  # an error, or the consumer stopped early: answers are still in the pipes
+                    self.close()
+
+    def _tokenize(self, captions: list[str], batch_size: int) -> Iterator[Any]:
+        chunks = list(_in_batches(captions, batch_size))
+        for part, helper in enumerate(self._helpers):
+            _send(helper.stdin, {"captions": chunks[part::self.processes]})
+        for number in range(len(chunks)):
+            header, arrays = self._receive(self._helpers[number % self.processes])
+            if header["kind"] != "batch":
+                raise ReaderError(f"score reader process: expected tokens, got {header['kind']!r}")
+            yield _as_tensor(arrays[0].copy())
+        for helper in self._helpers:
+            self._receive(helper)  # its "end"
+
     def _read(self, tar_path: Path, batch_size: int) -> Iterator[Batch]:
         # Copy-on-write mapping: writable views (torch warns on read-only ones), never written.
         tar = np.memmap(tar_path, dtype=np.uint8, mode="c") if tar_path.stat().st_size else np.zeros(0, np.uint8)
@@ -192,7 +218,8 @@ def _batch_spans(tar_path: str, batch_size: int) -> Iterator[tuple[list[str], li
 def serve(model: str, requests, answers) -> None:
     """A helper's loop: for each request (tar path, batch size, part, parts), send a "batch" frame
     (keys; jpg offsets, jpg sizes, token ids) for every batch number ≡ part (mod parts), then an
-    "end" frame; or an "error" frame at the first failure. Returns when `requests` closes."""
+    "end" frame; or an "error" frame at the first failure. A request of `captions` (batches of
+    them) is answered with a frame of token ids per batch, then "end". Returns when `requests` closes."""
     from curate.pipeline.models.clip import load_tokenizer
 
     tokenizer = load_tokenizer(model)
@@ -201,6 +228,14 @@ def serve(model: str, requests, answers) -> None:
             request, _ = _receive_frame(requests)
         except EOFError:
             return
+        if "captions" in request:  # token ids only, one frame per batch of captions
+            try:
+                for chunk in request["captions"]:
+                    _send(answers, {"kind": "batch", "keys": []}, (tokenizer(chunk).numpy(),))
+                _send(answers, {"kind": "end"})
+            except Exception as exc:
+                _send(answers, {"kind": "error", "message": f"{type(exc).__name__}: {exc}"[:500]})
+            continue
         tar_path, batch_size, part, parts = request["tar"], request["batch_size"], request["part"], request["parts"]
         try:
             with open(tar_path, "rb") as f:

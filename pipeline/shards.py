@@ -1,21 +1,22 @@
 """Shard names, atomic writes and done-markers: the rules that make reruns resume.
 
 A stage writes each output of a shard to a temporary name and renames it into
-place; the done-marker (`NNNNN.done.json`, holding the shard's stats) is written
+place (in object storage: uploads it whole, pipeline/storage.py); the done-marker (`NNNNN.done.json`, holding the shard's stats) is written
 last. So a shard with a marker is complete, and a shard without one is cleaned
 and redone. Killing the process at any moment loses nothing and duplicates nothing.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import math
 import os
 import time
-import uuid
-from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
+from curate.pipeline import storage
+
+# img2dataset's default `oom_shard_count`: shard names and keys start with 5 digits (more past 99999).
 SHARD_DIGITS = 5
 
 
@@ -23,62 +24,71 @@ def shard_name(shard_id: int) -> str:
     return f"{shard_id:0{SHARD_DIGITS}d}"
 
 
-def sample_key(shard_id: int, index: int) -> str:
-    """Keys come from positions, never from input text, so they are always safe file names."""
-    return f"{shard_id:0{SHARD_DIGITS}d}{index:05d}"
+def index_digits(per_shard: int) -> int:
+    """Digits of a sample's index in its key: img2dataset's ceil(log10(samples per shard))."""
+    return math.ceil(math.log10(per_shard))
 
 
-@contextlib.contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `final`; rename it into place only on success."""
-    final = Path(final)
-    tmp = final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+def sample_key(shard_id: int, index: int, per_shard: int) -> str:
+    """The key img2dataset gives row `index` of shard `shard_id` with `per_shard` rows a shard
+    (its `compute_key`): the shard id, then the index in index_digits(per_shard) digits
+    (10000 rows a shard: "000030042" is shard 3, row 42). Keys come from positions, never
+    from input text, so they are always safe file names."""
+    digits = index_digits(per_shard)
+    if not 0 <= index < 10 ** digits:
+        raise ValueError(f"row {index} of a shard of {per_shard} rows has no key: keys would collide")
+    return f"{shard_id:0{SHARD_DIGITS}d}{index:0{digits}d}" if digits else shard_name(shard_id)
 
 
-def marker_path(stage_dir: Path, shard_id: int) -> Path:
-    return Path(stage_dir) / f"{shard_name(shard_id)}.done.json"
+def atomic_path(final: str | os.PathLike):
+    """Yield a temporary local path; put it in place at `final` only on success (a local
+    rename, or one upload to object storage: pipeline/storage.py `publish`)."""
+    return storage.publish(final)
 
 
-def is_done(stage_dir: Path, shard_id: int) -> bool:
-    return marker_path(stage_dir, shard_id).exists()
+def marker_path(stage_dir: str | os.PathLike, shard_id: int) -> str:
+    return storage.join(stage_dir, f"{shard_name(shard_id)}.done.json")
 
 
-def read_marker(stage_dir: Path, shard_id: int) -> dict:
-    return json.loads(marker_path(stage_dir, shard_id).read_text())
+def is_done(stage_dir: str | os.PathLike, shard_id: int) -> bool:
+    return storage.exists(marker_path(stage_dir, shard_id))
 
 
-def mark_done(stage_dir: Path, shard_id: int, stats: dict) -> None:
+def read_marker(stage_dir: str | os.PathLike, shard_id: int) -> dict:
+    return json.loads(storage.read_text(marker_path(stage_dir, shard_id)))
+
+
+def mark_done(stage_dir: str | os.PathLike, shard_id: int, stats: dict) -> None:
     with atomic_path(marker_path(stage_dir, shard_id)) as tmp:
         tmp.write_text(json.dumps(stats, indent=1, sort_keys=True))
 
 
-def clean_shard(stage_dir: Path, shard_id: int) -> None:
+def _shard_files(stage_dir: str | os.PathLike, shard_id: int) -> list[str]:
+    """The files of this shard in a stage folder: `NNNNN.*` (and `NNNNN_*`: img2dataset's `_stats.json`)."""
+    name = shard_name(shard_id)
+    return [p for p in storage.listing(stage_dir, name)
+            if storage.name(p)[len(name):len(name) + 1] in (".", "_")]
+
+
+def clean_shard(stage_dir: str | os.PathLike, shard_id: int) -> None:
     """Remove whatever an interrupted attempt left for this shard (never a done shard)."""
-    stage_dir = Path(stage_dir)
     if is_done(stage_dir, shard_id):
         return
-    for leftover in stage_dir.glob(f"{shard_name(shard_id)}.*"):
-        leftover.unlink(missing_ok=True)
+    for leftover in _shard_files(stage_dir, shard_id):
+        storage.remove(leftover)
 
 
-def remove_shard(stage_dir: Path, shard_id: int) -> None:
+def remove_shard(stage_dir: str | os.PathLike, shard_id: int) -> None:
     """Delete a finished shard's files, marker last (an intermediate stage no longer needed)."""
-    stage_dir = Path(stage_dir)
-    for path in stage_dir.glob(f"{shard_name(shard_id)}.*"):
-        if not path.name.endswith(".done.json"):
-            path.unlink(missing_ok=True)
-    marker_path(stage_dir, shard_id).unlink(missing_ok=True)
+    marker = marker_path(stage_dir, shard_id)
+    for path in _shard_files(stage_dir, shard_id):
+        if path != marker:
+            storage.remove(path)
+    storage.remove(marker)
 
 
-def run_once(stage_dir: Path, shard_id: int, work: Callable[[], dict], also_clean: Iterable[Path] = ()) -> dict:
+def run_once(stage_dir: str | os.PathLike, shard_id: int, work: Callable[[], dict],
+             also_clean: Iterable[str | os.PathLike] = ()) -> dict:
     """One shard's task of a stage under the done-marker protocol, which every stage uses:
 
     - a shard whose marker exists is done: its marker (the stats) is returned, nothing redone;
@@ -87,13 +97,12 @@ def run_once(stage_dir: Path, shard_id: int, work: Callable[[], dict], also_clea
       shard's outputs (each atomically) and returns its stats;
     - the stats, with the task's `seconds` unless `work` set them, become the marker, written last.
     """
-    stage_dir = Path(stage_dir)
     if is_done(stage_dir, shard_id):
         return read_marker(stage_dir, shard_id)
     clean_shard(stage_dir, shard_id)
     for leftover in also_clean:
-        Path(leftover).unlink(missing_ok=True)
-    stage_dir.mkdir(parents=True, exist_ok=True)
+        storage.remove(leftover)
+    storage.make_dirs(stage_dir)
     started = time.time()
     stats = work()
     stats.setdefault("seconds", round(time.time() - started, 3))

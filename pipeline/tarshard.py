@@ -12,7 +12,9 @@ import io
 import re
 import tarfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
+
+from curate.pipeline import storage
 
 
 # Member names are {key}.{ext}: a key is letters, digits, - and _ (curate's keys are shard and row
@@ -75,7 +77,7 @@ def _iter_members(path: Path) -> Iterator[tuple[str, bytes]]:
     of samples a second. At the first header of any other kind (pax, GNU long names, links,
     base-256 sizes) the rest of the file is handed to `tarfile`.
     """
-    with open(path, "rb") as f:
+    with storage.open_file(path) as f:  # a local file, or an object read as a stream
         for name, offset, size in _plain_members(f, path):
             if name is None:  # another kind of header at `offset`
                 f.seek(offset)
@@ -114,7 +116,7 @@ def _plain_members(f, path: Path) -> Iterator[tuple[str | None, int, int]]:
     archive `f`, from their headers alone, until its end. At the first header of any other
     kind, one last (None, header offset, 0): the caller hands the rest to `tarfile`. A header
     or member cut short by the end of the file is an error, never a silent end."""
-    file_size = Path(path).stat().st_size
+    file_size = f.seek(0, io.SEEK_END)
     offset = 0
     while True:
         f.seek(offset)
@@ -158,3 +160,107 @@ def _plain_file_header(header: bytes) -> tuple[str, int] | None:
     if prefix:
         name = prefix + b"/" + name
     return name.decode("utf-8", "surrogateescape"), size
+
+
+# --- reading tars curate did not write (existing WebDataset / img2dataset shards as input) ---
+
+class TarEntry(NamedTuple):
+    name: str
+    offset: int  # where the member's data starts in the file
+    size: int    # 0 for anything but a regular file
+    kind: str    # "file", "directory", "link" or "other" (devices, fifos)
+
+
+class TarDamaged(Exception):
+    """A tar that ends early or holds a header that is not one; `cut_member` names the member
+    whose data was cut, when the cut fell inside one."""
+
+    def __init__(self, detail: str, cut_member: str | None = None):
+        super().__init__(detail)
+        self.detail = detail
+        self.cut_member = cut_member
+
+
+def looks_like_tar(first_block: bytes) -> bool:
+    """Whether a file's first 512 bytes open a tar: an end-of-archive block (an empty tar) or a
+    header with a valid checksum (unsigned or signed sum, as tarfile accepts)."""
+    if len(first_block) < BLOCK:
+        return False
+    if first_block[:BLOCK] == _ZERO_BLOCK:
+        return True
+    header = first_block[:BLOCK]
+    try:
+        checksum = int(header[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
+    except ValueError:
+        return False
+    blanked = header[:148] + b" " * 8 + header[156:]
+    return checksum in (sum(blanked), sum(b - 256 if b > 127 else b for b in blanked))
+
+
+def scan_tar(path: str | Path) -> Iterator[TarEntry]:
+    """Every member of a local tar file in file order, from its headers alone: regular files with
+    where their bytes lie, and the other kinds too (so a caller can count what it skips).
+
+    A tar cut short (inside a header or a member's data, or before its end-of-archive blocks) or
+    holding a block that is no header raises TarDamaged, after every member before the damage
+    has been yielded: what was read stays usable."""
+    with open(path, "rb") as f:
+        file_size = f.seek(0, io.SEEK_END)
+        offset = 0
+        while True:
+            f.seek(offset)
+            header = f.read(BLOCK)
+            if header == _ZERO_BLOCK:
+                return
+            if not header:
+                raise TarDamaged(f"the tar ends at byte {offset} without its end-of-archive blocks")
+            if len(header) < BLOCK:
+                raise TarDamaged(f"the tar ends inside a header at byte {offset}", cut_member=_partial_name(header))
+            parsed = _plain_file_header(header)
+            if parsed is None:  # pax / GNU headers, directories, links: tarfile reads the rest
+                yield from _scan_with_tarfile(f, offset, file_size)
+                return
+            name, size = parsed
+            data_offset = offset + BLOCK
+            if data_offset + size > file_size:
+                raise TarDamaged(f"the tar ends inside member {name}", cut_member=name)
+            yield TarEntry(name, data_offset, size, "file")
+            offset = data_offset + size + (-size % BLOCK)
+
+
+def _kind(member: tarfile.TarInfo) -> str:
+    if member.isfile():
+        return "file"
+    if member.isdir():
+        return "directory"
+    return "link" if member.issym() or member.islnk() else "other"
+
+
+def _scan_with_tarfile(f, start: int, file_size: int) -> Iterator[TarEntry]:
+    f.seek(start)
+    try:
+        with tarfile.open(fileobj=f, mode="r:") as tar:
+            for member in tar:
+                if member.isfile() and member.offset_data + member.size > file_size:
+                    raise TarDamaged(f"the tar ends inside member {member.name}", cut_member=member.name)
+                # offsets are absolute: tarfile counts from fileobj.tell() at open
+                yield TarEntry(member.name, member.offset_data, member.size if member.isfile() else 0, _kind(member))
+            end = tar.offset
+    except tarfile.ReadError as exc:
+        raise TarDamaged(f"unreadable tar data after byte {start} ({exc})") from exc
+    # tarfile stops without a word at a header it cannot read: say why it stopped.
+    f.seek(end)
+    block = f.read(BLOCK)
+    if block == _ZERO_BLOCK:
+        return
+    if not block:
+        raise TarDamaged(f"the tar ends at byte {end} without its end-of-archive blocks")
+    if len(block) < BLOCK:
+        raise TarDamaged(f"the tar ends inside a header at byte {end}", cut_member=_partial_name(block))
+    raise TarDamaged(f"no tar header at byte {end}")
+
+
+def _partial_name(header: bytes) -> str | None:
+    """The member name in a header cut short, when its name field made it whole (ends in NUL)."""
+    name, nul, _ = header[:100].partition(b"\0")
+    return name.decode("utf-8", "surrogateescape") if nul and name else None

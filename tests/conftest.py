@@ -152,6 +152,6 @@ def raw_shard(path, n, seed, corrupt=()):
             buf = io.BytesIO()
             render(scene, rng.randint(96, 200), rng.randint(96, 200), rng).save(buf, "JPEG", quality=90)
             jpg = b"not a jpeg at all" if i in corrupt else buf.getvalue()
-            tar.write(sample_key(0, i), {"jpg": jpg, "json": json.dumps({"caption": text}).encode()})
+            tar.write(sample_key(0, i, n), {"jpg": jpg, "json": json.dumps({"caption": text}).encode()})
             truth.append(right)
     return truth

@@ -19,10 +19,10 @@ from typing import Any, Optional
 
 import numpy as np
 import plotly.graph_objects as go
-import pyarrow.parquet as pq
 from markupsafe import Markup
 from plotly.offline import get_plotlyjs
 
+from curate.pipeline import storage
 from curate.pipeline.config import changed_settings
 from curate.pipeline.report.page import (
     SCORE_BINS,
@@ -36,6 +36,7 @@ from curate.pipeline.report.page import (
     plan_histograms,
     read_config,
     read_stats,
+    _shown,
     write_page,
 )
 
@@ -110,8 +111,8 @@ def score_charts(files: dict[str, list[Path]], stats: dict[str, dict], config: d
     columns = {"status", "reject_filter", "reject_metric"} | {k[len("score:"):] for k in keys}
     for run in RUNS:
         for path in files[run]:  # one shard's needed columns in memory at a time
-            names = set(pq.read_schema(path).names)
-            fill_histograms([c[run] for c in charts], pq.read_table(path, columns=sorted(columns & names)))
+            names = set(storage.parquet_names(path))
+            fill_histograms([c[run] for c in charts], storage.read_parquet(path, columns=sorted(columns & names)))
     for pair in charts:
         # One direction for both curves: the run that has the rule says which side it keeps.
         ruled = [pair[run] for run in RUNS if pair[run].markers and pair[run].counts["rule"].any()]
@@ -169,15 +170,15 @@ def _at(config: Any, path: str) -> Any:
     return config
 
 
-def build_comparison(a: str | Path, b: str | Path, output: Optional[str | Path] = None) -> Path:
+def build_comparison(a: str | Path, b: str | Path, output: Optional[str | Path] = None) -> str:
     """Write the page comparing run A with run B; returns its path (default A/compare-<B's folder name>.html)."""
     layouts = {"a": open_run(a), "b": open_run(b)}
     stats = {run: read_stats(layouts[run]) for run in RUNS}
     config = {run: read_config(layouts[run]) for run in RUNS}
-    files = {run: sorted(layouts[run].shards.glob("*.parquet")) for run in RUNS}
+    files = {run: [p for p in storage.listing(layouts[run].shards) if p.endswith(".parquet")] for run in RUNS}
     names = {"a": "A", "b": "B"}
-    folders = {run: layouts[run].root.resolve() for run in RUNS}
-    path = Path(output) if output is not None else layouts["a"].root / f"compare-{folders['b'].name}.html"
+    folders = {run: _shown(layouts[run].root) for run in RUNS}
+    path = str(output) if output is not None else storage.join(layouts["a"].root, f"compare-{storage.name(folders['b'])}.html")
 
     steps = compare_funnels(funnel(stats["a"], config["a"]), funnel(stats["b"], config["b"]),
                             {run: stats[run]["rows_in"] for run in RUNS})
@@ -185,7 +186,7 @@ def build_comparison(a: str | Path, b: str | Path, output: Optional[str | Path] 
     changed = [{"path": p, "a": _at(config["a"], p), "b": _at(config["b"], p)}
                for p in changed_settings(config["a"], config["b"], NOT_COMPARED)]
     html = _environment().get_template("compare.html.j2").render(
-        title=f"curate runs compared: {folders['a'].name} (A) and {folders['b'].name} (B)",
+        title=f"curate runs compared: {storage.name(folders['a'])} (A) and {storage.name(folders['b'])} (B)",
         runs=[{"name": names[run], "css": run, "root": str(folders[run]), "stats": stats[run]} for run in RUNS],
         generated=dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         steps=steps,
@@ -194,6 +195,6 @@ def build_comparison(a: str | Path, b: str | Path, output: Optional[str | Path] 
         changed=changed,
         plotly_js=Markup(get_plotlyjs()),
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_page(path.parent, path, html)
+    storage.make_dirs(storage.parent(path))
+    write_page(storage.parent(path), path, html)
     return path

@@ -58,9 +58,10 @@ from markupsafe import Markup
 from plotly.offline import get_plotlyjs
 
 from curate.filters import FILTERS
+from curate.pipeline import storage
 from curate.pipeline.errors import UserError
 from curate.pipeline.layout import RunLayout
-from curate.pipeline.records import RECORD_COLUMNS
+from curate.pipeline.records import FAILED_TO_DOWNLOAD, RECORD_COLUMNS, SUCCESS
 from curate.pipeline.report.samples import BottomK, is_safety_reason
 from curate.pipeline.urls import normalize_host
 from curate.pipeline.shards import atomic_path
@@ -87,20 +88,20 @@ KEPT_CURVE = "#1565c0"
 def open_run(root: str | Path) -> RunLayout:
     """The layout of a finished run, or a UserError saying why this is not one."""
     layout = RunLayout(root)
-    if not layout.root.exists():
+    if not storage.is_url(layout.root) and not Path(layout.root).exists():
         raise UserError(f"{layout.root}: no such folder")
-    if not layout.root.is_dir():
+    if not storage.is_url(layout.root) and not Path(layout.root).is_dir():
         raise UserError(f"{layout.root}: not a folder (expected a curate output folder)")
-    if not layout.config.is_file():
+    if not storage.exists(layout.config):
         raise UserError(f"{layout.root}: not a curate run (no config.yaml)")
-    if not layout.stats.is_file():
+    if not storage.exists(layout.stats):
         raise UserError(f"{layout.root}: the run has not finished (no stats.json); rerun `curate run` to complete it")
     return layout
 
 
 def read_stats(layout: RunLayout) -> dict:
     try:
-        stats = json.loads(layout.stats.read_text())
+        stats = json.loads(storage.read_text(layout.stats))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{layout.stats}: not valid JSON") from exc
     if not isinstance(stats, dict) or "rows_in" not in stats or "written" not in stats:
@@ -112,7 +113,7 @@ def read_config(layout: RunLayout) -> dict:
     # Plain YAML, not load_config: a report must not depend on the model paths or the
     # filters of the run still resolving today.
     try:
-        data = yaml.safe_load(layout.config.read_text())
+        data = yaml.safe_load(storage.read_text(layout.config))
     except yaml.YAMLError as exc:
         raise UserError(f"{layout.config}: not valid YAML") from exc
     return data if isinstance(data, dict) else {}
@@ -239,7 +240,7 @@ class Histogram:
         values = np.clip(values[known], self.edges[0], self.edges[-1])
         status = status[known]
         rule = self.is_rule(filters[known], metrics[known])
-        written = status == "ok"
+        written = status == SUCCESS
         for outcome, mask in (("written", written), ("rule", ~written & rule), ("other", ~written & ~rule)):
             self.counts[outcome] += np.histogram(values[mask], bins=self.edges)[0]
 
@@ -269,13 +270,13 @@ class Histogram:
         return self.edges, (100.0 * kept / n if n else np.zeros(len(self.edges)))
 
 
-def column_ranges(files: list[Path]) -> dict[str, tuple[float, float]]:
+def column_ranges(files: list[str]) -> dict[str, tuple[float, float]]:
     """The min and max of every numeric column over all shards, from the parquet footers'
     statistics: one pass, no data read (a column is read only where its footer has no
     statistics)."""
     found: dict[str, list[float]] = {}
     for path in files:
-        parquet = pq.ParquetFile(path)
+        parquet = storage.parquet_file(path)
         meta = parquet.metadata
         leaves = {meta.schema.column(i).path: i for i in range(meta.num_columns)}  # flat columns: path == name
         for f in parquet.schema_arrow:
@@ -288,7 +289,7 @@ def column_ranges(files: list[Path]) -> dict[str, tuple[float, float]]:
                 if st is not None and st.has_min_max:
                     values = [float(st.min), float(st.max)]
                 elif meta.row_group(g).num_rows:
-                    mm = pc.min_max(pq.read_table(path, columns=[f.name]).column(f.name)).as_py()
+                    mm = pc.min_max(storage.read_parquet(path, columns=[f.name]).column(f.name)).as_py()
                     values = [float(mm["min"]), float(mm["max"])] if mm["min"] is not None else []
                 else:
                     values = []
@@ -298,14 +299,14 @@ def column_ranges(files: list[Path]) -> dict[str, tuple[float, float]]:
     return {name: (lo, hi) for name, (lo, hi) in found.items() if lo <= hi}
 
 
-def rejection_thresholds(files: list[Path]) -> dict[str, set[float]]:
+def rejection_thresholds(files: list[str]) -> dict[str, set[float]]:
     """metric → the thresholds the run's rejections compared it with (`reject_metric`,
     `reject_threshold`), one shard's two columns in memory at a time."""
     found: dict[str, set] = {}
     for path in files:
-        if not {"reject_metric", "reject_threshold"} <= set(pq.read_schema(path).names):
+        if not {"reject_metric", "reject_threshold"} <= set(storage.parquet_names(path)):
             continue
-        table = pq.read_table(path, columns=["reject_metric", "reject_threshold"])
+        table = storage.read_parquet(path, columns=["reject_metric", "reject_threshold"])
         table = table.filter(pc.and_(pc.is_valid(table["reject_metric"]), pc.is_valid(table["reject_threshold"])))
         pairs = table.group_by(["reject_metric", "reject_threshold"]).aggregate([])
         for metric, threshold in zip(pairs["reject_metric"].to_pylist(), pairs["reject_threshold"].to_pylist()):
@@ -350,7 +351,7 @@ def _limits(config: dict, sources: list[tuple[str, str, float]]) -> list[tuple[f
     return marks
 
 
-def plan_histograms(files: list[Path], stats: dict, config: dict) -> list[Histogram]:
+def plan_histograms(files: list[str], stats: dict, config: dict) -> list[Histogram]:
     """The charts and their bins, fixed before any shard is read."""
     charts = []
     ranges = column_ranges(files)
@@ -509,7 +510,7 @@ def _rule(row: dict) -> Optional[Rule]:
     return (row.get("rule_filter") or "", row["rule_metric"], float(row["threshold"]))
 
 
-def choose_samples(folder: Path, kept_shown: int = KEPT_SHOWN, per_reason: int = DROPPED_SHOWN,
+def choose_samples(folder: str, kept_shown: int = KEPT_SHOWN, per_reason: int = DROPPED_SHOWN,
                    per_rule: int = NEAR_SHOWN) -> ChosenSamples:
     """Kept samples at random; per reason the dropped ones nearest the threshold (or at random);
     per threshold rule the kept and the dropped ones nearest it. From every stage's per-shard
@@ -518,15 +519,15 @@ def choose_samples(folder: Path, kept_shown: int = KEPT_SHOWN, per_reason: int =
     kept = BottomK(kept_shown)
     dropped: dict[str, BottomK] = {}
     near: dict[tuple[str, Rule], BottomK] = {}
-    for path in sorted(Path(folder).glob("*.parquet")) if Path(folder).is_dir() else []:
-        for row in pq.read_table(path).to_pylist():
+    for path in [p for p in storage.listing(folder) if p.endswith(".parquet")]:
+        for row in storage.read_parquet(path).to_pylist():
             if is_safety_reason(row["reason"]):
                 continue  # never shown, whatever a samples file holds
             rule = _rule(row)
             if rule is not None:
-                side = "kept" if row["status"] == "ok" else "dropped"
+                side = "kept" if row["status"] == SUCCESS else "dropped"
                 near.setdefault((side, rule), BottomK(per_rule)).offer(row["distance"], row)
-            if row["status"] == "ok":
+            if row["status"] == SUCCESS:
                 if rule is None:
                     kept.offer(rng.random(), row)
             else:
@@ -623,10 +624,9 @@ def _domain(host: str) -> str:
 
 
 class DownloadFailures:
-    """Why downloads failed: rows the download stage rejected before it had any bytes
-    (`reject_filter` "download", no `bytes`), per reason, per domain and reason (top domains),
-    per HTTP status (`http_status`), with a few example URLs per reason. Fed one shard at a time;
-    memory bounded by the top-domain counters."""
+    """Why downloads failed: the rows whose fetch failed (status FAILED_TO_DOWNLOAD), per reason,
+    per domain and reason (top domains), per HTTP status (`http_status`), with a few example URLs
+    per reason. Fed one shard at a time; memory bounded by the top-domain counters."""
 
     COLUMNS = {"status", "reason", "url", "reject_filter", "bytes", "http_status", "error_message"}
 
@@ -641,13 +641,11 @@ class DownloadFailures:
         self._examples: dict[str, BottomK] = {}
 
     def add(self, table: pa.Table) -> None:
-        if not {"url", "reject_filter", "reason"} <= set(table.column_names):
+        if not {"url", "status", "reason"} <= set(table.column_names):
             return
         hosts = _hosts(table["url"])
         self.rows_by_domain.update(_counts(pc.value_counts(hosts)))
-        failed = pc.fill_null(pc.equal(table["reject_filter"], "download"), False)
-        if "bytes" in table.column_names:
-            failed = pc.and_(failed, pc.is_null(table["bytes"]))
+        failed = pc.fill_null(pc.equal(table["status"], FAILED_TO_DOWNLOAD), False)
         rows = table.filter(failed)
         if not rows.num_rows:
             return
@@ -723,8 +721,8 @@ class DownloadFailures:
 def stage_seconds(layout: RunLayout) -> dict[str, list[float]]:
     """Per stage, each shard's task seconds (from the done-markers)."""
     seconds: dict[str, list[float]] = {}
-    for marker in sorted(layout.shards.glob("*.done.json")):
-        for stage, value in (json.loads(marker.read_text()).get("seconds") or {}).items():
+    for marker in [p for p in storage.listing(layout.shards) if p.endswith(".done.json")]:
+        for stage, value in (json.loads(storage.read_text(marker)).get("seconds") or {}).items():
             seconds.setdefault(stage, []).append(float(value))
     return seconds
 
@@ -797,11 +795,11 @@ class CaptionExamples:
         return {r: [c["caption"] for c in g.items()] for r, g in sorted(self._chosen.items()) if g.items()}
 
 
-def build_report(root: str | Path) -> Path:
+def build_report(root: str | Path) -> str:
     """Write OUTPUT/report.html from a finished run; returns its path."""
     layout = open_run(root)
     stats, config = read_stats(layout), read_config(layout)
-    files = sorted(p for p in layout.shards.glob("*.parquet"))
+    files = [p for p in storage.listing(layout.shards) if p.endswith(".parquet")]
     steps = funnel(stats, config)
 
     charts = plan_histograms(files, stats, config)
@@ -814,8 +812,7 @@ def build_report(root: str | Path) -> Path:
               "reject_threshold"} | DownloadFailures.COLUMNS
     wanted |= {c.key[len("score:"):] for c in charts if c.key.startswith("score:")}
     for path in files:  # one shard's needed columns in memory at a time
-        names = set(pq.read_schema(path).names)
-        table = pq.read_table(path, columns=sorted(wanted & names))
+        table = storage.read_parquet(path, columns=sorted(wanted & set(storage.parquet_names(path))))
         fill_histograms(charts, table)
         captions.add(table)
         failures.add(table)
@@ -835,8 +832,8 @@ def build_report(root: str | Path) -> Path:
     http_figure = failures.http_figure()
 
     html = _environment().get_template("report.html.j2").render(
-        title=f"curate run report: {layout.root.resolve().name}",
-        root=str(layout.root.resolve()),
+        title=f"curate run report: {storage.name(_shown(layout.root))}",
+        root=_shown(layout.root),
         generated=dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         stats=stats,
         steps=steps,
@@ -851,17 +848,22 @@ def build_report(root: str | Path) -> Path:
                   "http_chart": _html(http_figure, "chart-http") if http_figure is not None else None},
         stages=stage_table(stats, per_shard),
         stage_chart=_html(stage_figure(per_shard), "chart-stages") if per_shard else None,
-        config_text=layout.config.read_text(),
+        config_text=storage.read_text(layout.config),
         plotly_js=Markup(get_plotlyjs()),
     )
     write_page(layout.root, layout.report, html)
     return layout.report
 
 
-def write_page(folder: Path, path: Path, html: str) -> None:
+def _shown(root: str) -> str:
+    """The run's place as the page names it: an absolute local path, or the URL."""
+    return root if storage.is_url(root) else str(Path(root).resolve())
+
+
+def write_page(folder: str, path: str, html: str) -> None:
     """Write a page atomically, first removing what a build killed mid-write left."""
-    for leftover in Path(folder).glob(f"{path.name}.tmp-*"):
-        leftover.unlink(missing_ok=True)
+    for leftover in storage.listing(folder, f"{storage.name(path)}.tmp-"):
+        storage.remove(leftover)
     with atomic_path(path) as tmp:
         tmp.write_text(html, encoding="utf-8")
 

@@ -43,7 +43,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from curate.filters.base import SAFETY, Filter
-from curate.pipeline.records import Rejection, is_safety_reason  # re-exported for the report
+from curate.pipeline import storage
+from curate.pipeline.records import SUCCESS, Rejection, is_safety_reason  # re-exported for the report
 from curate.pipeline.shards import atomic_path
 
 THUMBNAIL_SIDE = 128
@@ -59,7 +60,7 @@ MAX_REASONS = 32
 
 SCHEMA = pa.schema([
     ("key", pa.string()),
-    ("status", pa.string()),        # ok | rejected
+    ("status", pa.string()),        # the row's status (pipeline/records.py): SUCCESS for kept samples
     ("reason", pa.string()),        # null for kept samples
     ("caption", pa.string()),
     ("width", pa.int64()),
@@ -163,7 +164,7 @@ class ReportSamples:
     def add_kept(self, sample: dict) -> None:
         entry = None
         if self._kept.k:
-            entry = self._entry(sample, "ok", None, None)
+            entry = self._entry(sample, SUCCESS, None, None)
             self._kept.offer(self._rng.random(), entry)
         for f, limits in self._rules:
             values = f.measures(sample)
@@ -174,7 +175,7 @@ class ReportSamples:
                     continue
                 near = self._near[(f.name, metric, threshold)]
                 if near.accepts(distance):
-                    entry = entry or self._entry(sample, "ok", None, None)
+                    entry = entry or self._entry(sample, SUCCESS, None, None)
                     near.offer(distance, {**entry, "distance": distance, "rule_filter": f.name,
                                           "rule_metric": metric, "threshold": threshold, "value": value})
 
@@ -191,7 +192,7 @@ class ReportSamples:
         group = self._dropped[reason]
         if not group.accepts(priority):
             return
-        entry = self._entry(sample, "rejected", reason, distance)
+        entry = self._entry(sample, rejection.status, reason, distance)
         if distance is not None:
             entry.update(rule_filter=rejection.filter, rule_metric=rejection.metric,
                          threshold=float(rejection.threshold), value=float(rejection.value))
@@ -223,7 +224,7 @@ class ReportSamples:
             chosen += self._dropped[reason].items()
         return chosen
 
-    def save(self, path: Path) -> int:
+    def save(self, path: str) -> int:
         """Write the selection's thumbnails to `path` atomically; returns how many."""
         rows = []
         for entry in self.entries():
@@ -235,10 +236,10 @@ class ReportSamples:
                 except Exception:  # an image a filter left undecodable has no thumbnail, not a failed shard
                     continue
             rows.append({k: v for k, v in entry.items() if k != "jpg"})
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for leftover in path.parent.glob(f"{path.name}.tmp-*"):  # from an attempt killed mid-write
-            leftover.unlink(missing_ok=True)
+        folder = storage.parent(str(path))
+        storage.make_dirs(folder)
+        for leftover in storage.listing(folder, f"{storage.name(str(path))}.tmp-"):  # from an attempt killed mid-write
+            storage.remove(leftover)
         table = pa.Table.from_pylist(rows, schema=SCHEMA)
         with atomic_path(path) as tmp:
             pq.write_table(table, tmp)

@@ -69,20 +69,19 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import time
-from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from curate.filters.dedup import dedup_params
+from curate.pipeline import storage
 from curate.pipeline.dedup_store import (
     DECISION_SCHEMA, PHASH, SEMANTIC, SHA256, URL, dedup_dir, most_exact, read_batch, sample_order, write_batches,
 )
 from curate.pipeline.layout import RunLayout
+from curate.pipeline.records import SUCCESS
 from curate.pipeline.shards import atomic_path, run_once, shard_name
 
 ROWS_PER_PARTITION = 1_000_000  # input rows whose records one find task holds
@@ -134,20 +133,23 @@ def run_dedup_pass(run_tasks: Callable, root: str, spec: dict, n_shards: int, ro
     """Run the whole pass (skipped when done). `run_tasks(step, fn, arg_tuples)` runs fn on
     each argument tuple and returns the results in order: an executor's `map` (pipeline/executor.py)."""
     folder = dedup_dir(root)
-    if (folder / "done.json").exists():
-        return json.loads((folder / "done.json").read_text())
+    done = storage.join(folder, "done.json")
+    if storage.exists(done):
+        return json.loads(storage.read_text(done))
     started = time.time()
-    folder.mkdir(parents=True, exist_ok=True)
+    storage.make_dirs(folder)
     params = dedup_params(spec)
     semantic = params.semantic_eps is not None
     if semantic and not scored:
         raise RuntimeError("dedup: semantic_eps needs clip.enabled: true")
-    plan_path = folder / "plan.json"
-    if plan_path.exists():  # a rerun after a kill continues with the same partitioning
-        plan = json.loads(plan_path.read_text())
+    plan_path = storage.join(folder, "plan.json")
+    if storage.exists(plan_path):  # a rerun after a kill continues with the same partitioning
+        plan = json.loads(storage.read_text(plan_path))
     else:
         partitions = params.partitions or max(1, math.ceil(n_shards * rows_per_shard / ROWS_PER_PARTITION))
-        plan = {"partitions": partitions, "shards": n_shards, "params": params.model_dump()}
+        # rows_per_shard: how keys are formed (shards.sample_key), to name the samples decided on
+        plan = {"partitions": partitions, "shards": n_shards, "rows_per_shard": rows_per_shard,
+                "params": params.model_dump()}
         with atomic_path(plan_path) as tmp:
             tmp.write_text(json.dumps(plan, indent=1))
     P = plan["partitions"]
@@ -164,10 +166,10 @@ def run_dedup_pass(run_tasks: Callable, root: str, spec: dict, n_shards: int, ro
         **({"clusters": clusters} if clusters else {}),
         "seconds": round(time.time() - started, 3),
     }
-    with atomic_path(folder / "done.json") as tmp:
+    with atomic_path(done) as tmp:
         tmp.write_text(json.dumps(stats, indent=1, sort_keys=True))
     if not keep_intermediate:  # only the find tasks read them
-        shutil.rmtree(folder / "hashes", ignore_errors=True)
+        storage.remove_tree(storage.join(folder, "hashes"))
     return stats
 
 
@@ -175,13 +177,14 @@ def finish_dedup(root: str, keep_intermediate: bool) -> Optional[dict]:
     """After every shard is written: the pass's stats for stats.json; its bulky files are
     removed unless kept (done.json stays, so a rerun of a finished run does not redo it)."""
     folder = dedup_dir(root)
-    if not (folder / "done.json").exists():
+    done = storage.join(folder, "done.json")
+    if not storage.exists(done):
         return None
     if not keep_intermediate:
         for name in ("hashes", "decisions"):
-            shutil.rmtree(folder / name, ignore_errors=True)
-        (folder / "centroids.npy").unlink(missing_ok=True)
-    return json.loads((folder / "done.json").read_text())
+            storage.remove_tree(storage.join(folder, name))
+        storage.remove(storage.join(folder, "centroids.npy"))
+    return json.loads(storage.read_text(done))
 
 
 # --- step 0: k-means centroids (semantic) -------------------------------------------------
@@ -190,8 +193,8 @@ def _scored_ok(layout: RunLayout, shard_id: int) -> tuple[list[str], np.ndarray]
     """Keys of the shard's score metadata (row-aligned with its embeddings) and the mask of
     those that were embedded (a CLIP decode error leaves a zero row)."""
 
-    meta = pq.read_table(layout.embedding_files(shard_id)["metadata"], columns=["key", "status"])
-    return meta.column("key").to_pylist(), np.array([s == "ok" for s in meta.column("status").to_pylist()], bool)
+    meta = storage.read_parquet(layout.embedding_files(shard_id)["metadata"], columns=["key", "status"])
+    return meta.column("key").to_pylist(), np.array([s == SUCCESS for s in meta.column("status").to_pylist()], bool)
 
 
 def kmeans(x: np.ndarray, k: int, iterations: int = KMEANS_ITERATIONS, seed: int = SEED) -> np.ndarray:
@@ -222,9 +225,9 @@ def fit_centroids(root: str, spec: dict, n_shards: int) -> int:
     writes work/dedup/centroids.npy (skipped when present). Returns the number of clusters."""
 
     layout = RunLayout(root)
-    path = dedup_dir(root) / "centroids.npy"
-    if path.exists():
-        return int(np.load(path).shape[0])
+    path = storage.join(dedup_dir(root), "centroids.npy")
+    if storage.exists(path):
+        return int(storage.load_npy(path).shape[0])
     params = dedup_params(spec)
     masks = [_scored_ok(layout, i)[1] for i in range(n_shards)]
     total = int(sum(m.sum() for m in masks))
@@ -236,7 +239,7 @@ def fit_centroids(root: str, spec: dict, n_shards: int) -> int:
         take = min(len(ok), math.ceil(want * len(ok) / total)) if total else 0
         if take:
             rows = np.sort(np.random.default_rng([SEED, i]).choice(ok, take, replace=False))
-            emb = np.load(layout.embedding_files(i)["img_emb"], mmap_mode="r")
+            emb = storage.load_npy(layout.embedding_files(i)["img_emb"], mmap=True)
             parts.append(np.asarray(emb[rows], dtype=np.float32))
     sample = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
     centroids = kmeans(sample, k) if len(sample) else sample
@@ -250,20 +253,19 @@ def fit_centroids(root: str, spec: dict, n_shards: int) -> int:
 
 def hash_shard(root: str, shard_id: int, spec: dict, partitions: int, scored: bool) -> dict:
     """Step 1 for one shard: its records, split by partition. Done shards are not redone."""
-    out = dedup_dir(root) / "hashes"
+    out = storage.join(dedup_dir(root), "hashes")
     return run_once(out, shard_id, lambda: _hash_shard(root, shard_id, spec, partitions, scored, out))
 
 
-def _hash_shard(root: str, shard_id: int, spec: dict, partitions: int, scored: bool, out: Path) -> dict:
+def _hash_shard(root: str, shard_id: int, spec: dict, partitions: int, scored: bool, out: str) -> dict:
     layout = RunLayout(root)
     params = dedup_params(spec)
     name = shard_name(shard_id)
 
-    path = layout.download / f"{name}.parquet"
     # A shard without a single image has no phash column at all (columns come from the records).
-    columns = [c for c in ("key", "status", "url", "sha256", "phash") if c in pq.read_schema(path).names]
-    table = pq.read_table(path, columns=columns).to_pydict()
-    candidate = [s == "ok" for s in table["status"]]
+    table = storage.read_parquet(layout.download_files(shard_id)["parquet"])
+    table = table.select([c for c in ("key", "status", "url", "sha256", "phash") if c in table.column_names]).to_pydict()
+    candidate = [s == SUCCESS for s in table["status"]]
     if scored:  # rows the score stage could not embed are rejected before any filter
         keys, embedded = _scored_ok(layout, shard_id)
         embedded_keys = {k for k, ok in zip(keys, embedded) if ok}
@@ -274,8 +276,10 @@ def _hash_shard(root: str, shard_id: int, spec: dict, partitions: int, scored: b
     parts: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # kind, hi, lo, order, phash
     zeros = np.zeros(len(rows), np.uint64)
     if params.url:
-        hi, lo = _digest128([hashlib.blake2b(table["url"][i].encode(), digest_size=16).digest() for i in rows])
-        parts.append((URL, hi, lo, orders, zeros))
+        # Input tars may have samples without a url (no json, or none in it): no url, no duplicate by it.
+        with_url = [j for j, i in enumerate(rows) if table["url"][i] is not None]
+        hi, lo = _digest128([hashlib.blake2b(table["url"][rows[j]].encode(), digest_size=16).digest() for j in with_url])
+        parts.append((URL, hi, lo, orders[with_url], zeros[with_url]))
     if params.sha256:
         hi, lo = _digest128([bytes.fromhex(table["sha256"][i])[:16] for i in rows])
         parts.append((SHA256, hi, lo, orders, zeros))
@@ -293,22 +297,22 @@ def _hash_shard(root: str, shard_id: int, spec: dict, partitions: int, scored: b
         "phash": np.concatenate([p[4] for p in parts]) if parts else np.zeros(0, np.uint64),
     }
     partition = (_mix(_mix(cols["kind"], cols["key_hi"]), cols["key_lo"]) % np.uint64(partitions)).astype(np.int64)
-    write_batches(out / f"{name}.arrow", HASH_SCHEMA, cols, partition, partitions)
+    write_batches(storage.join(out, f"{name}.arrow"), HASH_SCHEMA, cols, partition, partitions)
 
     if params.semantic_eps is not None:
-        _hash_embeddings(layout, shard_id, out / f"{name}.sem.arrow", rows, table["key"], orders, partitions)
+        _hash_embeddings(layout, shard_id, storage.join(out, f"{name}.sem.arrow"), rows, table["key"], orders, partitions)
 
     return {"shard": shard_id, "samples": len(rows), "records": int(len(kind))}
 
 
-def _hash_embeddings(layout: RunLayout, shard_id: int, path: Path, rows: list[int], all_keys: list[str],
+def _hash_embeddings(layout: RunLayout, shard_id: int, path: str, rows: list[int], all_keys: list[str],
                      orders: np.ndarray, partitions: int) -> None:
     """The shard's image embeddings with their nearest centroid, split by partition (of the cluster)."""
 
-    centroids = np.load(dedup_dir(layout.root) / "centroids.npy")
+    centroids = storage.load_npy(storage.join(dedup_dir(layout.root), "centroids.npy"))
     keys, _ = _scored_ok(layout, shard_id)
     position = {k: j for j, k in enumerate(keys)}
-    emb = np.load(layout.embedding_files(shard_id)["img_emb"], mmap_mode="r")
+    emb = storage.load_npy(layout.embedding_files(shard_id)["img_emb"], mmap=True)
     picked = np.array([position[all_keys[i]] for i in rows], np.int64)
     # Every shard's batches need one list size, also a shard with nothing embedded (saved as [0, 0]).
     dim = centroids.shape[1] if len(centroids) else emb.shape[1]
@@ -388,16 +392,16 @@ def _near(group_keys: tuple, order: np.ndarray, close_fn: Callable, labels_fn: C
 def find_duplicates(root: str, partition: int, spec: dict, n_shards: int) -> dict:
     """Step 2 for one partition: (sample, original, kind) decisions, one record batch per shard.
     A partition's files are named like a shard's, so the same done-marker protocol applies."""
-    out = dedup_dir(root) / "decisions"
+    out = storage.join(dedup_dir(root), "decisions")
     return run_once(out, partition, lambda: _find_duplicates(root, partition, spec, n_shards, out))
 
 
-def _find_duplicates(root: str, partition: int, spec: dict, n_shards: int, out: Path) -> dict:
+def _find_duplicates(root: str, partition: int, spec: dict, n_shards: int, out: str) -> dict:
     params = dedup_params(spec)
     folder = dedup_dir(root)
 
     table = pa.Table.from_batches(
-        [read_batch(folder / "hashes" / f"{shard_name(i)}.arrow", partition) for i in range(n_shards)],
+        [read_batch(storage.join(folder, "hashes", f"{shard_name(i)}.arrow"), partition) for i in range(n_shards)],
         schema=HASH_SCHEMA)
     cols = {name: table.column(name).to_numpy() for name in HASH_SCHEMA.names}
     found: list[tuple[np.ndarray, np.ndarray, int]] = []
@@ -419,7 +423,7 @@ def _find_duplicates(root: str, partition: int, spec: dict, n_shards: int, out: 
         found.append((dup, orig, PHASH))
         comparisons += n
     if params.semantic_eps is not None:
-        sem = pa.Table.from_batches([read_batch(folder / "hashes" / f"{shard_name(i)}.sem.arrow", partition)
+        sem = pa.Table.from_batches([read_batch(storage.join(folder, "hashes", f"{shard_name(i)}.sem.arrow"), partition)
                                      for i in range(n_shards)])
         cluster, order = sem.column("cluster").to_numpy(), sem.column("order").to_numpy()
         emb = sem.column("emb").combine_chunks()
@@ -440,7 +444,7 @@ def _find_duplicates(root: str, partition: int, spec: dict, n_shards: int, out: 
         np.concatenate([f[1] for f in found]) if found else np.zeros(0, np.int64),
         np.concatenate([np.full(len(f[0]), f[2], np.int8) for f in found]) if found else np.zeros(0, np.int8),
     )
-    write_batches(out / f"{shard_name(partition)}.arrow", DECISION_SCHEMA,
+    write_batches(storage.join(out, f"{shard_name(partition)}.arrow"), DECISION_SCHEMA,
                    {"order": order, "original": original, "kind": kind}, order >> 32, n_shards)
     return {"partition": partition, "decisions": int(len(order)), "comparisons": int(comparisons)}
 

@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Optional
 
 import pyarrow.parquet as pq
 
 from curate.filters import apply_chain, build_chain, build_stage_chain, chain_counts
 from curate.filters.base import SAFETY, Filter
+from curate.pipeline import storage
 from curate.pipeline.config import RunConfig
 from curate.filters.dedup import needs_phash
 from curate.pipeline.dedup_store import phash_hex
@@ -31,7 +32,7 @@ from curate.pipeline.fetch import fetch
 from curate.pipeline.image import ImageRejected, normalize_image, read_header
 from curate.pipeline.reader import read_input_shard
 from curate.pipeline.layout import RunLayout
-from curate.pipeline.records import Rejection, records_table, sample_meta
+from curate.pipeline.records import FAILED_TO_RESIZE, SUCCESS, Rejection, records_table, sample_meta
 from curate.pipeline.report.samples import ReportSamples
 from curate.pipeline.shards import atomic_path, run_once, sample_key, shard_name
 from curate.pipeline.tarshard import TarShardWriter
@@ -42,7 +43,8 @@ DOWNLOAD = "download"
 
 
 def _rejection(exc: ImageRejected) -> Rejection:
-    return Rejection(exc.reason, filter=DOWNLOAD, detail=exc.detail)
+    """An image that does not decode or normalize (img2dataset's failed_to_resize)."""
+    return Rejection(exc.reason, filter=DOWNLOAD, detail=exc.detail, status=FAILED_TO_RESIZE)
 
 
 def _process_row(row: dict, cfg: RunConfig, bytes_chain: list[Filter], phash: bool = False,
@@ -57,7 +59,7 @@ def _process(row: dict, cfg: RunConfig, bytes_chain: list[Filter], phash: bool =
              check_url=None) -> tuple[dict, bytes | None, Optional[tuple[bytes, Rejection]]]:
     """`_process_row`, and for a row rejected after its bytes were fetched, those bytes with the
     rejection (for the report's pictures; never for a safety rejection)."""
-    record = {"status": "rejected"}
+    record: dict = {}  # every outcome sets the status: a rejection's columns, or SUCCESS
     got = fetch(row["url"], cfg.download, check_url)
     if not got.ok:
         record.update(got.rejection.columns(), http_status=got.http_status)
@@ -97,12 +99,12 @@ def _process(row: dict, cfg: RunConfig, bytes_chain: list[Filter], phash: bool =
         except ImageRejected as exc:
             return dropped(_rejection(exc))
         except Exception as exc:  # one strange image must never fail the shard
-            return dropped(Rejection("decode_error", filter=DOWNLOAD, detail=f"{type(exc).__name__}: {exc}"[:200]))
+            return dropped(_rejection(ImageRejected("decode_error", f"{type(exc).__name__}: {exc}"[:200])))
     finally:
         if header is not None:
             header.close()  # normalize_image has closed it already when it ran; twice is harmless
     record.update(
-        status="ok", width=img.width, height=img.height,
+        status=SUCCESS, width=img.width, height=img.height,
         original_width=img.original_width, original_height=img.original_height,
     )
     if img.bucket is not None:
@@ -132,7 +134,7 @@ def redirect_check(row_chain: list[Filter]):
 def download_shard(input_path: str, shard_id: int, stage_dir: str, cfg: RunConfig) -> dict:
     """Download one shard. Returns its stats; a done shard is not redone."""
     pictures = RunLayout(cfg.output.path).report_download_samples_file(shard_id)
-    return run_once(Path(stage_dir), shard_id, lambda: _download(input_path, shard_id, Path(stage_dir), cfg),
+    return run_once(stage_dir, shard_id, lambda: _download(input_path, shard_id, stage_dir, cfg),
                     also_clean=[pictures])
 
 
@@ -142,8 +144,9 @@ def screened_by_every_safety_filter(filter_specs: list[dict]) -> bool:
     return not any(f.priority == SAFETY and f.stage == "sample" for f in build_chain(filter_specs))
 
 
-def _download(input_path: str, shard_id: int, stage_dir: Path, cfg: RunConfig) -> dict:
-    rows = read_input_shard(Path(input_path)).to_pylist()
+def _download(input_path: str, shard_id: int, stage_dir: str, cfg: RunConfig) -> dict:
+    started = time.time()  # the shard's start_time in its _stats.json (the write stage writes it)
+    rows = read_input_shard(input_path).to_pylist()
     extra_cols = list(cfg.input.extra_cols)
     context = {"clip": cfg.clip, "root": str(stage_dir)}
     row_chain = build_stage_chain(cfg.filter_specs(), "row", context)
@@ -157,7 +160,7 @@ def _download(input_path: str, shard_id: int, stage_dir: Path, cfg: RunConfig) -
     reasons: Counter = Counter()
     name = shard_name(shard_id)
 
-    with atomic_path(stage_dir / f"{name}.tar") as tar_tmp:
+    with atomic_path(storage.join(stage_dir, f"{name}.tar")) as tar_tmp:
         with TarShardWriter(tar_tmp) as tar, ThreadPoolExecutor(cfg.download.threads) as pool:
             window: deque = deque()
             todo = iter(enumerate(rows))
@@ -167,7 +170,8 @@ def _download(input_path: str, shard_id: int, stage_dir: Path, cfg: RunConfig) -
             def submit_next() -> None:
                 for index, row in todo:
                     sample = {
-                        "key": sample_key(shard_id, index), "url": row["url"], "caption": row["caption"],
+                        "key": sample_key(shard_id, index, cfg.input.rows_per_shard),
+                        "url": row["url"], "caption": row["caption"],
                         "meta": {c: row.get(c) for c in extra_cols},
                     }
                     # Rows the row filters drop are never fetched.
@@ -204,7 +208,7 @@ def _download(input_path: str, shard_id: int, stage_dir: Path, cfg: RunConfig) -
                 meta = sample_meta(record)
                 tar.write(record["key"], {"jpg": image, "json": json.dumps(meta, default=str).encode()})
 
-    with atomic_path(stage_dir / f"{name}.parquet") as pq_tmp:
+    with atomic_path(storage.join(stage_dir, f"{name}.parquet")) as pq_tmp:
         pq.write_table(records_table(records, extra_cols), pq_tmp)
     if pictures is not None:
         pictures.save(RunLayout(cfg.output.path).report_download_samples_file(shard_id))
@@ -212,7 +216,8 @@ def _download(input_path: str, shard_id: int, stage_dir: Path, cfg: RunConfig) -
     return {
         "shard": shard_id,
         "rows": len(records),
-        "ok": sum(1 for r in records if r["status"] == "ok"),
+        "successes": sum(1 for r in records if r["status"] == SUCCESS),
+        "start_time": started,
         "rejected": dict(reasons),
         "bytes_downloaded": sum(r.get("bytes") or 0 for r in records),
         "filters": {**chain_counts(row_chain), **chain_counts(bytes_chain)},

@@ -1,9 +1,12 @@
-"""The write stage: raw download shard in, final WebDataset shard out.
+"""The write stage: raw download shard in (or the read stage's parquet and the input tar it
+points into: existing shards as input, pipeline/sources.py), final WebDataset shard out.
 
 Applies the filter chain to each downloaded sample, then writes the final shard:
-`{key}.jpg`, `{key}.txt` (caption), `{key}.json` (url, caption, sizes, hash, scores),
-and a parquet of EVERY input row, kept or rejected, with its reason. The shard's
-stats (rows, written, rejected per reason, per-filter counts) go into its done-marker.
+`{key}.jpg`, `{key}.txt` (caption), `{key}.json` (url, caption, sizes, hash, scores, status),
+a parquet of EVERY input row, kept or rejected, with its status and reason, and img2dataset's
+`NNNNN_stats.json`; with CLIP scoring, it marks which embedded samples were written in the
+embeddings' metadata. The shard's stats (rows, written, rejected per reason, per-filter
+counts) go into its done-marker.
 """
 
 from __future__ import annotations
@@ -15,13 +18,17 @@ from collections import Counter
 import pyarrow.parquet as pq
 
 from curate.filters import apply_chain, build_chain, build_stage_chain, chain_counts, score_fields
+from curate.pipeline import storage
 from curate.pipeline.config import RunConfig
-from curate.pipeline.embeddings import read_embeddings, read_scores
+from curate.pipeline.embeddings import mark_written, read_embeddings, read_scores
 from curate.pipeline.layout import RunLayout
-from curate.pipeline.records import CLIP_SIMILARITY, Rejection, records_table, sample_meta
+from curate.pipeline.records import (
+    CLIP_SIMILARITY, FAILED_TO_DOWNLOAD, FAILED_TO_RESIZE, FILTERED, SUCCESS, Rejection, records_table, sample_meta,
+)
 from curate.pipeline.report.samples import ReportSamples
 from curate.pipeline.shards import atomic_path, read_marker, remove_shard, run_once, shard_name
-from curate.pipeline.tarshard import TarShardWriter, iter_tar_samples
+from curate.pipeline.sources import write_images
+from curate.pipeline.tarshard import TarShardWriter
 
 
 def write_shard(shard_id: int, root: str, cfg: RunConfig, filter_specs: list[dict], *after) -> dict:
@@ -46,13 +53,14 @@ def _write(shard_id: int, layout: RunLayout, cfg: RunConfig, filter_specs: list[
     scored = read_marker(layout.score, shard_id) if cfg.clip.enabled else None
     name = shard_name(shard_id)
 
-    records = pq.read_table(download_dir / f"{name}.parquet").to_pylist()
+    records = storage.read_parquet(layout.download_files(shard_id)["parquet"]).to_pylist()
     chain = build_stage_chain(filter_specs, "sample", {"clip": cfg.clip, "root": str(layout.root), "shard": shard_id})
     scores = read_scores(layout.embeddings, shard_id) if scored is not None else {}
     # Row-aligned CLIP embeddings, for the filters that read them (NSFW and aesthetic heads, concepts).
     wanted = scored is not None and any(f.needs_embeddings for f in chain)
     embeddings = read_embeddings(layout.embeddings, shard_id) if wanted else {}
-    raw_samples = iter_tar_samples(download_dir / f"{name}.tar")
+    # The raw download tar's images, or an input tar's, normalized as they come (pipeline/sources.py).
+    raw_samples = write_images(cfg, layout, shard_id, records)
     reasons: Counter = Counter()
     # report.html's thumbnails: chosen now, while the images of dropped samples still exist.
     # Every filter of the run: the kept samples nearest each threshold rule are chosen here too.
@@ -60,25 +68,29 @@ def _write(shard_id: int, layout: RunLayout, cfg: RunConfig, filter_specs: list[
     report_samples = ReportSamples(shard_id, score_fields=[CLIP_SIMILARITY, *score_fields(run_filters)],
                                    filters=run_filters)
 
-    with atomic_path(out_dir / f"{name}.tar") as tar_tmp:
+    with atomic_path(layout.shard_files(shard_id)["tar"]) as tar_tmp:
         with TarShardWriter(tar_tmp) as tar:
             for record in records:
-                if record["status"] != "ok":
+                if record["status"] != SUCCESS:
                     reasons[record["reason"]] += 1
                     continue
-                key, fields = next(raw_samples)
+                key, jpg, meta, unusable = next(raw_samples)
                 if key != record["key"]:
                     raise RuntimeError(f"shard {name}: tar and parquet out of step at {key} / {record['key']}")
-                meta = json.loads(fields["json"])
+                if unusable is not None:  # an input tar's image that does not normalize
+                    record.update(unusable.columns())
+                    reasons[unusable.reason] += 1
+                    continue
                 stored = dict(meta)  # as written by the download stage (extra values as JSON made them)
                 if scored is not None:
                     similarity, model, failure = scores[key]
                     if failure:  # the image did not decode for CLIP either: never write it
-                        record.update(Rejection(failure, filter="score", detail="CLIP's image decoder could not read it").columns())
+                        record.update(Rejection(failure, filter="score", detail="CLIP's image decoder could not read it",
+                                                status=FAILED_TO_RESIZE).columns())
                         reasons[failure] += 1
                         continue
                     meta.update({CLIP_SIMILARITY: round(similarity, 5), "clip_model": model})
-                sample = {"key": key, "jpg": fields["jpg"], "caption": record["caption"], "meta": meta, "extra": {}}
+                sample = {"key": key, "jpg": jpg, "caption": record["caption"], "meta": meta, "extra": {}}
                 if key in embeddings:
                     sample["img_emb"], sample["text_emb"] = embeddings[key]
                 rejection = apply_chain(chain, sample)
@@ -103,10 +115,17 @@ def _write(shard_id: int, layout: RunLayout, cfg: RunConfig, filter_specs: list[
                     **sample["extra"],
                 })
 
-    with atomic_path(out_dir / f"{name}.parquet") as pq_tmp:
+    with atomic_path(layout.shard_files(shard_id)["parquet"]) as pq_tmp:
         pq.write_table(records_table(records, list(cfg.input.extra_cols)), pq_tmp)
 
-    written = sum(1 for r in records if r["status"] == "ok")
+    if scored is not None:
+        mark_written(layout.embeddings, shard_id, records)
+    ended = time.time()
+    with atomic_path(layout.shard_files(shard_id)["stats"]) as tmp:
+        tmp.write_text(json.dumps(img2dataset_stats(records, reasons, downloaded.get("start_time", started), ended),
+                                  indent=4, sort_keys=True))
+
+    written = sum(1 for r in records if r["status"] == SUCCESS)
     stats = {
         "shard": shard_id,
         "rows": len(records),
@@ -115,11 +134,32 @@ def _write(shard_id: int, layout: RunLayout, cfg: RunConfig, filter_specs: list[
         # Download-stage filters (row, bytes) first, then this stage's: the chain's order.
         "filters": {**downloaded.get("filters", {}), **chain_counts(chain)},
         "bytes_downloaded": downloaded.get("bytes_downloaded", 0),
+        **({"input": downloaded["input"]} if "input" in downloaded else {}),  # what the read stage found
         "seconds": {
-            "download": downloaded.get("seconds", 0.0),
+            downloaded.get("stage", "download"): downloaded.get("seconds", 0.0),
             **({"score": scored.get("seconds", 0.0)} if scored else {}),
             "write": round(time.time() - started, 3),
         },
     }
     report_samples.save(layout.report_samples_file(shard_id))  # before the marker, like every output
     return stats
+
+
+def img2dataset_stats(records: list[dict], reasons: Counter, start_time: float, end_time: float) -> dict:
+    """The shard's `NNNNN_stats.json` as img2dataset writes it (its `logger.write_stats`), so its
+    readers read curate's: rows per status, times (from the download's start to the end of this
+    write), `status_dict` (img2dataset's counter of "success" and each failure's message: here
+    each rejection reason), and curate's own `filtered` and `rejected_by_reason`."""
+    statuses = Counter(r["status"] for r in records)
+    return {
+        "count": len(records),
+        "successes": statuses[SUCCESS],
+        "failed_to_download": statuses[FAILED_TO_DOWNLOAD],
+        "failed_to_resize": statuses[FAILED_TO_RESIZE],
+        "filtered": statuses[FILTERED],
+        "duration": end_time - start_time,
+        "start_time": start_time,
+        "end_time": end_time,
+        "status_dict": {**({SUCCESS: statuses[SUCCESS]} if statuses[SUCCESS] else {}), **reasons},
+        "rejected_by_reason": dict(reasons),
+    }

@@ -25,6 +25,7 @@ from PIL import Image
 from conftest import run_curate, write_config
 from dask_processes import dask_processes, worker_pids
 from curate.pipeline.demo.devserver import DevServer
+from curate.pipeline.records import FAILED_TO_DOWNLOAD, FAILED_TO_RESIZE, SUCCESS
 from curate.pipeline.tarshard import iter_tar_samples
 
 RED, BLUE, WHITE = (220, 30, 30), (30, 70, 220), (255, 255, 255)
@@ -129,36 +130,37 @@ def awkward_files() -> dict[str, bytes]:
     return files
 
 
-# name -> ("ok", (width, height), top colour, bottom colour) or ("rejected", reason).
+# name -> (SUCCESS, (width, height), top colour, bottom colour) or (status, reason): img2dataset's
+# failed_to_download for a fetch that failed, failed_to_resize for an image that did not decode.
 # Sizes are after keep_ratio to a 64 px short side (never enlarging).
-TWO_TONE = ("ok", (85, 64), RED, BLUE)
+TWO_TONE = (SUCCESS, (85, 64), RED, BLUE)
 EXPECTED = {
-    "zero.jpg": ("rejected", "decode_error"),
-    "truncated.jpg": ("rejected", "decode_error"),
-    "truncated-transfer": ("rejected", "failed_to_download: incomplete body"),
+    "zero.jpg": (FAILED_TO_RESIZE, "decode_error"),
+    "truncated.jpg": (FAILED_TO_RESIZE, "decode_error"),
+    "truncated-transfer": (FAILED_TO_DOWNLOAD, "failed_to_download: incomplete body"),
     "progressive.jpg": TWO_TONE,
-    "cmyk.jpg": ("ok", (77, 64), RED, RED),
-    "grey16.png": ("ok", (85, 64), GREY_DARK, GREY_LIGHT),
-    "palette_transparent.png": ("ok", (64, 64), WHITE, BLUE),
-    "half_transparent.png": ("ok", (64, 64), WHITE, BLUE),
-    "animated.gif": ("ok", (64, 64), RED, RED),  # the first frame
-    "animated.webp": ("ok", (64, 64), RED, RED),
+    "cmyk.jpg": (SUCCESS, (77, 64), RED, RED),
+    "grey16.png": (SUCCESS, (85, 64), GREY_DARK, GREY_LIGHT),
+    "palette_transparent.png": (SUCCESS, (64, 64), WHITE, BLUE),
+    "half_transparent.png": (SUCCESS, (64, 64), WHITE, BLUE),
+    "animated.gif": (SUCCESS, (64, 64), RED, RED),  # the first frame
+    "animated.webp": (SUCCESS, (64, 64), RED, RED),
     "photo.webp": TWO_TONE,
     "photo.tiff": TWO_TONE,
     "photo.bmp": TWO_TONE,
-    "drawing.svg": ("rejected", "decode_error"),
-    "html-200": ("rejected", "failed_to_download: not an image"),
-    "error_page.jpg": ("rejected", "decode_error"),
-    "bomb.png": ("rejected", "image_area_too_large"),
-    "one.png": ("ok", (1, 1), RED, RED),
-    "one.jpg": ("ok", (1, 1), RED, RED),
+    "drawing.svg": (FAILED_TO_RESIZE, "decode_error"),
+    "html-200": (FAILED_TO_DOWNLOAD, "failed_to_download: not an image"),
+    "error_page.jpg": (FAILED_TO_RESIZE, "decode_error"),
+    "bomb.png": (FAILED_TO_RESIZE, "image_area_too_large"),
+    "one.png": (SUCCESS, (1, 1), RED, RED),
+    "one.jpg": (SUCCESS, (1, 1), RED, RED),
     "exif3.jpg": TWO_TONE,
     "exif6.jpg": TWO_TONE,
     "exif8.jpg": TWO_TONE,
     "exif6_after_pixels.png": TWO_TONE,
-    "over_area.png": ("rejected", "image_area_too_large"),
-    **{f"large_grey{i}.png": ("ok", (64, 64), GREY_LIGHT, GREY_LIGHT) for i in range(LARGE_GREY)},
-    **{f"large_rgb{i}.png": ("ok", (64, 64), ORANGE, ORANGE) for i in range(LARGE_RGB)},
+    "over_area.png": (FAILED_TO_RESIZE, "image_area_too_large"),
+    **{f"large_grey{i}.png": (SUCCESS, (64, 64), GREY_LIGHT, GREY_LIGHT) for i in range(LARGE_GREY)},
+    **{f"large_rgb{i}.png": (SUCCESS, (64, 64), ORANGE, ORANGE) for i in range(LARGE_RGB)},
 }
 
 
@@ -231,12 +233,12 @@ def test_no_worker_died(awkward_run):
 def test_each_file_ends_as_an_upright_rgb_jpeg_or_a_rejection_with_a_reason(awkward_run, name):
     row = next(r for r in awkward_run["rows"] if r["truth"] == name)
     expected = EXPECTED[name]
-    if expected[0] == "rejected":
+    if expected[0] != SUCCESS:
         assert (row["status"], row["reason"]) == expected, row["error_message"]
         assert row["error_message"]
         assert row["key"] not in awkward_run["samples"]
         return
-    assert row["status"] == "ok", (row["reason"], row["error_message"])
+    assert row["status"] == SUCCESS, (row["reason"], row["error_message"])
     fields = awkward_run["samples"][row["key"]]
     im = Image.open(io.BytesIO(fields["jpg"]))
     im.load()  # decodable to the last byte

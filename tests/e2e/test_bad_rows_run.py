@@ -29,6 +29,7 @@ from PIL import Image
 
 from conftest import curate_command, kill_group, run_curate, write_config
 from curate.pipeline.demo.devserver import DevServer
+from curate.pipeline.records import FAILED_TO_DOWNLOAD, SUCCESS
 from curate.pipeline.tarshard import iter_tar_samples
 
 ENV = {k: v for k, v in os.environ.items() if k != "DASK_SCHEDULER_ADDRESS"}
@@ -38,41 +39,42 @@ MISSING = "invalid_url: missing"
 SCHEME = "invalid_url: unsupported scheme"
 BAD_HOST = "invalid_url: bad host"
 
-# truth label -> expected (status, reason); "ok" rows are written.
+# truth label -> expected (status, reason); SUCCESS rows are written, the others failed to download
+# (a URL the fetch refuses is a failed download, as in img2dataset).
 EXPECTED = {
     # csv
-    "good": ("ok", None),
-    "url_empty": ("rejected", MISSING),
-    "caption_empty": ("ok", None),
-    "caption_non_utf8": ("ok", None),
-    "url_non_utf8": ("rejected", "failed_to_download: HTTP 404"),  # the replaced character names no file
-    "url_with_spaces": ("ok", None),
-    "url_unicode": ("ok", None),
-    "url_padded": ("ok", None),
-    "file_scheme": ("rejected", SCHEME),
-    "ftp_scheme": ("rejected", SCHEME),
-    "data_scheme": ("rejected", SCHEME),
-    "javascript_scheme": ("rejected", SCHEME),
-    "no_scheme": ("rejected", SCHEME),
-    "unclosed_ipv6_host": ("rejected", BAD_HOST),
-    "host_with_space": ("rejected", BAD_HOST),  # refused before any DNS query
-    "host_percent_encoded": ("rejected", BAD_HOST),
-    "bad_port": ("rejected", "invalid_url: bad port"),
-    "duplicate_1": ("ok", None),
-    "duplicate_2": ("ok", None),
-    "path_traversal_url": ("rejected", "failed_to_download: HTTP 404"),
-    "hostile_caption": ("ok", None),
-    "long_caption": ("ok", None),
+    "good": (SUCCESS, None),
+    "url_empty": (FAILED_TO_DOWNLOAD, MISSING),
+    "caption_empty": (SUCCESS, None),
+    "caption_non_utf8": (SUCCESS, None),
+    "url_non_utf8": (FAILED_TO_DOWNLOAD, "failed_to_download: HTTP 404"),  # the replaced character names no file
+    "url_with_spaces": (SUCCESS, None),
+    "url_unicode": (SUCCESS, None),
+    "url_padded": (SUCCESS, None),
+    "file_scheme": (FAILED_TO_DOWNLOAD, SCHEME),
+    "ftp_scheme": (FAILED_TO_DOWNLOAD, SCHEME),
+    "data_scheme": (FAILED_TO_DOWNLOAD, SCHEME),
+    "javascript_scheme": (FAILED_TO_DOWNLOAD, SCHEME),
+    "no_scheme": (FAILED_TO_DOWNLOAD, SCHEME),
+    "unclosed_ipv6_host": (FAILED_TO_DOWNLOAD, BAD_HOST),
+    "host_with_space": (FAILED_TO_DOWNLOAD, BAD_HOST),  # refused before any DNS query
+    "host_percent_encoded": (FAILED_TO_DOWNLOAD, BAD_HOST),
+    "bad_port": (FAILED_TO_DOWNLOAD, "invalid_url: bad port"),
+    "duplicate_1": (SUCCESS, None),
+    "duplicate_2": (SUCCESS, None),
+    "path_traversal_url": (FAILED_TO_DOWNLOAD, "failed_to_download: HTTP 404"),
+    "hostile_caption": (SUCCESS, None),
+    "long_caption": (SUCCESS, None),
     # parquet
-    "url_none": ("rejected", MISSING),
-    "url_nan": ("rejected", MISSING),
-    "caption_nan": ("ok", None),
+    "url_none": (FAILED_TO_DOWNLOAD, MISSING),
+    "url_nan": (FAILED_TO_DOWNLOAD, MISSING),
+    "caption_nan": (SUCCESS, None),
     # parquet with binary columns
-    "binary_non_utf8": ("ok", None),
+    "binary_non_utf8": (SUCCESS, None),
     # jsonl
-    "jsonl_non_utf8": ("ok", None),
-    "jsonl_null_url": ("rejected", MISSING),
-    "jsonl_numeric_caption": ("ok", None),
+    "jsonl_non_utf8": (SUCCESS, None),
+    "jsonl_null_url": (FAILED_TO_DOWNLOAD, MISSING),
+    "jsonl_numeric_caption": (SUCCESS, None),
 }
 
 
@@ -180,7 +182,7 @@ def test_run_succeeds_and_accounts_for_every_row(bad_run):
 def test_each_bad_row_is_written_or_rejected_with_its_reason(bad_run, truth):
     r = row(bad_run, truth)
     assert (r["status"], r["reason"]) == EXPECTED[truth], r["error_message"]
-    if r["status"] == "ok":
+    if r["status"] == SUCCESS:
         assert r["key"] in bad_run["samples"]
     else:
         assert r["error_message"] and r["key"] not in bad_run["samples"]
@@ -215,11 +217,12 @@ def test_extra_column_of_mixed_types_is_carried(bad_run):
 
 
 def test_nothing_derived_from_input_names_a_file(bad_run):
-    # Tar members are {key}.{ext}, keys made from shard and row numbers only.
+    # Tar members are {key}.{ext}, keys made from shard and row numbers only (img2dataset's form:
+    # 5 digits of shard, then the row in the 2 digits that 12 rows a shard need).
     for tar in bad_run["tars"]:
         with tarfile.open(tar) as t:
             for member in t.getmembers():
-                assert re.fullmatch(r"\d{10}\.(jpg|txt|json)", member.name), member.name
+                assert re.fullmatch(r"\d{7}\.(jpg|txt|json)", member.name), member.name
                 assert member.isfile()
     # Nothing appeared beside the output folder, and no file inside it is named after input text.
     assert bad_run["new_entries"] == ["out"]

@@ -8,6 +8,7 @@ watches while a run uses it.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import threading
 import time
 
@@ -34,22 +35,22 @@ def poisoned(dataset, tmp_path_factory, clean_env_module):
     cfg = load_config(config)
     layout = RunLayout(tmp / "out")
     write_input_shards(cfg.input, check_inputs(cfg.input), layout.input)  # cut here, to poison one
-    good = layout.input_shard(1).read_bytes()
-    layout.input_shard(1).write_bytes(b"PAR1 this is not a parquet file")
+    good = Path(layout.input_shard(1)).read_bytes()
+    Path(layout.input_shard(1)).write_bytes(b"PAR1 this is not a parquet file")
     story = {"layout": layout, "server": server}
     story["first"] = run_curate(["run", str(config), "--no-progress", "--log-file", str(tmp / "first.log")],
                                 clean_env_module)
     story["first_log"] = (tmp / "first.log").read_text()
-    story["first_stats"] = json.loads(layout.stats.read_text())
-    story["shard_files_after_failure"] = sorted(p.name for p in layout.shards.glob("00001*"))
-    layout.input_shard(1).write_bytes(good)
+    story["first_stats"] = json.loads(Path(layout.stats).read_text())
+    story["shard_files_after_failure"] = sorted(p.name for p in Path(layout.shards).glob("00001*"))
+    Path(layout.input_shard(1)).write_bytes(good)
     before = server.requests
     # As in a batch job: stderr is not a terminal (a pipe here), so progress comes as plain lines.
     story["second"] = run_curate(["run", str(config), "--progress-every", "0", "--log-file", str(tmp / "second.log")],
                                  clean_env_module)
     story["second_log"] = (tmp / "second.log").read_text()
     story["second_requests"] = server.requests - before
-    story["second_stats"] = json.loads(layout.stats.read_text())
+    story["second_stats"] = json.loads(Path(layout.stats).read_text())
     return story
 
 
@@ -86,7 +87,7 @@ def test_a_rerun_retries_only_the_failed_shard(poisoned):
     assert "failed_shards" not in stats
     assert stats["written"] + stats["rejected"] == ROWS == stats["rows_in"]
     assert stats["shards"] == 3
-    rows = sum(pq.read_metadata(p).num_rows for p in poisoned["layout"].shards.glob("*.parquet"))
+    rows = sum(pq.read_metadata(p).num_rows for p in Path(poisoned["layout"].shards).glob("*.parquet"))
     assert rows == ROWS
 
 
@@ -156,17 +157,17 @@ def test_with_a_dataset_wide_filter_nothing_is_written_until_every_shard_is_prep
     cfg = load_config(config)
     layout = RunLayout(tmp_path / "out")
     write_input_shards(cfg.input, check_inputs(cfg.input), layout.input)
-    good = layout.input_shard(2).read_bytes()
-    layout.input_shard(2).write_bytes(b"not a parquet file")
+    good = Path(layout.input_shard(2)).read_bytes()
+    Path(layout.input_shard(2)).write_bytes(b"not a parquet file")
     first = run_curate(["run", str(config), "--no-progress"], clean_env_module)
     assert first.returncode == 1, first.stderr
-    stats = json.loads(layout.stats.read_text())
+    stats = json.loads(Path(layout.stats).read_text())
     assert [f["shard"] for f in stats["failed_shards"]] == ["00002"]
     assert (stats["shards_waiting"], stats["rows_in_waiting_shards"], stats["written"]) == (2, 2 * PER_SHARD, 0)
     assert "wait for them" in first.stderr
-    assert not list(layout.shards.glob("*.tar"))
-    layout.input_shard(2).write_bytes(good)
+    assert not list(Path(layout.shards).glob("*.tar"))
+    Path(layout.input_shard(2)).write_bytes(good)
     second = run_curate(["run", str(config), "--no-progress"], clean_env_module)
     assert second.returncode == 0, second.stderr
-    stats = json.loads(layout.stats.read_text())
+    stats = json.loads(Path(layout.stats).read_text())
     assert stats["written"] + stats["rejected"] == ROWS and "shards_waiting" not in stats and "dedup" in stats

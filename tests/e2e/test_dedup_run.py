@@ -17,6 +17,7 @@ from PIL import Image, ImageOps
 from conftest import run_curate, write_config
 from curate.pipeline.models.clip import TINY_CLIP, TINY_CLIP_DIR
 from curate.pipeline.demo.devserver import DevServer
+from curate.pipeline.records import FILTERED, SUCCESS
 from curate.pipeline.shards import sample_key
 from curate.pipeline.demo.synthetic import caption, random_scene, render
 
@@ -110,15 +111,15 @@ def test_run_drops_exactly_the_planted_duplicates(dedup_run):
     assert len(rows) == len(PLANTED)
     for i, (name, reason, original) in enumerate(PLANTED):
         row = rows.iloc[i]
-        assert row["key"] == sample_key(i // 3, i % 3)
+        assert row["key"] == sample_key(i // 3, i % 3, 3)
         if reason is None:
-            assert row["status"] == "ok", (name, row["reason"])
+            assert row["status"] == SUCCESS, (name, row["reason"])
         else:
-            assert (row["status"], row["reason"]) == ("rejected", reason), name
-            assert row["duplicate_of"] == sample_key(original // 3, original % 3), name
+            assert (row["status"], row["reason"]) == (FILTERED, reason), name
+            assert row["duplicate_of"] == sample_key(original // 3, original % 3, 3), name
     # Each planted kind really tested what it says: the mirror is far by pHash.
     phash = {r["key"]: int(r["phash"], 16) for _, r in rows.iterrows()}
-    assert bin(phash[sample_key(3, 0)] ^ phash[sample_key(2, 1)]).count("1") > 4
+    assert bin(phash[sample_key(3, 0, 3)] ^ phash[sample_key(2, 1, 3)]).count("1") > 4
 
 
 def test_run_stats_count_duplicates_per_kind(dedup_run):

@@ -27,6 +27,7 @@ import pytest
 from conftest import REPO, curate_command, kill_group, run_curate, sigkill_group, write_config
 from dask_processes import dask_processes, executing, worker_pids
 from curate.pipeline.demo.devserver import DevServer
+from curate.pipeline.records import SUCCESS
 from curate.pipeline.shards import is_done
 from curate.pipeline.tarshard import iter_tar_samples
 
@@ -238,7 +239,7 @@ def test_server_going_away_mid_run_fails_rows_with_a_reason_and_the_run_finishes
     rows = [r for p in sorted((tmp_path / "out" / "shards").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
     assert len(rows) == ROWS and len({r["key"] for r in rows}) == ROWS
     for row in rows:
-        if row["status"] == "ok":
+        if row["status"] == SUCCESS:
             assert row["reason"] is None
         else:
             assert row["reason"] and row["error_message"], row

@@ -19,6 +19,7 @@ from PIL import Image
 
 from conftest import run_curate, write_config
 from curate.pipeline.geometry import aspect_buckets
+from curate.pipeline.records import FILTERED
 from curate.pipeline.tarshard import iter_tar_samples
 
 N_ROWS = 150
@@ -94,7 +95,7 @@ def test_row_filters_give_their_reasons_in_the_parquet(run):
     for reason in ("unsafe: caption_blocklist", "unsafe: url_blocklist", "unsafe: laion_punsafe>=0.5"):
         assert (dropped["expected"] == reason).sum() >= 3, reason
     for _, r in dropped.iterrows():
-        assert rows.loc[r["URL"], "status"] == "rejected"
+        assert rows.loc[r["URL"], "status"] == FILTERED
         assert rows.loc[r["URL"], "reason"] == r["expected"], r["URL"]
     # Everything else got past the row filters: written, or rejected for another reason.
     others = rows.loc[table.loc[table["expected"].isna(), "URL"], "reason"].dropna()

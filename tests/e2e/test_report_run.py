@@ -36,6 +36,7 @@ from curate.pipeline.report.page import (
     read_config,
     read_stats,
 )
+from curate.pipeline.records import FAILED_TO_RESIZE, FILTERED, SUCCESS
 from curate.pipeline.report.samples import THUMBNAIL_SIDE, is_safety_reason
 from curate.pipeline.demo.synthetic import generate_dataset
 
@@ -122,14 +123,14 @@ def rethreshold(run: Path, out: Path, threshold: float) -> Path:
     for path in sorted((out / "shards").glob("*.parquet")):
         rows = pq.read_table(path).to_pylist()
         for r in rows:
-            if r["status"] == "ok" or r["reject_filter"] == "clip_similarity":
+            if r["status"] == SUCCESS or r["reject_filter"] == "clip_similarity":
                 keep = r["clip_similarity"] >= threshold
-                r.update(status="ok" if keep else "rejected", reason=None if keep else reason,
+                r.update(status=SUCCESS if keep else FILTERED, reason=None if keep else reason,
                          reject_filter=None if keep else "clip_similarity",
                          reject_metric=None if keep else "clip_similarity",
                          reject_value=None if keep else r["clip_similarity"], reject_threshold=None if keep else threshold)
-            written += r["status"] == "ok"
-            if r["status"] != "ok":
+            written += r["status"] == SUCCESS
+            if r["status"] != SUCCESS:
                 reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
         pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(path)), path)
     stats = json.loads((out / "stats.json").read_text())
@@ -326,13 +327,13 @@ def test_histograms_count_every_row_by_outcome(run_dir):
     assert all(r["reject_filter"] == "caption_length" and r["reject_metric"] == "words" and r["reject_threshold"] == MIN_WORDS
                and r["reject_value"] < MIN_WORDS for r in rows if r["reason"] == CAPTION_REASON)
     assert all(r["reject_filter"] == "download" for r in rows if (r["reason"] or "").startswith("failed_to_download"))
-    assert all(r["reject_filter"] is None for r in rows if r["status"] == "ok")
+    assert all(r["reject_filter"] is None for r in rows if r["status"] == SUCCESS)
     assert stats["score_fields"] == ["clip_similarity"]
 
     clip = charts["score:clip_similarity"]
     scored = [r for r in rows if r.get("clip_similarity") is not None]
     assert clip.total == len(scored) > 0
-    assert clip.counts["written"].sum() == sum(r["status"] == "ok" for r in scored) == stats["written"]
+    assert clip.counts["written"].sum() == sum(r["status"] == SUCCESS for r in scored) == stats["written"]
     assert clip.counts["rule"].sum() == stats["rejected_by_reason"][CLIP_REASON]
     assert clip.markers == [(THRESHOLD, f"threshold {THRESHOLD}")]
     # Below the threshold only dropped rows, from it on only kept ones.
@@ -370,8 +371,8 @@ def test_report_samples_are_bounded_kept_and_borderline(run_dir):
     for path in files:
         shard = path.stem
         samples = pq.read_table(path).to_pylist()
-        kept = [s for s in samples if s["status"] == "ok" and s["rule_metric"] is None]
-        written = [k for k, r in rows.items() if k.startswith(shard) and r["status"] == "ok"]
+        kept = [s for s in samples if s["status"] == SUCCESS and s["rule_metric"] is None]
+        written = [k for k, r in rows.items() if k.startswith(shard) and r["status"] == SUCCESS]
         assert len(kept) == min(8, len(written)) and {s["key"] for s in kept} <= set(written)
         # Dropped at the CLIP threshold: exactly the 8 nearest it in this shard.
         dropped = {k: abs(r["clip_similarity"] - THRESHOLD) for k, r in rows.items()
@@ -392,7 +393,7 @@ def test_report_samples_are_bounded_kept_and_borderline(run_dir):
                 assert im.format == "JPEG" and max(im.size) <= THUMBNAIL_SIDE
     chosen = choose_samples(run_dir / "report" / "samples")
     assert len(chosen.kept) == sum(1 for p in files for s in pq.read_table(p).to_pylist()
-                                   if s["status"] == "ok" and s["rule_metric"] is None)
+                                   if s["status"] == SUCCESS and s["rule_metric"] is None)
     dropped = chosen.dropped[CLIP_REASON]
     assert [s["distance"] for s in dropped] == sorted(s["distance"] for s in dropped)
 
@@ -404,14 +405,14 @@ def test_kept_samples_nearest_each_threshold(run_dir):
     for path in sorted((run_dir / "report" / "samples").glob("?????.parquet")):
         shard = path.stem
         samples = pq.read_table(path).to_pylist()
-        written = {k: r for k, r in rows.items() if k.startswith(shard) and r["status"] == "ok"}
+        written = {k: r for k, r in rows.items() if k.startswith(shard) and r["status"] == SUCCESS}
         measures = {
             ("clip_similarity", "clip_similarity", THRESHOLD): lambda r: r["clip_similarity"],
             ("resolution", "side", 64.0): lambda r: min(r["original_width"], r["original_height"]),
             ("caption_length", "words", float(MIN_WORDS)): lambda r: len(r["caption"].split()),
         }
         for (name, metric, threshold), measure in measures.items():
-            near = [s for s in samples if s["status"] == "ok" and (s["rule_filter"], s["rule_metric"], s["threshold"])
+            near = [s for s in samples if s["status"] == SUCCESS and (s["rule_filter"], s["rule_metric"], s["threshold"])
                     == (name, metric, threshold)]
             distances = sorted(abs(measure(r) - threshold) for r in written.values())
             assert len(near) == min(8, len(written)), (name, metric)
@@ -419,13 +420,13 @@ def test_kept_samples_nearest_each_threshold(run_dir):
             for s in near:
                 assert s["value"] == pytest.approx(measure(written[s["key"]])) and s["key"] in written
         # No rule of aspect on this side: no written sample is near 3 in the data? It is measured all the same.
-        assert {(s["rule_filter"], s["rule_metric"]) for s in samples if s["status"] == "ok" and s["rule_metric"]} == {
+        assert {(s["rule_filter"], s["rule_metric"]) for s in samples if s["status"] == SUCCESS and s["rule_metric"]} == {
             ("clip_similarity", "clip_similarity"), ("resolution", "side"), ("resolution", "aspect"),
             ("caption_length", "words")}
     chosen = choose_samples(run_dir / "report" / "samples")
     clip = chosen.near_kept[("clip_similarity", "clip_similarity", THRESHOLD)]
     assert len(clip) == 8 and [s["distance"] for s in clip] == sorted(s["distance"] for s in clip)
-    assert all(rows[s["key"]]["status"] == "ok" for s in clip)
+    assert all(rows[s["key"]]["status"] == SUCCESS for s in clip)
     assert all(rows[s["key"]]["reason"] == CLIP_REASON
                for s in chosen.near_dropped[("clip_similarity", "clip_similarity", THRESHOLD)])
 
@@ -437,11 +438,11 @@ def test_pictures_of_what_the_download_stage_dropped(run_dir):
     files = sorted((run_dir / "report" / "samples").glob("*.download.parquet"))
     assert [p.name for p in files] == ["00000.download.parquet", "00001.download.parquet"]
     samples = [s for p in files for s in pq.read_table(p).to_pylist()]
-    assert {s["stage"] for s in samples} == {"download"} and {s["status"] for s in samples} == {"rejected"}
+    assert {s["stage"] for s in samples} == {"download"} and {s["status"] for s in samples} == {FILTERED, FAILED_TO_RESIZE}
     assert {s["reason"] for s in samples} == {"resolution: side<64", "resolution: aspect>3", "image_area_too_large"}
     for s in samples:
         row = rows[s["key"]]
-        assert row["reason"] == s["reason"] and row["caption"] == s["caption"]
+        assert (row["reason"], row["status"]) == (s["reason"], s["status"]) and row["caption"] == s["caption"]
         with Image.open(io.BytesIO(s["thumbnail"])) as im:
             assert im.format == "JPEG" and max(im.size) <= THUMBNAIL_SIDE
         if s["reason"].startswith("resolution"):  # a threshold decision: nearest first, as data
@@ -550,7 +551,7 @@ def test_curate_inspect_prints_samples(run_dir, capsys):
     tar = run_dir / "shards" / "00000.tar"
     assert main(["inspect", str(tar), "-n", "2"]) == 0
     out = capsys.readouterr().out
-    written = [r for r in shard_rows(run_dir) if r["status"] == "ok" and r["key"].startswith("00000")][:3]
+    written = [r for r in shard_rows(run_dir) if r["status"] == SUCCESS and r["key"].startswith("00000")][:3]
     blocks = out.strip().split("\n\n")
     assert len(blocks) == 2
     for block, row in zip(blocks, written):

@@ -18,6 +18,7 @@ from PIL import Image
 
 from conftest import run_curate, write_config
 from curate.pipeline.config import load_config
+from curate.pipeline.records import FAILED_TO_DOWNLOAD, FILTERED, SUCCESS
 
 IMAGE_SIZE = 128
 MIN_WORDS = 9  # splits the synthetic captions (7 to 13 words) into kept and dropped
@@ -114,8 +115,8 @@ def test_stats_account_for_every_row(finished):
     assert sum(stats["rejected_by_reason"].values()) == stats["rejected"]
     assert stats["shards"] == 3
     table = rows(finished["out"])
-    assert (table["status"] == "ok").sum() == stats["written"]
-    assert table.loc[table["status"] == "rejected", "reason"].value_counts().to_dict() == stats["rejected_by_reason"]
+    assert (table["status"] == SUCCESS).sum() == stats["written"]
+    assert table.loc[table["status"] != SUCCESS, "reason"].value_counts().to_dict() == stats["rejected_by_reason"]
 
 
 def test_every_input_row_appears_exactly_once(finished):
@@ -126,12 +127,13 @@ def test_every_input_row_appears_exactly_once(finished):
     assert sorted(zip(table["url"], table["caption"], table["truth"])) == sorted(
         zip(inputs["URL"], inputs["TEXT"], inputs["truth"])
     )
-    assert set(table["status"]) == {"ok", "rejected"}
-    rejected = table[table["status"] == "rejected"]
+    # img2dataset's statuses: the broken URLs failed to download, the rules' drops are curate's own
+    assert set(table["status"]) == {SUCCESS, FAILED_TO_DOWNLOAD, FILTERED}
+    rejected = table[table["status"] != SUCCESS]
     assert rejected["reason"].notna().all() and (rejected["reason"] != "").all()
-    assert table.loc[table["status"] == "ok", "reason"].isna().all()
+    assert table.loc[table["status"] == SUCCESS, "reason"].isna().all()
     # The written samples are exactly the rows marked ok.
-    assert sorted(s["__key__"] for s in samples(finished["out"])) == sorted(table.loc[table["status"] == "ok", "key"])
+    assert sorted(s["__key__"] for s in samples(finished["out"])) == sorted(table.loc[table["status"] == SUCCESS, "key"])
 
 
 def test_planted_faults_get_their_reasons(finished):
@@ -144,10 +146,12 @@ def test_planted_faults_get_their_reasons(finished):
     assert short.any() and (~short).any()  # the filter really splits the data
     by_truth = table[~short].groupby("truth")["reason"]
     assert by_truth.get_group("broken_url").eq("failed_to_download: HTTP 404").all()
+    assert table.loc[~short & (table["truth"] == "broken_url"), "status"].eq(FAILED_TO_DOWNLOAD).all()
+    assert table.loc[short | table["truth"].isin(["too_small", "extreme_aspect"]), "status"].eq(FILTERED).all()
     assert by_truth.get_group("too_small").eq("resolution: side<64").all()
     assert by_truth.get_group("extreme_aspect").eq("resolution: aspect>3").all()
     fine = table[table["truth"].isin(["ok", "wrong_caption"]) & ~short]
-    assert (fine["status"] == "ok").all()
+    assert (fine["status"] == SUCCESS).all()
 
 
 def test_caption_filter_counts_in_stats(finished):
@@ -193,7 +197,7 @@ def test_keep_intermediate_keeps_download_shards(finished, tmp_path):
     raw = pd.concat([pq.read_table(download / f"0000{i}.parquet").to_pandas() for i in range(2)])
     final = rows(out)
     assert len(raw) == len(final) == 40
-    assert set(final.loc[final["status"] == "ok", "key"]) <= set(raw.loc[raw["status"] == "ok", "key"])
+    assert set(final.loc[final["status"] == SUCCESS, "key"]) <= set(raw.loc[raw["status"] == SUCCESS, "key"])
 
 
 def test_extra_columns_of_any_type_survive_the_write_stage(dataset, tmp_path):

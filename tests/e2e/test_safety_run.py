@@ -20,6 +20,7 @@ from conftest import run_curate, write_config
 from curate.pipeline.models.clip import TINY_CLIP, TINY_CLIP_DIR
 from curate.pipeline.demo.devserver import DevServer
 from curate.pipeline.image import normalize_image
+from curate.pipeline.records import SUCCESS
 from curate.pipeline.demo.synthetic import caption
 from safety_scenes import NSFW_CONCEPT, RESIZE, ZERO_SHOT_CONCEPT, concept_spec, labelled_scenes, rendered
 from safety_scenes import concept_threshold, data, nsfw_weights  # noqa: F401 (fixtures)
@@ -136,7 +137,7 @@ def test_run_records_safety_reasons_and_scores(e2e):
     assert (score >= e2e["concept_threshold"]).eq(ours["reason"] == concept_reason).all()
     # ... and in the json of every written sample.
     members = tar_members(out)
-    for key in rows.index[rows["status"] == "ok"]:
+    for key in rows.index[rows["status"] == SUCCESS]:
         meta = json.loads(members[f"{key}.json"])
         assert 0 <= meta["punsafe"] < 0.5 and meta[f"concept_{ZERO_SHOT_CONCEPT}"] < e2e["concept_threshold"]
     # Rows dropped for safety have no image in the shards; the filters' counts chain up.
@@ -153,7 +154,7 @@ def test_hash_blocklist_removes_exactly_the_listed_images_end_to_end(e2e):
     assert listed.sum() == 2
     # The listed rows: rejected for the hash, with their digest; before the run they were written.
     assert (blocked_run.loc[listed, "reason"] == "unsafe: hash_blocklist").all()
-    assert (plain.loc[blocked_run.index[listed], "status"] == "ok").all()
+    assert (plain.loc[blocked_run.index[listed], "status"] == SUCCESS).all()
     assert blocked_run.loc[listed, "sha256"].notna().all() and blocked_run.loc[listed, "width"].isna().all()
     # Nothing else changed: every other row has the same status, reason and scores (within
     # float noise: the score stage's batches hold two images fewer).

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from curate.pipeline.models.clip import TINY_CLIP, TINY_CLIP_DIR
+from curate.pipeline.records import SUCCESS
 from conftest import RESOLUTION, curate_command, write_config
 
 pytestmark = pytest.mark.skipif(not (TINY_CLIP_DIR / "open_clip_config.json").exists(), reason="tiny CLIP not built")
@@ -46,7 +47,7 @@ def test_run_with_clip_filters_mismatched_captions(clip_run):
     assert all(r["clip_similarity"] is not None for r in wrong if r["reason"] == "clip_similarity<0.5")
     assert stats["filters"]["clip_similarity"]["kept"] == stats["written"]
     n_emb = sum(np.load(p).shape[0] for p in (clip_run / "embeddings" / "img_emb").glob("*.npy"))
-    assert n_emb == sum(1 for r in rows if r["status"] == "ok" or (r["reason"] or "").startswith("clip_similarity"))
+    assert n_emb == sum(1 for r in rows if r["status"] == SUCCESS or (r["reason"] or "").startswith("clip_similarity"))
 
 
 def test_top_fraction_is_resolved_over_the_whole_dataset(clip_run, tmp_path):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import io
 import random
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,22 +28,25 @@ from curate.pipeline.stages.dedup import finish_dedup, phash_bands, run_dedup_pa
 from curate.pipeline.errors import UserError
 from curate.pipeline.image import normalize_image
 from curate.pipeline.layout import RunLayout
+from curate.pipeline.records import FAILED_TO_DOWNLOAD, FAILED_TO_RESIZE, SUCCESS
 from curate.pipeline.shards import sample_key, shard_name
 from curate.pipeline.demo.synthetic import photo_like_jpeg
 
 
 # --- helpers: the real files the pass reads ----------------------------------------------
 
+PER_SHARD = 1000  # the runs' rows_per_shard: how their keys are formed (shards hold up to ~150 rows)
+
 
 def write_download_parquet(root, shard_id: int, rows: list[dict]) -> None:
     """A download-stage parquet: rows of {url, sha256, phash (int or None), status}. As in the
     real one, the phash column exists only when some row has one."""
-    folder = RunLayout(root).download
+    folder = Path(RunLayout(root).download)
     folder.mkdir(parents=True, exist_ok=True)
     columns = {
-        "key": [sample_key(shard_id, i) for i in range(len(rows))],
+        "key": [sample_key(shard_id, i, PER_SHARD) for i in range(len(rows))],
         "url": [r.get("url", f"http://example.invalid/{shard_id}/{i}.jpg") for i, r in enumerate(rows)],
-        "status": [r.get("status", "ok") for r in rows],
+        "status": [r.get("status", SUCCESS) for r in rows],
         "sha256": [r.get("sha256", f"{shard_id:08x}{i:08x}".ljust(64, "0")) for i, r in enumerate(rows)],
     }
     if any(r.get("phash") is not None for r in rows):
@@ -53,20 +58,20 @@ def write_embeddings(root, shard_id: int, vectors: np.ndarray, failed: set = fro
     """The score stage's files for a shard: img_emb rows aligned with metadata keys."""
     out = RunLayout(root).embedding_files(shard_id)
     for path in out.values():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     vectors = vectors.copy()
     vectors[list(failed)] = 0  # what score_shard saves for an image it could not decode
     np.save(out["img_emb"], vectors.astype(np.float16))
     np.save(out["text_emb"], vectors.astype(np.float16))
     pq.write_table(pa.table({
-        "key": [sample_key(shard_id, i) for i in range(len(vectors))],
-        "status": ["rejected" if i in failed else "ok" for i in range(len(vectors))],
+        "key": [sample_key(shard_id, i, PER_SHARD) for i in range(len(vectors))],
+        "status": [FAILED_TO_RESIZE if i in failed else SUCCESS for i in range(len(vectors))],
     }), out["metadata"])
 
 
 def run_pass(root, n_shards: int, scored: bool = False, keep: bool = True, **params) -> dict:
     spec = {"name": "dedup", **params}
-    return run_dedup_pass(run_serially, str(root), spec, n_shards, 100, scored, keep)
+    return run_dedup_pass(run_serially, str(root), spec, n_shards, PER_SHARD, scored, keep)
 
 
 def all_decisions(root, n_shards: int) -> dict[str, tuple[str, str]]:
@@ -135,7 +140,7 @@ def test_phash_pass_finds_every_pair_within_k_and_none_beyond(tmp_path, k):
     items = [(sample_order(s, i), v) for s, part in enumerate(shards) for i, v in enumerate(part)]
     expected = brute_force(items, lambda a, b: bin(a ^ b).count("1") <= k)
     got = all_decisions(tmp_path, 4)
-    assert got == {order_key(o): ("phash", order_key(g)) for o, g in expected.items()}
+    assert got == {order_key(o, PER_SHARD): ("phash", order_key(g, PER_SHARD)) for o, g in expected.items()}
     # The data probes both sides of the boundary: pairs at exactly k are reported, at k + 1 not.
     value = dict(items)
     reported = {frozenset((value[o], value[g])) for o, g in expected.items()}
@@ -147,7 +152,7 @@ def test_phash_pass_finds_every_pair_within_k_and_none_beyond(tmp_path, k):
 def test_exact_kinds_keep_the_first_copy_across_shards(tmp_path):
     a_hash, far = 0x0F0F_0F0F_1234_5678, 0xFFFF_0000_FFFF_0000
     write_download_parquet(tmp_path, 0, [
-        {"url": "http://x/a.jpg", "sha256": "aa" * 32, "status": "rejected"},  # failed: takes no part
+        {"url": "http://x/a.jpg", "sha256": "aa" * 32, "status": FAILED_TO_DOWNLOAD},  # failed: takes no part
         {"url": "http://x/a.jpg", "sha256": "aa" * 32, "phash": a_hash},                # A
         {"url": "http://x/b.jpg", "sha256": "bb" * 32, "phash": far},                   # B
     ])
@@ -161,15 +166,15 @@ def test_exact_kinds_keep_the_first_copy_across_shards(tmp_path):
         {"url": "http://x/g.jpg", "sha256": "dd" * 32, "phash": a_hash ^ 0b11},         # near A only
     ])
     write_download_parquet(tmp_path, 3, [  # nothing downloaded
-        {"url": "http://x/a.jpg", "sha256": "aa" * 32, "status": "rejected"},
+        {"url": "http://x/a.jpg", "sha256": "aa" * 32, "status": FAILED_TO_DOWNLOAD},
     ])
     run_pass(tmp_path, 4, phash_max_distance=4, partitions=2)
     assert all_decisions(tmp_path, 4) == {
-        sample_key(1, 0): ("url", sample_key(0, 1)),
-        sample_key(1, 1): ("sha256", sample_key(0, 2)),
-        sample_key(1, 2): ("url", sample_key(0, 1)),
-        sample_key(2, 0): ("sha256", sample_key(0, 1)),
-        sample_key(2, 1): ("phash", sample_key(0, 1)),
+        sample_key(1, 0, PER_SHARD): ("url", sample_key(0, 1, PER_SHARD)),
+        sample_key(1, 1, PER_SHARD): ("sha256", sample_key(0, 2, PER_SHARD)),
+        sample_key(1, 2, PER_SHARD): ("url", sample_key(0, 1, PER_SHARD)),
+        sample_key(2, 0, PER_SHARD): ("sha256", sample_key(0, 1, PER_SHARD)),
+        sample_key(2, 1, PER_SHARD): ("phash", sample_key(0, 1, PER_SHARD)),
     }
 
 
@@ -182,19 +187,19 @@ def test_chain_rule_drops_matches_of_dropped_samples(tmp_path):
     write_download_parquet(tmp_path, 1, [{"phash": c}])
     run_pass(tmp_path, 2, url=False, sha256=False, phash_max_distance=4)
     assert all_decisions(tmp_path, 2) == {
-        sample_key(0, 1): ("phash", sample_key(0, 0)),
-        sample_key(1, 0): ("phash", sample_key(0, 1)),
+        sample_key(0, 1, PER_SHARD): ("phash", sample_key(0, 0, PER_SHARD)),
+        sample_key(1, 0, PER_SHARD): ("phash", sample_key(0, 1, PER_SHARD)),
     }
 
 
 def test_pass_is_resumable_and_cleans_up(tmp_path):
     write_download_parquet(tmp_path, 0, [{"phash": 1}, {"phash": 3}])
     first = run_pass(tmp_path, 1)
-    done = RunLayout(tmp_path).dedup / "done.json"
+    done = Path(RunLayout(tmp_path).dedup) / "done.json"
     before = done.stat().st_mtime_ns
     assert run_pass(tmp_path, 1) == first and done.stat().st_mtime_ns == before  # skipped
     assert finish_dedup(str(tmp_path), keep_intermediate=False) == first
-    assert sorted(p.name for p in RunLayout(tmp_path).dedup.iterdir()) == ["done.json", "plan.json"]
+    assert sorted(p.name for p in Path(RunLayout(tmp_path).dedup).iterdir()) == ["done.json", "plan.json"]
 
 
 # --- unit: semantic dedup on embeddings ---------------------------------------------------
@@ -217,7 +222,7 @@ def test_semantic_pass_finds_near_identical_embeddings(tmp_path):
         write_download_parquet(tmp_path, s, [{} for _ in part])
         write_embeddings(tmp_path, s, np.array(part), failed.get(s, set()))
     # A shard where nothing was downloaded: score_shard saves a [0, 0] array for it.
-    write_download_parquet(tmp_path, 3, [{"status": "rejected"}])
+    write_download_parquet(tmp_path, 3, [{"status": FAILED_TO_DOWNLOAD}])
     write_embeddings(tmp_path, 3, np.zeros((0, 0)))
     stats = run_pass(tmp_path, 4, scored=True, url=False, sha256=False, phash_max_distance=None,
                      semantic_eps=eps, semantic_clusters=4, partitions=2)
@@ -228,11 +233,11 @@ def test_semantic_pass_finds_near_identical_embeddings(tmp_path):
     expected = brute_force(items, lambda a, b: float(a @ b) >= 1 - eps)
     got = all_decisions(tmp_path, 4)
     assert {k for k, (kind, _) in got.items() if kind != "semantic"} == set()
-    expected_keys = {order_key(o): order_key(g) for o, g in expected.items()}
+    expected_keys = {order_key(o, PER_SHARD): order_key(g, PER_SHARD) for o, g in expected.items()}
     # Every reported pair is a true one; clustering may only lose a pair split across clusters.
     assert {k: g for k, (_, g) in got.items()}.items() <= expected_keys.items()
     assert len(got) >= 0.95 * len(expected_keys) and len(expected_keys) >= 38
-    assert sample_key(0, 2) not in got
+    assert sample_key(0, 2, PER_SHARD) not in got
 
 
 # --- meaning of the perceptual hash on images ---------------------------------------------

@@ -17,7 +17,7 @@ from PIL import Image
 from curate.pipeline.config import DownloadConfig
 from curate.pipeline.demo.devserver import DevServer
 from curate.pipeline.fetch import FetchError, address_block_reason, fetch, fetch_once
-from curate.pipeline.records import Rejection
+from curate.pipeline.records import FAILED_TO_DOWNLOAD, FILTERED, Rejection
 
 ALLOW = DownloadConfig(timeout=3, allow_private_addresses=True)
 
@@ -105,8 +105,9 @@ def test_503_is_retried_once_with_one_retry(srv):
 def test_a_failure_is_a_rejection_of_the_download_stage(srv):
     result, _ = get(srv, "/status/404/")
     assert result.rejection == Rejection("failed_to_download: HTTP 404", filter="download",
-                                         detail="HTTP 404 Not Found")
+                                         detail="HTTP 404 Not Found", status=FAILED_TO_DOWNLOAD)
     assert result.rejection.columns()["reject_filter"] == "download"
+    assert result.rejection.columns()["status"] == "failed_to_download"  # img2dataset's status
     assert (result.reason, result.detail) == (result.rejection.reason, result.rejection.detail)
 
 
@@ -128,7 +129,7 @@ def test_fetch_error_says_whether_a_retry_could_help(srv, path, cfg, retryable):
     with pytest.raises(FetchError) as info:
         fetch_once(srv.base_url + path, cfg)
     assert info.value.retryable is retryable, info.value.rejection
-    assert info.value.rejection.filter == "download"
+    assert info.value.rejection.filter == "download" and info.value.rejection.status == FAILED_TO_DOWNLOAD
 
 
 def test_invalid_url_is_not_retryable():
@@ -144,6 +145,7 @@ def test_redirect_onto_a_refused_url_is_that_check_s_rejection_and_not_retried(s
                    check_url=lambda url: refused if url.endswith("/images/a.jpg") else None)
     assert srv.requests - before == 1  # the redirect, once; its target never
     assert (result.reason, result.rejection.filter) == ("unsafe: url_blocklist", "url_blocklist")
+    assert result.rejection.status == FILTERED  # a filter's decision, not a failed download
     assert result.detail.startswith("redirect to ") and result.detail.endswith("/images/a.jpg")
 
 

@@ -64,7 +64,7 @@ def test_caption_length_rejection_carries_the_measure(params, caption, metric, v
         "caption_length", metric, value, threshold)
     columns = rejection.columns()
     assert columns["reject_metric"] == metric and columns["reject_value"] == float(value)
-    assert columns["reason"] == rejection.reason and columns["status"] == "rejected"
+    assert columns["reason"] == rejection.reason and columns["status"] == "filtered"
 
 
 def test_caption_length_drops_some_and_keeps_others_with_counts():

@@ -347,7 +347,7 @@ def test_laion_rejections_carry_the_column_its_value_and_the_threshold():
     rejection = f(row(punsafe="0.1", pwatermark=0.93))  # a value the reader kept as text
     assert (rejection.metric, rejection.value, rejection.threshold) == ("pwatermark", 0.93, 0.8)
     assert rejection.columns() == {
-        "status": "rejected", "reason": "watermark: pwatermark>=0.8", "error_message": None,
+        "status": "filtered", "reason": "watermark: pwatermark>=0.8", "error_message": None,
         "reject_filter": "laion_columns", "reject_metric": "pwatermark", "reject_value": 0.93, "reject_threshold": 0.8,
     }
     assert f.score_fields() == []  # it judges input columns, it writes none

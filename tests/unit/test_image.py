@@ -20,6 +20,7 @@ from curate.filters.resolution import Resolution
 from curate.pipeline.config import MAX_IMAGE_AREA, ResizeConfig, RunConfig
 from curate.pipeline.geometry import aspect_buckets, choose_bucket
 from curate.pipeline.image import ImageRejected, normalize_image, read_header
+from curate.pipeline.records import FAILED_TO_RESIZE, FILTERED, SUCCESS
 from curate.pipeline.stages.download import _process_row
 
 RED, GREEN, BLUE, WHITE = (220, 30, 30), (30, 160, 50), (30, 70, 220), (255, 255, 255)
@@ -631,6 +632,8 @@ def test_resolution_rejects_from_the_header_before_decoding(server, tmp_path):
         "side", 10, 64, "10x10")
     big, _ = got["big-truncated.png"]
     assert big["reason"] == "decode_error" and (big["original_width"], big["original_height"]) == (200, 150)
+    # img2dataset's statuses: a filter's drop is curate's own, a decoder's is failed_to_resize.
+    assert (tiny["status"], big["status"]) == (FILTERED, FAILED_TO_RESIZE)
     assert got["wide.png"][0]["reason"] == "resolution: aspect>3"
     # No header, no size: the rule keeps it and the decoder rejects it.
     garbage, _ = got["garbage.jpg"]
@@ -650,6 +653,6 @@ def test_a_kept_image_is_normalized_once_with_its_bucket(server, tmp_path):
     got = _download(server, tmp_path, {"photo.jpg": data}, [{"name": "resolution", "min_side": 64}],
                     size=256, mode="buckets")
     record, image = got["photo.jpg"]
-    assert record["status"] == "ok" and record["bucket"] == [192, 320]
+    assert record["status"] == SUCCESS and record["bucket"] == [192, 320]
     assert (record["width"], record["height"], record["original_width"], record["original_height"]) == (192, 320, 400, 600)
     assert image == normalize_image(data, ResizeConfig(size=256, mode="buckets")).data

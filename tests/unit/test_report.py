@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +26,7 @@ from curate.pipeline.report.page import (
     rejection_thresholds,
     score_columns,
 )
-from curate.pipeline.records import Rejection, records_table
+from curate.pipeline.records import FAILED_TO_DOWNLOAD, FAILED_TO_RESIZE, FILTERED, SUCCESS, Rejection, records_table
 from curate.pipeline.report.samples import SCHEMA, ReportSamples, is_safety_reason
 
 
@@ -58,7 +59,7 @@ def test_safety_rejected_samples_never_get_a_thumbnail(tmp_path):
     assert not any(is_safety_reason(s["reason"]) for s in saved)
 
     # And the report skips such a row even if a samples file somehow holds one.
-    planted = dict(saved[0], key="0000000099", status="rejected", reason="unsafe: test")
+    planted = dict(saved[0], key="0000000099", status=FILTERED, reason="unsafe: test")
     pq.write_table(pa.Table.from_pylist(saved + [planted], schema=SCHEMA), tmp_path / "samples" / "00001.parquet")
     chosen = choose_samples(tmp_path / "samples")
     shown = [s["key"] for s in chosen.kept] + [s["key"] for group in chosen.dropped.values() for s in group]
@@ -80,7 +81,7 @@ def test_collector_is_bounded_prefers_the_threshold_and_repeats(tmp_path):
 
     c, _ = fill(4)
     entries = c.entries()
-    kept = [e for e in entries if e["status"] == "ok"]
+    kept = [e for e in entries if e["status"] == SUCCESS]
     near = [e for e in entries if e["reason"] == "clip_similarity<0.5"]
     other = [e for e in entries if e["reason"] == "caption_has_url"]
     assert len(kept) == 8 and len(near) == 5 and len(other) == 5
@@ -90,7 +91,7 @@ def test_collector_is_bounded_prefers_the_threshold_and_repeats(tmp_path):
     # Random picks spread over the stream, not its first items; the same shard picks the same.
     assert max(int(e["key"]) for e in kept) > 50
     assert [e["key"] for e in fill(4)[0].entries()] == [e["key"] for e in entries]
-    assert [e["key"] for e in fill(5)[0].entries() if e["status"] == "ok"] != [e["key"] for e in kept]
+    assert [e["key"] for e in fill(5)[0].entries() if e["status"] == SUCCESS] != [e["key"] for e in kept]
     assert c.save(tmp_path / "s.parquet") == 18
 
 
@@ -103,15 +104,15 @@ def test_thresholds_and_score_columns_come_from_the_rejection_columns(tmp_path):
     """Which columns are scores and where their thresholds lie: the declared score fields and the
     rows' reject_metric / reject_threshold, whatever the reasons say."""
     rows = [
-        {"key": "0", "status": "ok", "clip_similarity": 0.4, "punsafe": 0.1, "latent_scaling_factor": 0.18},
-        {"key": "1", "status": "rejected", "reason": "any words at all", "clip_similarity": 0.1, "punsafe": 0.2,
+        {"key": "0", "status": SUCCESS, "clip_similarity": 0.4, "punsafe": 0.1, "latent_scaling_factor": 0.18},
+        {"key": "1", "status": FILTERED, "reason": "any words at all", "clip_similarity": 0.1, "punsafe": 0.2,
          **{f"reject_{k}": v for k, v in dict(filter="clip_similarity", metric="clip_similarity", value=0.1,
                                               threshold=0.25).items()}},
-        {"key": "2", "status": "rejected", "reason": "unsafe: laion_punsafe>=0.5", "clip_similarity": None, "punsafe": 0.7,
+        {"key": "2", "status": FILTERED, "reason": "unsafe: laion_punsafe>=0.5", "clip_similarity": None, "punsafe": 0.7,
          **{f"reject_{k}": v for k, v in dict(filter="laion_columns", metric="punsafe", value=0.7, threshold=0.5).items()}},
-        {"key": "3", "status": "rejected", "reason": "resolution: side<64", "original_width": 30, "original_height": 90,
+        {"key": "3", "status": FILTERED, "reason": "resolution: side<64", "original_width": 30, "original_height": 90,
          **{f"reject_{k}": v for k, v in dict(filter="resolution", metric="side", value=30.0, threshold=64.0).items()}},
-        {"key": "4", "status": "rejected", "reason": "clip_similarity<0.28 but not parsed", "bytes": 10,
+        {"key": "4", "status": FILTERED, "reason": "clip_similarity<0.28 but not parsed", "bytes": 10,
          **{f"reject_{k}": v for k, v in dict(filter="resolution", metric="bytes", value=10.0, threshold=100.0).items()}},
     ]
     (tmp_path / "shards").mkdir()
@@ -177,13 +178,13 @@ def test_report_is_escaped_and_works_without_samples(tmp_path):
     (out / "config.yaml").write_text("input: {paths: [x]}\noutput: {path: run}\nfilters: []\n")
     caption = "<script>alert(1)</script> a red circle"
     table = pa.Table.from_pylist([
-        {"key": "0000000000", "status": "ok", "reason": None, "caption": caption, "original_width": 100, "original_height": 80},
-        {"key": "0000000001", "status": "rejected", "reason": "failed_to_download: HTTP 404", "caption": "x y", "original_width": None, "original_height": None},
+        {"key": "0000000000", "status": SUCCESS, "reason": None, "caption": caption, "original_width": 100, "original_height": 80},
+        {"key": "0000000001", "status": FAILED_TO_DOWNLOAD, "reason": "failed_to_download: HTTP 404", "caption": "x y", "original_width": None, "original_height": None},
     ])
     pq.write_table(table, out / "shards" / "00000.parquet")
     (out / "stats.json").write_text(json.dumps({"rows_in": 2, "written": 1, "rejected": 1,
                                                 "rejected_by_reason": {"failed_to_download: HTTP 404": 1}}))
-    html = build_report(out).read_text()
+    html = Path(build_report(out)).read_text()
     assert "<script>alert(1)</script>" not in html
     assert "No thumbnails were kept" in html
 
@@ -274,13 +275,13 @@ def test_kept_samples_nearest_each_rule_and_none_for_safety_rules():
     near = [e for e in entries if e["rule_metric"] == "clip_similarity"]
     assert [e["value"] for e in near] == [0.5, 0.52, 0.55]
     assert [e["distance"] for e in near] == pytest.approx([0.0, 0.02, 0.05])
-    assert {(e["rule_filter"], e["threshold"], e["status"]) for e in near} == {("clip_similarity", 0.5, "ok")}
+    assert {(e["rule_filter"], e["threshold"], e["status"]) for e in near} == {("clip_similarity", 0.5, SUCCESS)}
     # The kept images nearest to being judged unsafe are not picked out.
     assert not [e for e in entries if e["rule_metric"] == "punsafe"]
     assert len([e for e in entries if e["rule_metric"] is None]) == 2
     # Dropped samples of a threshold rule carry the rule too, for the report to pair them.
     c.add_dropped(_sample(20, 0.45), clip_rejection(0.45, 0.5))
-    dropped = [e for e in c.entries() if e["status"] == "rejected"]
+    dropped = [e for e in c.entries() if e["status"] == FILTERED]
     assert [(e["rule_filter"], e["rule_metric"], e["threshold"], e["value"]) for e in dropped] == [
         ("clip_similarity", "clip_similarity", 0.5, 0.45)]
 
@@ -340,7 +341,7 @@ def test_kept_share_and_its_direction():
                   markers=[(0.5, "threshold 0.5")])
     values = np.array([0.05, 0.15, 0.25, 0.55, 0.65, 0.75, 0.85, 0.95])
     rejected = values < 0.5
-    h.add(values, np.where(rejected, "rejected", "ok").astype(object),
+    h.add(values, np.where(rejected, FILTERED, SUCCESS).astype(object),
           np.full(8, "f", dtype=object), np.where(rejected, "s", "").astype(object))
     assert h.keeps_above()
     x, share = h.kept_share()
@@ -348,7 +349,7 @@ def test_kept_share_and_its_direction():
     # Drops above the marker: an upper limit, which keeps what lies below.
     h2 = Histogram(key="score:p", title="p", x_title="p", edges=np.linspace(0, 1, 11), rule_metric="p",
                    markers=[(0.5, "threshold 0.5")])
-    h2.add(values, np.where(~rejected, "rejected", "ok").astype(object),
+    h2.add(values, np.where(~rejected, FILTERED, SUCCESS).astype(object),
            np.full(8, "f", dtype=object), np.where(~rejected, "p", "").astype(object))
     assert not h2.keeps_above()
     assert h2.kept_share()[1][5] == pytest.approx(37.5)
@@ -359,8 +360,8 @@ def test_kept_share_and_its_direction():
 def test_download_failures_by_reason_domain_and_status():
     from curate.pipeline.report.page import DownloadFailures, TopCounts
 
-    def row(url, reason=None, status=None, nbytes=None, detail=None, by="download"):
-        return {"url": url, "status": "rejected" if reason else "ok", "reason": reason, "reject_filter": by if reason else None,
+    def row(url, reason=None, status=None, nbytes=None, detail=None, by="download", outcome=FAILED_TO_DOWNLOAD):
+        return {"url": url, "status": outcome if reason else SUCCESS, "reason": reason, "reject_filter": by if reason else None,
                 "http_status": status, "bytes": nbytes, "error_message": detail}
 
     table = pa.Table.from_pylist([
@@ -368,8 +369,8 @@ def test_download_failures_by_reason_domain_and_status():
         row("https://user@a.example.com:8080/2.jpg", "failed_to_download: HTTP 404", 404),
         row("http://b.example.org/x", "failed_to_download: timeout", None, detail="no answer"),
         row("http://b.example.org/y"),
-        row("http://b.example.org/z", "decode_error", nbytes=100),            # bytes fetched: not a download failure
-        row("http://c.example.net/w", "caption_too_short: <2 words", by="caption_length"),
+        row("http://b.example.org/z", "decode_error", nbytes=100, outcome=FAILED_TO_RESIZE),  # fetched: not a download failure
+        row("http://c.example.net/w", "caption_too_short: <2 words", by="caption_length", outcome=FILTERED),
         row("ftp://weird", "invalid_url: unsupported scheme"),
         row(None, "invalid_url: missing"),
     ], schema=pa.schema([("url", pa.string()), ("status", pa.string()), ("reason", pa.string()),

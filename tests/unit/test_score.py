@@ -42,7 +42,7 @@ def test_score_shard_writes_row_aligned_embeddings_and_separates_captions(tmp_pa
     img, txt = np.load(out["img_emb"]), np.load(out["text_emb"])
     meta = pq.read_table(out["metadata"]).to_pylist()
     assert img.dtype == np.float16 and img.shape == txt.shape and img.shape[0] == 40 == len(meta)
-    assert [m["key"] for m in meta] == [sample_key(0, i) for i in range(40)]
+    assert [m["key"] for m in meta] == [sample_key(0, i, 40) for i in range(40)]
     assert stats["scored"] == 39 and stats["decode_errors"] == 1
     assert 0 < stats["embed_seconds"] <= stats["seconds"]  # embedding, then writing the files
     assert meta[5]["reason"] == "decode_error" and meta[5]["clip_similarity"] is None
@@ -63,4 +63,4 @@ def test_score_shard_writes_row_aligned_embeddings_and_separates_captions(tmp_pa
     before = out["img_emb"].stat().st_mtime_ns
     again = score_shard(0, {}, str(download), str(tmp_path / "emb"), str(tmp_path / "markers"), CLIP)
     assert again == stats and out["img_emb"].stat().st_mtime_ns == before
-    assert read_scores(tmp_path / "emb", 0)[sample_key(0, 0)][0] == pytest.approx(meta[0]["clip_similarity"])
+    assert read_scores(tmp_path / "emb", 0)[sample_key(0, 0, 40)][0] == pytest.approx(meta[0]["clip_similarity"])

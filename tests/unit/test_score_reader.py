@@ -3,6 +3,7 @@ in-process reader, errors that name the problem, and no helper left behind."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -33,7 +34,7 @@ def _shard(path, n):
     with TarShardWriter(path) as tar:
         for i in range(n):
             meta = {"caption": CAPTIONS[i % len(CAPTIONS)] + f" {i}", "url": f"http://127.0.0.1/{i}"}
-            tar.write(sample_key(3, i), {"jpg": os.urandom(100 + 37 * (i % 50)), "txt": b"t", "json": json.dumps(meta).encode()})
+            tar.write(sample_key(3, i, n), {"jpg": os.urandom(100 + 37 * (i % 50)), "txt": b"t", "json": json.dumps(meta).encode()})
     return path
 
 
@@ -82,6 +83,42 @@ def test_a_broken_shard_is_one_error_and_the_pool_recovers(tmp_path, tokenizer, 
     with pytest.raises(ReaderError, match="truncated"):
         list(pool.batches(broken, 2))
     _same(list(pool.batches(good, 2)), list(read_batches(good, 2, tokenizer)))
+
+
+@pytest.mark.parametrize("processes, n", [(1, 9), (2, 9), (2, 0)])
+def test_reader_processes_tokenize_captions_they_are_given(tmp_path, tokenizer, pools, processes, n):
+    """Input tars: the images come from the parquet's offsets, the captions go to the helpers."""
+    captions = [CAPTIONS[i % len(CAPTIONS)] + f" {i}" for i in range(n)]
+    pool = pools(processes)
+    got = list(pool.tokenized(captions, 4))
+    expected = [tokenizer(captions[i:i + 4]) for i in range(0, n, 4)]
+    assert len(got) == len(expected) and all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(got, expected))
+    tar = _shard(tmp_path / "00000.tar", 5)  # and the pool still reads tars after it
+    _same(list(pool.batches(tar, 4)), list(read_batches(tar, 4, tokenizer)))
+
+
+def test_an_input_tar_gives_the_same_batches_with_reader_processes(tmp_path, tokenizer, pools):
+    """Existing shards as input: images straight from the input tar at the read stage's offsets."""
+    from PIL import Image
+
+    from curate.pipeline.config import RunConfig
+    from curate.pipeline.sources import score_batches
+    from curate.pipeline.stages.read import read_shard
+
+    jpgs = []
+    with TarShardWriter(tmp_path / "in.tar") as tar:
+        for i in range(10):
+            out = io.BytesIO()
+            Image.new("RGB", (40 + i, 30), (i * 20, 0, 0)).save(out, "JPEG")
+            jpgs.append(out.getvalue())
+            tar.write(f"k{i}", {"jpg": jpgs[-1], "txt": CAPTIONS[i % len(CAPTIONS)].encode()} if i != 4 else {"txt": b"x"})
+    cfg = RunConfig.model_validate({"input": {"paths": [str(tmp_path / "in.tar")]}, "output": {"path": str(tmp_path)}})
+    read_shard(str(tmp_path / "in.tar"), 0, str(tmp_path / "stage"), cfg)
+    with score_batches(str(tmp_path / "stage"), 0, 4, tokenizer) as batches:
+        expected = list(batches)
+    with score_batches(str(tmp_path / "stage"), 0, 4, None, pools(2)) as batches:
+        _same(list(batches), expected)
+    assert [bytes(j) for b in expected for j in b.jpgs] == jpgs[:4] + jpgs[5:]  # the sample without an image left out
 
 
 def test_a_sample_without_its_image_is_named(tmp_path, pools):

@@ -91,7 +91,7 @@ def heldout_run(folder: Path, n: int, clip_model: str, seed: int = 1) -> Path:
             data = io.BytesIO()
             render(scene, 256, 256, rng).save(data, format="JPEG", quality=95)
             text = caption(scene)
-            key = sample_key(0, i)
+            key = sample_key(0, i, n)
             tar.write(key, {"jpg": data.getvalue(), "txt": text.encode(),
                             "json": json.dumps({"key": key, "caption": text, "width": 256, "height": 256}).encode()})
     (folder / "config.yaml").write_text(yaml.safe_dump({"clip": {"enabled": True, "model": clip_model, "pretrained": None}}))

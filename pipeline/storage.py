@@ -1,0 +1,268 @@
+"""Where a run's files live: a local folder, or object storage / any fsspec URL (`s3://bucket/run`).
+
+Every file a run writes goes through `publish`: it is written to a local temporary file first,
+then put in place — renamed on a local file system (atomic), uploaded with one PUT to object
+storage, which has no rename but shows an object whole or not at all. A shard's done marker is
+published after its other objects, so a shard without its marker is unfinished whatever else of
+it exists, and a rerun cleans and redoes it (pipeline/shards.py).
+
+Paths are plain strings: a local path, or a URL whose parts are joined with "/" (`join`), never
+through pathlib, which would fold `s3://` into `s3:/`. Credentials never pass through here: they
+come from fsspec's and the object store client's own configuration (for S3: the AWS environment
+variables or ~/.aws), and `configure` accepts only the non-secret options a config may name
+(an endpoint, a region).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import fsspec
+import fsspec.config
+from fsspec.core import url_to_fs
+
+# fsspec options a config may give per protocol, none of them a secret: where the store is and how
+# to reach it. Keys, secrets, tokens and passwords stay in the environment / the client's config files.
+SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """Whether `path` names a file through an fsspec protocol other than the local file system."""
+    text = str(path)
+    return "://" in text and not text.startswith("file://")
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+    if is_url(base):
+        return posixpath.join(str(base).rstrip("/"), *parts)
+    return str(Path(base, *parts))
+
+
+def parent(path: str) -> str:
+    return posixpath.dirname(str(path).rstrip("/")) if is_url(path) else str(Path(path).parent)
+
+
+def name(path: str) -> str:
+    return posixpath.basename(str(path).rstrip("/")) if is_url(path) else Path(path).name
+
+
+def secret_options(options: dict) -> list[str]:
+    """The option names (dotted) that look like credentials, which a config must not hold."""
+    found = []
+    for key, value in options.items():
+        if isinstance(value, dict):
+            found += [f"{key}.{inner}" for inner in secret_options(value)]
+        elif any(word in key.lower() for word in SECRET_WORDS) and not key.lower().endswith("_url"):
+            found.append(key)
+    return found
+
+
+def configure(options: dict[str, dict]) -> None:
+    """Apply the config's per-protocol fsspec options ({"s3": {"endpoint_url": ...}}) in this process.
+
+    fsspec hands `fsspec.config.conf[protocol]` to every filesystem it makes for that protocol, so
+    the driver and each worker call this once and every open, list and put after it reaches the
+    same store."""
+    for protocol, values in options.items():
+        current = fsspec.config.conf.setdefault(protocol, {})
+        if any(current.get(k) != v for k, v in values.items()):
+            current.update(values)
+            fsspec.config.conf[protocol] = current
+            # Filesystems made before this call hold the old options: make new ones.
+            fsspec.get_filesystem_class(protocol).clear_instance_cache()
+
+
+def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    return url_to_fs(str(path))
+
+
+def exists(path: str | os.PathLike) -> bool:
+    if not is_url(path):
+        return os.path.exists(path)
+    fs, inner = filesystem(str(path))
+    return fs.exists(inner)
+
+
+def is_dir(path: str | os.PathLike) -> bool:
+    if not is_url(path):
+        return os.path.isdir(path)
+    fs, inner = filesystem(str(path))
+    return fs.isdir(inner)
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    if not is_url(path):
+        return Path(path).read_bytes()
+    fs, inner = filesystem(str(path))
+    return fs.cat_file(inner)
+
+
+def read_text(path: str | os.PathLike) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+def open_file(path: str | os.PathLike, mode: str = "rb"):
+    """A file object to read (or stream-write) `path` anywhere; use as a context manager."""
+    if not is_url(path):
+        return open(path, mode)
+    return fsspec.open(str(path), mode).open()
+
+
+def listing(folder: str | os.PathLike, prefix: str = "") -> list[str]:
+    """Full paths of the files directly in `folder` whose names start with `prefix`, sorted.
+    A folder that does not exist lists nothing."""
+    if not is_url(folder):
+        if not os.path.isdir(folder):
+            return []
+        return sorted(str(Path(folder, n)) for n in os.listdir(folder) if n.startswith(prefix))
+    fs, inner = filesystem(str(folder))
+    try:
+        entries = fs.ls(inner, detail=True, refresh=True)
+    except FileNotFoundError:
+        return []
+    protocol = str(folder).split("://", 1)[0]
+    return sorted(f"{protocol}://{e['name']}" for e in entries
+                  if e.get("type") == "file" and posixpath.basename(e["name"]).startswith(prefix))
+
+
+def remove(path: str | os.PathLike) -> None:
+    """Delete one file; a missing one is not an error."""
+    if not is_url(path):
+        Path(path).unlink(missing_ok=True)
+        return
+    fs, inner = filesystem(str(path))
+    try:
+        fs.rm_file(inner)
+    except FileNotFoundError:
+        pass
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    if not is_url(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    fs, inner = filesystem(str(path))
+    if fs.exists(inner):
+        fs.rm(inner, recursive=True)
+
+
+def make_dirs(path: str | os.PathLike) -> None:
+    """Create a local folder and its parents; object storage has no folders, so nothing to do there."""
+    if not is_url(path):
+        Path(path).mkdir(parents=True, exist_ok=True)
+
+
+@contextlib.contextmanager
+def publish(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a local temporary path to write; on success put it in place at `final`.
+
+    Locally: a temporary name beside `final`, fsync'd, then renamed (atomic). In object storage:
+    a temporary local file, uploaded whole to `final` (an object appears complete or not at all).
+    Either way nothing is left at `final` when the writing fails."""
+    if not is_url(final):
+        final = Path(final)
+        tmp = final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return
+    with tempfile.TemporaryDirectory(prefix="curate-publish-") as scratch:
+        tmp = Path(scratch) / name(str(final))
+        yield tmp
+        fs, inner = filesystem(str(final))
+        fs.put_file(str(tmp), inner)
+
+
+@contextlib.contextmanager
+def local_copy(path: str | os.PathLike) -> Iterator[Path]:
+    """A local file holding `path`'s bytes, for readers that need one (memory maps, tarfile seeks):
+    the file itself when it is local, else a temporary download removed afterwards."""
+    if not is_url(path):
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="curate-read-") as scratch:
+        tmp = Path(scratch) / (name(str(path)) or "object")
+        fs, inner = filesystem(str(path))
+        fs.get_file(inner, str(tmp))
+        yield tmp
+
+
+def read_parquet(path: str | os.PathLike, columns: list[str] | None = None):
+    """A parquet file as an arrow table, read through fsspec when `path` is a URL (pyarrow's own
+    object store clients would not see the endpoint `configure` set)."""
+    import pyarrow.parquet as pq
+
+    if not is_url(path):
+        return pq.read_table(path, columns=columns)
+    with open_file(path) as f:
+        return pq.read_table(f, columns=columns)
+
+
+def load_npy(path: str | os.PathLike, mmap: bool = False):
+    """A .npy array; memory-mapped when asked and the file is local (a remote one is read whole)."""
+    import io
+
+    import numpy as np
+
+    if not is_url(path):
+        return np.load(path, mmap_mode="r" if mmap else None)
+    return np.load(io.BytesIO(read_bytes(path)))
+
+
+def parquet_names(path: str | os.PathLike) -> list[str]:
+    """The column names of a parquet file, from its footer alone."""
+    import pyarrow.parquet as pq
+
+    if not is_url(path):
+        return pq.read_schema(path).names
+    with open_file(path) as f:
+        return pq.read_schema(f).names
+
+
+def parquet_file(path: str | os.PathLike):
+    """A `pyarrow.parquet.ParquetFile` (footer statistics, row groups) of a local or remote file."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path if not is_url(path) else open_file(path))
+
+
+def has_files(folder: str | os.PathLike) -> bool:
+    """Whether anything lies in (or under) `folder`; a missing folder has nothing."""
+    if not is_url(folder):
+        return os.path.isdir(folder) and any(os.scandir(folder))
+    fs, inner = filesystem(str(folder))
+    try:
+        return bool(fs.ls(inner, refresh=True))
+    except FileNotFoundError:
+        return False
+
+
+def check_reachable(path: str) -> None:
+    """Raise (FileNotFoundError, PermissionError, ...) unless the bucket or container holding the URL
+    `path` exists and these credentials may list it. Writes nothing."""
+    fs, inner = filesystem(path)
+    bucket = inner.split("/", 1)[0]
+    fs.invalidate_cache()
+    fs.ls(bucket, refresh=True)
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for a user about a failed storage call (the client's messages name no secret)."""
+    if isinstance(exc, FileNotFoundError):
+        return "no such bucket or path"
+    if isinstance(exc, PermissionError):
+        return f"access denied: check the credentials in the environment ({str(exc).splitlines()[0][:200]})"
+    text = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
