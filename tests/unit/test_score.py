@@ -3,6 +3,8 @@ tests/e2e/test_score_run.py)."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -60,7 +62,7 @@ def test_score_shard_writes_row_aligned_embeddings_and_separates_captions(tmp_pa
     assert np.mean(right) > np.mean(wrong) + 0.1
 
     # Done shards are not redone.
-    before = out["img_emb"].stat().st_mtime_ns
+    before = os.stat(out["img_emb"]).st_mtime_ns
     again = score_shard(0, {}, str(download), str(tmp_path / "emb"), str(tmp_path / "markers"), CLIP)
-    assert again == stats and out["img_emb"].stat().st_mtime_ns == before
+    assert again == stats and os.stat(out["img_emb"]).st_mtime_ns == before
     assert read_scores(tmp_path / "emb", 0)[sample_key(0, 0, 40)][0] == pytest.approx(meta[0]["clip_similarity"])
