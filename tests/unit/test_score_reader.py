@@ -116,9 +116,16 @@ def test_an_input_tar_gives_the_same_batches_with_reader_processes(tmp_path, tok
     read_shard(str(tmp_path / "in.tar"), 0, str(tmp_path / "stage"), cfg)
     with score_batches(str(tmp_path / "stage"), 0, 4, tokenizer) as batches:
         expected = list(batches)
-    with score_batches(str(tmp_path / "stage"), 0, 4, None, pools(2)) as batches:
+    pool = pools(2)
+    with score_batches(str(tmp_path / "stage"), 0, 4, None, pool) as batches:
         _same(list(batches), expected)
     assert [bytes(j) for b in expected for j in b.jpgs] == jpgs[:4] + jpgs[5:]  # the sample without an image left out
+    # A shard read to its end leaves the helpers running for the next one (no start-up per shard).
+    pids = [h.pid for h in pool._helpers]
+    assert len(pids) == 2
+    with score_batches(str(tmp_path / "stage"), 0, 4, None, pool) as batches:
+        _same(list(batches), expected)
+    assert [h.pid for h in pool._helpers] == pids
 
 
 def test_a_sample_without_its_image_is_named(tmp_path, pools):
