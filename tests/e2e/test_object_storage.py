@@ -70,7 +70,9 @@ def story(dataset, s3, tmp_path_factory):
                           storage=s3.storage)
     command = ["run", str(config), "--no-progress"]
     story = {"fs": fs}
-    story["ref_result"] = run_curate([*command, "--set", "output.path=s3://curate/ref"], s3.env)
+    # The reference in-process (the executor does not change what is written); the interrupted run on real workers.
+    story["ref_result"] = run_curate([*command, "--set", "output.path=s3://curate/ref", "--set", "dask.in_process=true"],
+                                     s3.env)
     story["ref"] = snapshot(fs, "curate/ref")
 
     proc = subprocess.Popen(curate_command(*command), env=s3.env, stdout=subprocess.DEVNULL,
@@ -174,7 +176,10 @@ def test_scored_and_deduplicated_run_in_the_bucket_equals_the_local_one(dataset,
     work files, the written shards: the same bytes as the same run into a local folder."""
     _, urls, _ = dataset
     fs = s3.filesystem()
-    sections = dict(input={"rows_per_shard": 100}, storage=s3.storage, dask={"in_process": True},
+    urls_subset = tmp_path / "urls.parquet"  # 150 rows are enough to cross every stage twice
+    pd.read_parquet(urls).head(150).to_parquet(urls_subset, index=False)
+    urls = urls_subset
+    sections = dict(input={"rows_per_shard": 75}, storage=s3.storage, dask={"in_process": True},
                     clip={"enabled": True, "model": TINY_CLIP, "pretrained": None, "device": "cpu", "batch_size": 64},
                     filters=[{"name": "dedup", "phash_max_distance": 4, "semantic_eps": 0.05}])
     for output in ("s3://curate/scored", tmp_path / "local"):
