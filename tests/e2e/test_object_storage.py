@@ -194,3 +194,19 @@ def test_scored_and_deduplicated_run_in_the_bucket_equals_the_local_one(dataset,
     assert remote["stats"]["filters"]["dedup"] == json.loads((local / "stats.json").read_text())["filters"]["dedup"]
     assert any(name.startswith("embeddings/img_emb/") for name in remote["objects"])
     assert "work/dedup/done.json" in remote["objects"]
+
+
+def test_refused_credentials_are_one_line_and_nothing_is_written(dataset, tmp_path):
+    """A store that checks credentials (tests/s3_server.py auth=True) and an environment whose key it does not know."""
+    _, urls, _ = dataset
+    with S3Server(auth=True) as store:
+        store.filesystem().mkdir("curate-auth")
+        config = write_config(tmp_path / "config.yaml", urls, "s3://curate-auth/run", storage=store.storage,
+                              dask={"in_process": True})
+        wrong = dict(store.env, AWS_ACCESS_KEY_ID="AKIAWRONGWRONGWRONG1", AWS_SECRET_ACCESS_KEY="wrong-secret")
+        result = run_curate(["run", str(config), "--no-progress"], wrong)
+        assert result.returncode != 0
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "s3://curate-auth/run" in lines[0] and "access denied" in lines[0], result.stderr
+        assert "wrong-secret" not in result.stderr
+        assert store.filesystem().ls("curate-auth", refresh=True) == []  # the right key sees nothing written
