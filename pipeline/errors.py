@@ -13,6 +13,7 @@ class UserError(Exception):
 # each brings: downloading and filtering need none of them.
 EXTRAS = {
     "train": ("diffusers", "transformers", "accelerate", "peft", "pytorch_fid"),
+    "s3": ("s3fs",),
 }
 
 

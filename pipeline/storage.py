@@ -71,15 +71,30 @@ def configure(options: dict[str, dict]) -> None:
     the driver and each worker call this once and every open, list and put after it reaches the
     same store."""
     for protocol, values in options.items():
+        filesystem_class(protocol)
         current = fsspec.config.conf.setdefault(protocol, {})
         if any(current.get(k) != v for k, v in values.items()):
             current.update(values)
             fsspec.config.conf[protocol] = current
             # Filesystems made before this call hold the old options: make new ones.
-            fsspec.get_filesystem_class(protocol).clear_instance_cache()
+            filesystem_class(protocol).clear_instance_cache()
+
+
+def filesystem_class(protocol: str):
+    """fsspec's filesystem for `protocol`, or a UserError naming what to install (s3:// needs s3fs)."""
+    from curate.pipeline.errors import UserError, require_extra
+
+    if protocol in ("s3", "s3a"):
+        require_extra("s3", f"{protocol}:// paths")
+    try:
+        return fsspec.get_filesystem_class(protocol)
+    except (ImportError, ValueError) as exc:
+        raise UserError(f"{protocol}:// paths: {str(exc).splitlines()[0]}") from exc
 
 
 def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    if is_url(path):
+        filesystem_class(str(path).split("://", 1)[0])
     return url_to_fs(str(path))
 
 
