@@ -86,21 +86,61 @@ def iter_sample_spans(path: str | Path) -> Iterator[tuple[str, dict[str, tuple[i
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
+# pax records that change nothing about where a member's bytes lie, or that are applied here.
+_PAX_UNDERSTOOD = {"path", "size", "mtime", "atime", "ctime", "uid", "gid", "uname", "gname", "comment"}
+
+
+def _octal(field: bytes) -> int:
+    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+
+
+def _checksum_ok(header: bytes) -> bool:
+    try:
+        checksum = _octal(header[148:156])
+    except ValueError:
+        return False
+    return checksum == sum(header[:148]) + 8 * 32 + sum(header[156:])
+
+
+def _pax_records(f, header: bytes, offset: int, file_size: int) -> dict[str, str] | None:
+    """The records of a pax extended header ('x', for the next member), or None when `header` is
+    not one (or not valid: then the caller's other checks decide)."""
+    if header[156:157] != b"x" or header[257:262] != b"ustar" or not _checksum_ok(header):
+        return None
+    try:
+        size = _octal(header[124:136])
+    except ValueError:
+        return None
+    if offset + BLOCK + size > file_size:
+        raise TarDamaged(f"the tar ends inside a pax header at byte {offset}")
+    f.seek(offset + BLOCK)
+    data, records, pos = f.read(size), {}, 0
+    while pos < len(data):
+        space = data.find(b" ", pos)
+        if space < 0:
+            break
+        try:
+            length = int(data[pos:space])
+        except ValueError:
+            return None
+        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return records
 
 
 def _plain_file_header(header: bytes) -> tuple[str, int] | None:
     """(name, size) of a ustar regular-file header with a valid checksum, else None."""
     if header[156:157] not in (b"0", b"\0") or header[257:262] != b"ustar":
         return None
-    size_field, checksum_field = header[124:136], header[148:156]
+    size_field = header[124:136]
     if size_field[:1] in (b"\x80", b"\xff"):  # base-256 size: leave it to tarfile
         return None
     try:
-        size = int(size_field.split(b"\0", 1)[0].strip() or b"0", 8)
-        checksum = int(checksum_field.split(b"\0", 1)[0].strip() or b"0", 8)
+        size = _octal(size_field)
     except ValueError:
         return None
-    if checksum != sum(header[:148]) + 8 * 32 + sum(header[156:]):
+    if not _checksum_ok(header):
         return None
     name = header[:100].split(b"\0", 1)[0]
     prefix = header[345:500].split(b"\0", 1)[0]
@@ -164,6 +204,8 @@ def _scan(f) -> Iterator[TarEntry]:
     """`scan_tar` over an open file; the caller may read members between entries (each step seeks)."""
     file_size = f.seek(0, io.SEEK_END)
     offset = 0
+    pax: dict[str, str] = {}  # a pax extended header's records, for the member that follows it
+    pax_offset = 0  # where that header starts: tarfile goes back to it if the member is not plain
     while True:
         f.seek(offset)
         header = f.read(BLOCK)
@@ -175,11 +217,22 @@ def _scan(f) -> Iterator[TarEntry]:
             raise TarDamaged(f"the tar ends at byte {offset} without its end-of-archive blocks")
         if len(header) < BLOCK:
             raise TarDamaged(f"the tar ends inside a header at byte {offset}", cut_member=_partial_name(header))
+        records = _pax_records(f, header, offset, file_size)
+        if records is not None:
+            # webdataset's (so img2dataset's) TarWriter puts one before every member, for its
+            # float mtime: read here, or every such tar would take tarfile's slow path.
+            pax, pax_offset = records, offset
+            size = _octal(header[124:136])
+            offset += BLOCK + size + (-size % BLOCK)
+            continue
         parsed = _plain_file_header(header)
-        if parsed is None:  # pax / GNU headers, directories, links: tarfile reads the rest
-            yield from _scan_with_tarfile(f, offset, file_size)
+        if parsed is None or not set(pax) <= _PAX_UNDERSTOOD:  # GNU headers, directories, links: tarfile reads the rest
+            yield from _scan_with_tarfile(f, pax_offset if pax else offset, file_size)
             return
         name, size = parsed
+        name = pax.get("path", name)
+        size = int(pax.get("size", size))
+        pax = {}
         data_offset = offset + BLOCK
         if data_offset + size > file_size:
             raise TarDamaged(f"the tar ends inside member {name}", cut_member=name)
