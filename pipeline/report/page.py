@@ -172,7 +172,9 @@ def funnel(stats: dict, config: dict) -> list[dict]:
     for name in order:
         if _stage(name) == "row":
             add(name, "filter", drops[name])
-    add("downloaded", "download", others)
+    # Existing shards as input have no download: their step is reading the tars (pipeline/stages/read.py).
+    fmt = (config.get("input") or {}).get("format")
+    add("read from the input tars" if fmt == "webdataset" else "downloaded", "download", others)
     for stage in ("bytes", "sample"):  # the bytes filters judge the download before the sample filters
         for name in order:
             if _stage(name) == stage:

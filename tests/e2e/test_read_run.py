@@ -96,6 +96,7 @@ def test_input_tars_are_read_scored_and_written_one_to_one(tmp_path):
     assert stats["rows_in"] == len(truth) == len(rows) == stats["written"] + stats["rejected"]
     assert stats["shards"] == 2 and stats["input"]["tars"] == 2
     assert stats["input"]["members_ignored"] == {"directory": 2}
+    assert "read from the input tars" in (out / "report.html").read_text()  # the report's funnel: no download step
     reason = {r["source_key"]: r["reason"] for r in rows}
     expected = {"unsafe": "unsafe: laion_punsafe>=0.5", "too_small": "resolution: side<64", "corrupt": "decode_error",
                 "no_image": "no_image", "ok": None, "png": None, "no_json": None, "duplicate": "duplicate: sha256"}
