@@ -9,8 +9,13 @@ Both executors offer two calls:
   number of tasks whatever the number of shards. A shard whose chain fails (after Dask's
   retries) comes back as a failure naming its step and error; the run goes on. A full disk
   (OSError) or a UserError still stops the run: no other shard would fare better.
+  The chains may be a generator that is not always ready: it yields `Wait(handles)` when no
+  shard can start until one of those tasks (started with `submit`) finishes, e.g. the cut of
+  the next input file; the executor then waits for that, or for a shard, and asks again.
 - `map(step, fn, arg_tuples)`: fn(*args) for each tuple, results in order, for the
   dataset-wide passes (their tasks are few and small); any failure fails the call.
+- `submit(step, fn, args, index)`: one task, started now on a Dask cluster (in-process: run
+  when its handle is first asked `done()` or `result()`); `cancel(handles)` drops unfinished ones.
 """
 
 from __future__ import annotations
@@ -35,6 +40,37 @@ class Task:
     fn: Callable
     args: tuple                    # UPSTREAM where the previous task's result goes
     options: dict = field(default_factory=dict)  # Dask submit options, e.g. resources={"GPU": 1}
+
+
+@dataclass
+class Wait:
+    """A chain source's answer when no chain is ready: wait until one of `handles` (from
+    `submit`) has finished, then ask again."""
+
+    handles: list
+
+
+class Deferred:
+    """An in-process task's handle: fn(*args) runs when it is first asked for."""
+
+    def __init__(self, fn: Callable, args: tuple):
+        self.fn, self.args = fn, args
+        self._ran, self._value, self._error = False, None, None
+
+    def done(self) -> bool:
+        if not self._ran:
+            self._ran = True
+            try:
+                self._value = self.fn(*self.args)
+            except Exception as exc:
+                self._error = exc
+        return True
+
+    def result(self):
+        self.done()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 @dataclass
@@ -70,7 +106,10 @@ class InProcessExecutor:
     bound = 1
 
     def run_chains(self, phase: str, chains: Iterable[tuple[int, list[Task]]]) -> Iterator[ShardOutcome]:
-        for shard, tasks in chains:
+        for item in chains:
+            if isinstance(item, Wait):  # its handles run when the source asks them
+                continue
+            shard, tasks = item
             outcome, previous = ShardOutcome(shard, {}), None
             for task in tasks:
                 try:
@@ -82,6 +121,12 @@ class InProcessExecutor:
                     break
                 outcome.results[task.step] = previous
             yield outcome
+
+    def submit(self, step: str, fn: Callable, args: tuple, index: int) -> Deferred:
+        return Deferred(fn, args)
+
+    def cancel(self, handles: list) -> None:
+        pass
 
     def map(self, step: str, fn: Callable, arg_tuples: Iterable[tuple]) -> list:
         results = []
@@ -127,13 +172,23 @@ class DaskExecutor:
 
         source = iter(chains)
         in_flight: dict[str, tuple[int, list]] = {}  # key of the chain's last task → (shard, futures)
+        waiting: dict[str, object] = {}  # tasks the source waits for (Wait), by key
+        exhausted = False
         done = as_completed()
         try:
             def fill() -> None:
+                nonlocal exhausted
                 bound = self.bound
-                while len(in_flight) < bound:
+                while not exhausted and len(in_flight) < bound:
                     item = next(source, None)
                     if item is None:
+                        exhausted = True
+                        return
+                    if isinstance(item, Wait):
+                        for handle in item.handles:
+                            if handle.key not in waiting:
+                                waiting[handle.key] = handle
+                                done.add(handle)
                         return
                     shard, tasks = item
                     futures, previous = [], None
@@ -147,12 +202,25 @@ class DaskExecutor:
                     self.peak_in_flight = max(self.peak_in_flight, len(in_flight))
 
             fill()
-            for last in done:
-                shard, futures = in_flight.pop(last.key)
-                yield self._outcome(shard, futures)
+            while in_flight or waiting:
+                finished = next(done)
+                if finished.key in in_flight:
+                    shard, futures = in_flight.pop(finished.key)
+                    yield self._outcome(shard, futures)
+                else:  # a task the source waited for: it may have something ready now
+                    waiting.pop(finished.key, None)
                 fill()
         finally:
             self.client.cancel([f for _, futures in in_flight.values() for _, f in futures])
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+    def submit(self, step: str, fn: Callable, args: tuple, index: int):
+        return self.client.submit(fn, *args, key=f"{step}-{self.token}-{index}", retries=self.retries)
+
+    def cancel(self, handles: list) -> None:
+        self.client.cancel(handles)
 
     def _outcome(self, shard: int, futures: list) -> ShardOutcome:
         outcome = ShardOutcome(shard, {})

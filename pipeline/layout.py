@@ -2,7 +2,8 @@
 spread over the stages.
 
     config.yaml            the resolved config of the run
-    work/input/            input shards (NNNNN.parquet) cut from the URL lists
+    work/input/            input shards cut from the URL lists: FFFFF_SSSSS.parquet (shard SSSSS of input
+                           file FFFFF), FFFFF.done.json (the file's cut), _files.json, _done.json
     work/download/         raw shards (removed once written, unless output.keep_intermediate)
     work/score/            done-markers of the score stage (with similarity histograms)
     work/dedup/            the dedup filter's global pass (pipeline/stages/dedup.py)
@@ -56,8 +57,9 @@ class RunLayout:
         self.report = join(self.root, "report.html")
         self.report_samples = join(self.root, "report", "samples")
 
-    def input_shard(self, shard_id: int) -> str:
-        return storage.join(self.input, f"{shard_name(shard_id)}.parquet")
+    def input_shard(self, file_index: int, local: int) -> str:
+        """The `local`-th input shard cut from input file `file_index` (pipeline/reader.py)."""
+        return storage.join(self.input, f"{shard_name(file_index)}_{shard_name(local)}.parquet")
 
     def download_files(self, shard_id: int) -> dict[str, str]:
         name = shard_name(shard_id)

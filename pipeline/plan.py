@@ -31,7 +31,7 @@ from curate.pipeline.stages.write import write_shard
 class Plan:
     cfg: RunConfig
     layout: RunLayout
-    n_shards: int
+    n_shards: Optional[int]  # known once every input file is cut (pipeline/reader.py InputShards)
     gpu_options: dict  # Dask options of GPU tasks, e.g. {"resources": {"GPU": 1}}, or {}
     input_tars: Optional[list[str]] = None  # existing shards as input: shard N reads input_tars[N]
 
@@ -46,12 +46,13 @@ class Plan:
         first = "download" if self.input_tars is None else "read"
         return [first] + (["score"] if self.cfg.clip.enabled else []) + ["write"]
 
-    def prepare_tasks(self, shard: int) -> list[Task]:
+    def prepare_tasks(self, shard: int, source: str) -> list[Task]:
+        """`source`: the shard's input shard (URL lists), or its input tar."""
         layout, cfg = self.layout, self.cfg
         if self.input_tars is None:
-            tasks = [Task("download", download_shard, (str(layout.input_shard(shard)), shard, str(layout.download), cfg))]
+            tasks = [Task("download", download_shard, (source, shard, str(layout.download), cfg))]
         else:  # no download: the read stage records where each image lies in the input tar
-            tasks = [Task("read", read_shard, (self.input_tars[shard], shard, str(layout.download), cfg))]
+            tasks = [Task("read", read_shard, (source, shard, str(layout.download), cfg))]
         if cfg.clip.enabled:
             tasks.append(Task("score", score_shard, (shard, UPSTREAM, str(layout.download), str(layout.embeddings),
                                                      str(layout.score), cfg.clip), self.gpu_options))

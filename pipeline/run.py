@@ -1,7 +1,7 @@
 """`curate run`: the plan (pipeline/plan.py) run by an executor (pipeline/executor.py).
 
     check config, inputs and output      before any cluster starts: a refusal costs nothing
-    cut the inputs into input shards     pipeline/reader.py
+    cut the inputs into input shards     pipeline/reader.py          a task per file; a cut file's shards go on
     prepare each shard                   download ─► score           bounded number in flight
     dataset-wide passes                  those the filters declare   pipeline/passes.py
     write each shard                     write
@@ -31,13 +31,13 @@ from curate.pipeline import storage
 from curate.pipeline.cluster import dask_client, gpu_resources, local_gpu_count, share_storage_options
 from curate.pipeline.config import RunConfig, changed_settings, dump_config
 from curate.pipeline.errors import UserError
-from curate.pipeline.executor import DaskExecutor, InProcessExecutor, ShardOutcome
+from curate.pipeline.executor import DaskExecutor, InProcessExecutor, ShardOutcome, Wait
 from curate.pipeline.layout import RunLayout
 from curate.pipeline.models.clip import check_model_source
 from curate.pipeline.passes import PASSES, PassContext
 from curate.pipeline.plan import Plan
 from curate.pipeline.progress import Progress
-from curate.pipeline.reader import check_inputs, has_rows, write_input_shards
+from curate.pipeline.reader import InputShards, check_inputs, has_rows, write_input_shards
 from curate.pipeline.records import CLIP_SIMILARITY
 from curate.pipeline.report.page import build_report
 from curate.pipeline.shards import atomic_path, is_done, read_marker, remove_shard, shard_name
@@ -176,9 +176,20 @@ def _merge_input(total: dict, part: dict) -> None:
             total[key] = total.get(key, 0) + value
 
 
-def _rows_of(shard: int, n_shards: int, rows: int, rows_per_shard: int) -> int:
-    """Rows of an input shard: every shard holds rows_per_shard rows but the last (pipeline/reader.py)."""
-    return rows - rows_per_shard * (n_shards - 1) if shard == n_shards - 1 else rows_per_shard
+class _InputTars:
+    """Input tars (pipeline/input_tars.py) as a source of shards: all known up front, one tar each."""
+
+    complete = True
+
+    def __init__(self, summary: dict):
+        self.tars = summary["tars"]
+
+    @property
+    def known_shards(self) -> int:
+        return len(self.tars)
+
+    def stream(self):
+        yield from enumerate(self.tars)
 
 
 EMPTY = {"rows_in": 0, "written": 0, "rejected": 0, "rejected_by_reason": {}, "shards": 0, "empty_input": True}
@@ -223,21 +234,25 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=prin
 
 def _run(cfg: RunConfig, layout: RunLayout, files: list[str], executor, gpu_options: dict, progress: dict,
          started: float) -> dict:
+    tars = cfg.input.format == "webdataset"
     try:
-        inputs = write_input_shards(cfg.input, files, layout.input)
-        plan = Plan(cfg, layout, inputs["shards"], gpu_options, inputs.get("tars"))
-        totals, resolved, finished_passes = _execute(plan, executor, progress)
+        if tars:  # each tar is a shard, recorded in work/input/_done.json
+            inputs = _InputTars(write_input_shards(cfg.input, files, layout.input))
+        else:  # cut by tasks on the executor, file by file, while the first shards already download
+            inputs = InputShards(cfg.input, files, layout.input, executor)
+        plan = Plan(cfg, layout, None, gpu_options, inputs.tars if tars else None)
+        totals, resolved, finished_passes = _execute(plan, inputs, executor, progress)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk, or a full quota
             raise UserError(f"no space left on the device holding {layout.root}; free some and rerun to resume") from exc
         raise
     def rows(shards) -> int:
-        if inputs["rows"] is None:  # input tars: a tar's samples are counted by the read stage that reads it
+        if tars:  # input tars: a tar's samples are counted by the read stage that reads it
             return sum(read_marker(layout.download, int(s))["rows"] for s in shards if is_done(layout.download, int(s)))
-        return sum(_rows_of(int(s), plan.n_shards, inputs["rows"], cfg.input.rows_per_shard) for s in shards)
+        return sum(inputs.rows_of(int(s)) for s in shards)  # from the per-file counts of the cut
 
     failed_rows, waiting_rows = rows(f["shard"] for f in totals.failed), rows(totals.waiting)
-    rows_in = inputs["rows"] if inputs["rows"] is not None else totals.rows + failed_rows + waiting_rows
+    rows_in = totals.rows + failed_rows + waiting_rows if tars else inputs.total_rows
     stats = totals.stats(rows_in, failed_rows, waiting_rows, time.time() - started)
     # The fields the report charts as scores: the score stage's and those the filters declare.
     clip_fields = [CLIP_SIMILARITY] if cfg.clip.enabled else []
@@ -255,23 +270,31 @@ def _run(cfg: RunConfig, layout: RunLayout, files: list[str], executor, gpu_opti
     return stats
 
 
-def _execute(plan: Plan, executor, progress: dict) -> tuple[RunTotals, dict, list]:
-    """Run the plan's chains and passes; returns the totals, the resolved thresholds and the
-    passes' finishing steps (run after every write)."""
+def _execute(plan: Plan, inputs, executor, progress: dict) -> tuple[RunTotals, dict, list]:
+    """Run the plan's chains and passes over the input's shards as they become known; returns
+    the totals, the resolved thresholds and the passes' finishing steps (run after every write)."""
     cfg, layout = plan.cfg, plan.layout
     totals = RunTotals()
-    meter = Progress(plan.steps, plan.n_shards, **progress)
-    todo = []
-    for shard in range(plan.n_shards):
-        if is_done(layout.shards, shard):  # written by an earlier run: counted, not redone
-            stats = read_marker(layout.shards, shard)
-            totals.add(stats)
-            for step in plan.steps:
-                meter.shard_done(step, stats)
-            if not cfg.output.keep_intermediate:
-                remove_shard(layout.download, shard)  # left behind if a run died right after writing
-        else:
-            todo.append(shard)
+    meter = Progress(plan.steps, inputs.known_shards, final=inputs.complete, **progress)
+
+    def chains(make):
+        """A chain, make(shard, source), for each shard not written yet, as the input's cut hands
+        them out (`Wait` passes through to the executor); written shards are counted, not redone."""
+        for item in inputs.stream():
+            meter.set_total(inputs.known_shards, inputs.complete)
+            if isinstance(item, Wait):
+                yield item
+                continue
+            shard, source = item
+            if is_done(layout.shards, shard):  # written by an earlier run
+                stats = read_marker(layout.shards, shard)
+                totals.add(stats)
+                for step in plan.steps:
+                    meter.shard_done(step, stats)
+                if not cfg.output.keep_intermediate:
+                    remove_shard(layout.download, shard)  # left behind if a run died right after writing
+                continue
+            yield shard, make(shard, source)
 
     def consume(outcomes) -> list[int]:
         """Count each finished chain; returns the shards whose chain succeeded."""
@@ -292,18 +315,18 @@ def _execute(plan: Plan, executor, progress: dict) -> tuple[RunTotals, dict, lis
     try:
         passes = plan.passes
         if not passes:
-            consume(executor.run_chains("shards", (
-                (shard, plan.prepare_tasks(shard) + plan.write_tasks(shard, specs, after_prepare=True))
-                for shard in todo)))
+            consume(executor.run_chains("shards", chains(
+                lambda shard, source: plan.prepare_tasks(shard, source) + plan.write_tasks(shard, specs, after_prepare=True))))
             return totals, resolved, finishes
-        prepared = consume(executor.run_chains("prepare", ((shard, plan.prepare_tasks(shard)) for shard in todo)))
+        prepared = consume(executor.run_chains("prepare", chains(plan.prepare_tasks)))
+        plan.n_shards = inputs.known_shards  # every file is cut by now
         if totals.failed:
             # A pass decides over every shard: with one missing it would not be exact. Stop
             # here; the prepared shards wait, and the rerun prepares the failed ones, then the
             # passes and every write run.
             totals.waiting = prepared
             return totals, resolved, finishes
-        context = PassContext(cfg, layout, plan.n_shards, executor.map)
+        context = PassContext(cfg, layout, plan.n_shards, executor.map)  # every shard, now known
         for index, name in passes:
             result = PASSES[name](context, specs[index])
             specs = specs[:index] + [result.spec] + specs[index + 1:]

@@ -42,6 +42,14 @@ class LoadedClip:
         size = self.model.visual.image_size
         return size[0] if isinstance(size, (tuple, list)) else int(size)
 
+    @property
+    def embed_dim(self) -> int:
+        """The length of an embedding (what a shard with no image still saves its empty arrays with)."""
+        visual = self.model.visual
+        if getattr(visual, "output_dim", None):
+            return int(visual.output_dim)
+        return int(self.model.text_projection.shape[-1])
+
     def prepare_tokens(self, tokens):
         """Token ids as `encode_text` takes them, made on the CPU before the copy to the device:
         padding columns cut where `trim_text` (same result, pipeline/clip_text.py). Cutting on

@@ -314,7 +314,7 @@ def _hash_embeddings(layout: RunLayout, shard_id: int, path: str, rows: list[int
     position = {k: j for j, k in enumerate(keys)}
     emb = storage.load_npy(layout.embedding_files(shard_id)["img_emb"], mmap=True)
     picked = np.array([position[all_keys[i]] for i in rows], np.int64)
-    # Every shard's batches need one list size, also a shard with nothing embedded (saved as [0, 0]).
+    # Every shard's batches need one list size, also a shard with nothing embedded (saved as [0, dim]; [0, 0] by older runs).
     dim = centroids.shape[1] if len(centroids) else emb.shape[1]
     vectors = np.asarray(emb[picked] if len(picked) else np.zeros((0, dim)), np.float16)
     cluster = nearest_centroid(vectors.astype(np.float32), centroids) if len(centroids) else np.zeros(len(rows), np.int64)

@@ -375,7 +375,7 @@ def score_shard(shard_id: int, downloaded: dict, download_dir: str, emb_dir: str
                 txt_parts.append(txt.astype(np.float16))
         embedded = time.time() - started  # the rest is writing the files
 
-        dim = img_parts[0].shape[1] if img_parts else 0
+        dim = img_parts[0].shape[1] if img_parts else scorer.clip.embed_dim  # (0, dim): concatenates with the others
         for name, parts in (("img_emb", img_parts), ("text_emb", txt_parts)):
             with atomic_path(out[name]) as tmp:
                 with open(tmp, "wb") as f:

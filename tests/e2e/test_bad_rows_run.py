@@ -208,11 +208,12 @@ def test_duplicated_rows_are_both_kept_under_their_own_keys(bad_run):
 
 
 def test_extra_column_of_mixed_types_is_carried(bad_run):
-    """csv and jsonl are typed batch by batch: where a shard's batches disagree (numbers from one
-    file, words from another) the column is text in that shard, every value kept."""
+    """csv and jsonl are typed batch by batch: where a shard's batches disagree (numbers in one
+    batch, words in another) the column is text in that shard, every value kept. A shard holds
+    one file's rows: a shard whose values are all numbers keeps them as numbers."""
     notes = {r["truth"]: r["note"] for r in bad_run["rows"]}
     assert notes["good"] == "1" and notes["path_traversal_url"] == "n/a"
-    assert notes["url_nan"] == "2.5" and notes["binary_non_utf8"] == "text note"
+    assert notes["url_nan"] == 2.5 and notes["binary_non_utf8"] == "text note"
     assert [notes[t] for t in ("jsonl_non_utf8", "jsonl_null_url", "jsonl_numeric_caption")] == ["[1, 2]", "words", "3"]
 
 

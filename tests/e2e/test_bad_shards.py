@@ -35,15 +35,15 @@ def poisoned(dataset, tmp_path_factory, clean_env_module):
     cfg = load_config(config)
     layout = RunLayout(tmp / "out")
     write_input_shards(cfg.input, check_inputs(cfg.input), layout.input)  # cut here, to poison one
-    good = Path(layout.input_shard(1)).read_bytes()
-    Path(layout.input_shard(1)).write_bytes(b"PAR1 this is not a parquet file")
+    good = Path(layout.input_shard(0, 1)).read_bytes()  # one input file: shard 1 is its second
+    Path(layout.input_shard(0, 1)).write_bytes(b"PAR1 this is not a parquet file")
     story = {"layout": layout, "server": server}
     story["first"] = run_curate(["run", str(config), "--no-progress", "--log-file", str(tmp / "first.log")],
                                 clean_env_module)
     story["first_log"] = (tmp / "first.log").read_text()
     story["first_stats"] = json.loads(Path(layout.stats).read_text())
     story["shard_files_after_failure"] = sorted(p.name for p in Path(layout.shards).glob("00001*"))
-    Path(layout.input_shard(1)).write_bytes(good)
+    Path(layout.input_shard(0, 1)).write_bytes(good)
     before = server.requests
     # As in a batch job: stderr is not a terminal (a pipe here), so progress comes as plain lines.
     story["second"] = run_curate(["run", str(config), "--progress-every", "0", "--log-file", str(tmp / "second.log")],
@@ -157,8 +157,8 @@ def test_with_a_dataset_wide_filter_nothing_is_written_until_every_shard_is_prep
     cfg = load_config(config)
     layout = RunLayout(tmp_path / "out")
     write_input_shards(cfg.input, check_inputs(cfg.input), layout.input)
-    good = Path(layout.input_shard(2)).read_bytes()
-    Path(layout.input_shard(2)).write_bytes(b"not a parquet file")
+    good = Path(layout.input_shard(0, 2)).read_bytes()
+    Path(layout.input_shard(0, 2)).write_bytes(b"not a parquet file")
     first = run_curate(["run", str(config), "--no-progress"], clean_env_module)
     assert first.returncode == 1, first.stderr
     stats = json.loads(Path(layout.stats).read_text())
@@ -166,7 +166,7 @@ def test_with_a_dataset_wide_filter_nothing_is_written_until_every_shard_is_prep
     assert (stats["shards_waiting"], stats["rows_in_waiting_shards"], stats["written"]) == (2, 2 * PER_SHARD, 0)
     assert "wait for them" in first.stderr
     assert not list(Path(layout.shards).glob("*.tar"))
-    Path(layout.input_shard(2)).write_bytes(good)
+    Path(layout.input_shard(0, 2)).write_bytes(good)
     second = run_curate(["run", str(config), "--no-progress"], clean_env_module)
     assert second.returncode == 0, second.stderr
     stats = json.loads(Path(layout.stats).read_text())

@@ -24,7 +24,7 @@ from curate.pipeline.shards import sample_key
 
 pytestmark = pytest.mark.skipif(not (TINY_CLIP_DIR / "open_clip_config.json").exists(), reason="tiny CLIP not built")
 
-ROWS_PER_SHARD = 160  # 302 rows: two shards, keys with 3 index digits
+ROWS_PER_SHARD = 160  # 302 rows in one file: two shards, keys with 3 index digits
 MIN_SIMILARITY = 0.5  # the write stage drops the mismatched captions: embedded, not written
 # The fields img2dataset puts in every sample's json and parquet row (its downloader's `meta`).
 IMG2DATASET_FIELDS = ("key", "status", "error_message", "width", "height", "original_width", "original_height",
@@ -44,10 +44,11 @@ def out(dataset, tmp_path_factory) -> Path:
     broken = pd.DataFrame({"URL": [f"{server.base_url}/images/not-an-image-{i}.jpg" for i in range(2)],
                            "TEXT": ["a red circle on a blue background"] * 2, "WIDTH": [200] * 2,
                            "HEIGHT": [200] * 2, "truth": ["not_an_image"] * 2})
-    broken.to_parquet(tmp / "broken.parquet", index=False)
+    # One file (a shard never spans files): the broken rows share the last shard with good ones.
+    pd.concat([pd.read_parquet(urls), broken], ignore_index=True).to_parquet(tmp / "urls.parquet", index=False)
     config = write_config(
-        tmp / "run.yaml", urls, tmp / "out",
-        input={"paths": [str(urls), str(tmp / "broken.parquet")], "rows_per_shard": ROWS_PER_SHARD},
+        tmp / "run.yaml", tmp / "urls.parquet", tmp / "out",
+        input={"rows_per_shard": ROWS_PER_SHARD},
         download={"timeout": 10}, dask={"in_process": True},
         clip={"enabled": True, "model": TINY_CLIP, "pretrained": None, "device": "cpu", "batch_size": 64},
         filters=[{"name": "clip_similarity", "min_similarity": MIN_SIMILARITY}],

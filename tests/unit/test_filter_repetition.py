@@ -53,7 +53,7 @@ def test_the_download_stage_drops_before_fetching_and_records_the_decision(tmp_p
         "filters": [{"name": "caption_repetition"}],
     })
     write_input_shards(cfg.input, [str(tmp_path / "urls.parquet")], tmp_path / "input")
-    stats = download_shard(str(tmp_path / "input" / "00000.parquet"), 0, str(tmp_path / "download"), cfg)
+    stats = download_shard(str(tmp_path / "input" / "00000_00000.parquet"), 0, str(tmp_path / "download"), cfg)
     assert stats["filters"]["caption_repetition"] == {"dropped: caption_repetition>0.4": 2, "kept": 1}
     rows = pq.read_table(tmp_path / "download" / "00000.parquet").to_pylist()
     assert [r["reason"] for r in rows] == ["caption_repetition>0.4", "invalid_url: missing", "caption_repetition>0.4"]

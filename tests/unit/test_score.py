@@ -66,3 +66,15 @@ def test_score_shard_writes_row_aligned_embeddings_and_separates_captions(tmp_pa
     again = score_shard(0, {}, str(download), str(tmp_path / "emb"), str(tmp_path / "markers"), CLIP)
     assert again == stats and os.stat(out["img_emb"]).st_mtime_ns == before
     assert read_scores(tmp_path / "emb", 0)[sample_key(0, 0, 40)][0] == pytest.approx(meta[0]["clip_similarity"])
+
+
+def test_a_shard_without_images_saves_empty_embeddings_of_the_models_width(tmp_path):
+    """Index builders concatenate every shard's arrays: an empty one must have the model's width."""
+    download = tmp_path / "download"
+    download.mkdir()
+    raw_shard(download / "00000.tar", 1, seed=1)
+    raw_shard(download / "00001.tar", 0, seed=1)
+    for shard in (0, 1):
+        score_shard(shard, {}, str(download), str(tmp_path / "emb"), str(tmp_path / "markers"), CLIP)
+    full, empty = (np.load(embedding_files(tmp_path / "emb", s)["img_emb"]) for s in (0, 1))
+    assert empty.shape == (0, full.shape[1]) and np.concatenate([full, empty]).shape == full.shape
