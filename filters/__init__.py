@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from curate.filters.base import STAGES, Filter, Rejection, apply_chain, chain_counts, is_safety_reason
+from curate.filters.base import (
+    STAGES, Filter, Rejection, apply_chain, apply_chain_batched, chain_counts, is_safety_reason,
+)
 from curate.filters.blocklist import CaptionBlocklist, UrlBlocklist
 from curate.filters.caption import CaptionBoilerplate, CaptionClean, CaptionLanguage, CaptionLength
 from curate.filters.clip import ClipSimilarity
@@ -87,6 +89,7 @@ def score_fields(chain: list[Filter]) -> list[str]:
 
 
 __all__ = [
-    "FILTERS", "Filter", "FilterConfigError", "Rejection", "apply_chain", "build_chain", "build_stage_chain",
+    "FILTERS", "Filter", "FilterConfigError", "Rejection", "apply_chain", "apply_chain_batched", "build_chain",
+    "build_stage_chain",
     "chain_counts", "is_safety_reason", "score_fields",
 ]

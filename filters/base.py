@@ -74,6 +74,10 @@ class Filter(BaseModel):
     # on every shard: a top fraction, duplicates across shards), by its name in
     # pipeline/passes.py; None for filters that judge each sample alone. See needs_dataset_pass.
     dataset_pass: ClassVar[Optional[str]] = None
+    # Its work belongs on a GPU (a model per sample): a run with such a sample filter writes its
+    # shards on the GPU workers when the cluster has any (pipeline/plan.py), and `prepare` gets
+    # the samples in batches there.
+    needs_gpu: ClassVar[bool] = False
 
     _counts: Counter = PrivateAttr(default_factory=Counter)
     # "bytes" filters run in the download threads; the counts must not race.
@@ -119,6 +123,11 @@ class Filter(BaseModel):
         """True to keep the sample, or `self.reject(...)` to drop it."""
         raise NotImplementedError
 
+    def prepare(self, samples: list[dict[str, Any]]) -> None:
+        """The samples this filter is about to judge, all at once, before `keep` sees each of them
+        (`apply_chain_batched`): a filter whose work is faster in batches (a model on a GPU) does
+        it here and leaves each result in its sample for `keep`. Nothing by default."""
+
     def reject(self, reason: str, metric: Optional[str] = None, value: Optional[float] = None,
                threshold: Optional[float] = None) -> Rejection:
         """This filter's drop: `reason` is what stats count; a threshold rule also says on what
@@ -162,3 +171,24 @@ def apply_chain(chain: list[Filter], sample: dict[str, Any]) -> Optional[Rejecti
 def chain_counts(chain: list[Filter]) -> dict[str, dict[str, int]]:
     """Per-filter counts of a chain, for a shard's stats."""
     return {f.name: f.counts for f in chain}
+
+
+def apply_chain_batched(chain: list[Filter], samples: list[dict[str, Any]]) -> list[Optional[Rejection]]:
+    """`apply_chain` over several samples, filter by filter, so that each filter's `prepare` gets
+    every sample it is about to judge in one batch; the same decisions as sample by sample (the
+    first drop wins, later filters never see a dropped sample)."""
+    decisions: list[Optional[Rejection]] = [None] * len(samples)
+    alive = list(range(len(samples)))
+    for f in chain:
+        if not alive:
+            break
+        f.prepare([samples[i] for i in alive])
+        still = []
+        for i in alive:
+            rejection = f(samples[i])
+            if rejection is None:
+                still.append(i)
+            else:
+                decisions[i] = rejection
+        alive = still
+    return decisions

@@ -26,6 +26,10 @@ from pydantic import Field
 from curate.filters.base import Decision, Filter
 from curate.pipeline.errors import require_extra
 
+# Where `prepare` leaves a sample's (latent, crop box) for `keep`.
+_PREPARED = "_vae_latent"
+
+
 class VaeLatents(Filter):
     """Adds the VAE latent of the training crop to every sample; always keeps."""
 
@@ -37,6 +41,10 @@ class VaeLatents(Filter):
     tiny_seed: int = 0
     resolution: int = Field(512, ge=8)  # square crop for samples without a `bucket`
     device: str = "auto"
+    # Crops of one size encoded together (`prepare`): the VAE is the cost, and on a GPU it needs batches.
+    batch_size: int = Field(32, ge=1)
+
+    needs_gpu = True
 
     def check(self, context: dict[str, Any]) -> None:
         # diffusers (the VAE) comes with the train extra: say so when the config is read, not on a worker.
@@ -47,25 +55,45 @@ class VaeLatents(Filter):
 
         cached_vae(self.vae, self.tiny_seed, self.device)
 
-    def keep(self, sample) -> Decision:
+    def _target(self, sample) -> tuple[int, int]:
+        meta = sample["meta"]
+        return tuple(meta["bucket"]) if meta.get("bucket") else (self.resolution, self.resolution)
+
+    def prepare(self, samples: list[dict]) -> None:
+        """Encode the samples' crops in batches of one crop size, `batch_size` at a time; `keep`
+        then only stores each result."""
+        import numpy as np
         import torch
         from PIL import Image
 
+        from curate.pipeline.models.latents import encode, fit_crop, to_pixels
         from curate.pipeline.models.vae import cached_vae
-        from curate.pipeline.models.latents import (
-            LATENT_EXT, META_CROP, META_FINGERPRINT, META_SCALING, META_SIZE, META_VAE, encode, fit_crop,
-            latent_to_bytes, to_pixels,
-        )
 
-        vae, name, fingerprint, device = cached_vae(self.vae, self.tiny_seed, self.device)
-        meta = sample["meta"]
-        size = tuple(meta["bucket"]) if meta.get("bucket") else (self.resolution, self.resolution)
-        image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
-        crop, box = fit_crop(image, size)
-        with torch.no_grad():
-            pixels = torch.from_numpy(to_pixels(crop))[None].to(device)
-            latent = encode(vae, pixels)[0].float().cpu().numpy()
+        vae, _, _, device = cached_vae(self.vae, self.tiny_seed, self.device)
+        by_size: dict[tuple[int, int], list[dict]] = {}
+        for sample in samples:
+            by_size.setdefault(self._target(sample), []).append(sample)
+        for size, group in by_size.items():
+            for start in range(0, len(group), self.batch_size):
+                chunk = group[start:start + self.batch_size]
+                crops = [fit_crop(Image.open(io.BytesIO(s["jpg"])).convert("RGB"), size) for s in chunk]
+                pixels = torch.from_numpy(np.stack([to_pixels(crop) for crop, _ in crops])).to(device)
+                with torch.no_grad():
+                    latents = encode(vae, pixels).float().cpu().numpy()
+                for sample, (_, box), latent in zip(chunk, crops, latents):
+                    sample[_PREPARED] = (latent, box)
+
+    def keep(self, sample) -> Decision:
+        from curate.pipeline.models.latents import (
+            LATENT_EXT, META_CROP, META_FINGERPRINT, META_SCALING, META_SIZE, META_VAE, latent_to_bytes,
+        )
+        from curate.pipeline.models.vae import cached_vae
+
+        if _PREPARED not in sample:  # judged alone (apply_chain): a batch of one
+            self.prepare([sample])
+        latent, box = sample.pop(_PREPARED)
+        vae, name, fingerprint, _ = cached_vae(self.vae, self.tiny_seed, self.device)
         sample.setdefault("extra", {})[LATENT_EXT] = latent_to_bytes(latent)
-        meta.update({META_VAE: name, META_FINGERPRINT: fingerprint, META_SCALING: vae.config.scaling_factor,
-                     META_SIZE: list(size), META_CROP: list(box)})
+        sample["meta"].update({META_VAE: name, META_FINGERPRINT: fingerprint, META_SCALING: vae.config.scaling_factor,
+                               META_SIZE: list(self._target(sample)), META_CROP: list(box)})
         return True

@@ -61,4 +61,6 @@ class Plan:
     def write_tasks(self, shard: int, specs: list[dict], after_prepare: bool) -> list[Task]:
         """The write task; chained after the prepare tasks when they run in the same chain."""
         args = (shard, str(self.layout.root), self.cfg, specs) + ((UPSTREAM,) if after_prepare else ())
-        return [Task("write", write_shard, args)]
+        # A sample filter that needs a GPU (vae_latents) takes the whole write to a GPU worker.
+        on_gpu = any(f.needs_gpu for f in build_chain(specs) if f.stage == "sample")
+        return [Task("write", write_shard, args, self.gpu_options if on_gpu else {})]

@@ -17,7 +17,7 @@ from collections import Counter
 
 import pyarrow.parquet as pq
 
-from curate.filters import apply_chain, build_chain, build_stage_chain, chain_counts, score_fields
+from curate.filters import apply_chain_batched, build_chain, build_stage_chain, chain_counts, score_fields
 from curate.pipeline import storage
 from curate.pipeline.config import RunConfig
 from curate.pipeline.embeddings import mark_written, read_embeddings, read_scores
@@ -29,6 +29,10 @@ from curate.pipeline.report.samples import ReportSamples
 from curate.pipeline.shards import atomic_path, read_marker, remove_shard, run_once, shard_name
 from curate.pipeline.sources import write_images
 from curate.pipeline.tarshard import TarShardWriter
+
+
+# Samples judged together by the sample filters (`apply_chain_batched`): a GPU filter's batch.
+FILTER_BATCH = 64
 
 
 def write_shard(shard_id: int, root: str, cfg: RunConfig, filter_specs: list[dict], *after) -> dict:
@@ -68,6 +72,35 @@ def _write(shard_id: int, layout: RunLayout, cfg: RunConfig, filter_specs: list[
     report_samples = ReportSamples(shard_id, score_fields=[CLIP_SIMILARITY, *score_fields(run_filters)],
                                    filters=run_filters)
 
+    # Samples wait here until FILTER_BATCH of them are judged at once (a GPU filter's `prepare`
+    # gets its batch); the kept ones are written in order, so batching changes no output byte.
+    pending: list[tuple[dict, dict, dict]] = []
+
+    def judge_pending(tar: TarShardWriter) -> None:
+        decisions = apply_chain_batched(chain, [sample for _, sample, _ in pending])
+        for (record, sample, stored), rejection in zip(pending, decisions):
+            # Scores land in the parquet for dropped rows too: they are what a user
+            # looks at to tune a threshold. Filters may have changed sizes or the caption.
+            # Only what the score stage and filters added or changed is copied: the rest
+            # came from the record through JSON, which turns e.g. timestamps into text, and
+            # one column must keep one type across a shard's rows.
+            record.update({k: v for k, v in sample["meta"].items() if k not in stored or stored[k] != v})
+            record["caption"] = sample["caption"]
+            if rejection is not None:
+                record.update(rejection.columns())
+                reasons[rejection.reason] += 1
+                if not rejection.is_safety:  # an unsafe image is never kept for the report
+                    report_samples.add_dropped(sample, rejection)
+                continue
+            report_samples.add_kept(sample)
+            tar.write(sample["key"], {
+                "jpg": sample["jpg"],
+                "txt": (record["caption"] or "").encode(),
+                "json": json.dumps(sample_meta(record), default=str, sort_keys=True).encode(),
+                **sample["extra"],
+            })
+        pending.clear()
+
     with atomic_path(layout.shard_files(shard_id)["tar"]) as tar_tmp:
         with TarShardWriter(tar_tmp) as tar:
             for record in records:
@@ -93,27 +126,10 @@ def _write(shard_id: int, layout: RunLayout, cfg: RunConfig, filter_specs: list[
                 sample = {"key": key, "jpg": jpg, "caption": record["caption"], "meta": meta, "extra": {}}
                 if key in embeddings:
                     sample["img_emb"], sample["text_emb"] = embeddings[key]
-                rejection = apply_chain(chain, sample)
-                # Scores land in the parquet for dropped rows too: they are what a user
-                # looks at to tune a threshold. Filters may have changed sizes or the caption.
-                # Only what the score stage and filters added or changed is copied: the rest
-                # came from the record through JSON, which turns e.g. timestamps into text, and
-                # one column must keep one type across a shard's rows.
-                record.update({k: v for k, v in sample["meta"].items() if k not in stored or stored[k] != v})
-                record["caption"] = sample["caption"]
-                if rejection is not None:
-                    record.update(rejection.columns())
-                    reasons[rejection.reason] += 1
-                    if not rejection.is_safety:  # an unsafe image is never kept for the report
-                        report_samples.add_dropped(sample, rejection)
-                    continue
-                report_samples.add_kept(sample)
-                tar.write(key, {
-                    "jpg": sample["jpg"],
-                    "txt": (record["caption"] or "").encode(),
-                    "json": json.dumps(sample_meta(record), default=str, sort_keys=True).encode(),
-                    **sample["extra"],
-                })
+                pending.append((record, sample, stored))
+                if len(pending) == FILTER_BATCH:
+                    judge_pending(tar)
+            judge_pending(tar)
 
     with atomic_path(layout.shard_files(shard_id)["parquet"]) as pq_tmp:
         pq.write_table(records_table(records, list(cfg.input.extra_cols)), pq_tmp)
