@@ -276,11 +276,9 @@ def _cut(cfg: InputConfig, path: str, file_index: int, out_dir: str) -> dict:
             flush()
     except UserError:
         raise
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the output's disk, not the input: the run's error
-            raise
-        raise UserError(f"input {path}: read failed ({type(exc).__name__}: {exc})") from exc
     except Exception as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # the output's disk, not the input: the run's error
         raise UserError(f"input {path}: read failed ({type(exc).__name__}: {exc})") from exc
     return {"file": path, "rows": rows, "shards": shards}
 

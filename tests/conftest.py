@@ -119,6 +119,24 @@ def sigkill_group(proc: subprocess.Popen) -> list[int]:
     return live_members(proc.pid)
 
 
+def kill_curate_when(args: list[str], env: dict, ready, poll: float = 0.02, timeout: float = 90) -> tuple[bool, list[int]]:
+    """Start the CLI in its own process group and SIGKILL the group as soon as `ready()` is true
+    (a run interrupted part-way). Returns whether it was still running then, and the processes
+    that outlived the kill."""
+    proc = subprocess.Popen(curate_command(*args), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            if ready():
+                break
+            time.sleep(poll)
+        alive = proc.poll() is None
+        return alive, sigkill_group(proc)
+    finally:
+        kill_group(proc)
+
+
 def run_curate(args: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run the CLI in its own process group; whatever it spawned dies with it."""
     proc = subprocess.Popen(curate_command(*args), env=env, stdout=subprocess.PIPE,

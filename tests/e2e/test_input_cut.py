@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -20,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import curate_command, kill_group, run_curate, sigkill_group, write_config
+from conftest import kill_curate_when, run_curate, write_config
 
 PER_SHARD = 20_000
 BIG_ROWS = 60_000  # three shards; cutting it takes a few seconds
@@ -74,18 +72,8 @@ def story(dataset, tmp_path_factory):
 
     # Kill the whole run (its LocalCluster too) once the first shard is downloaded: the large
     # file is still being cut then.
-    proc = subprocess.Popen(curate_command("run", str(config), "--no-progress"), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and proc.poll() is None:
-            if (out / "work" / "download" / "00000.done.json").exists():
-                break
-            time.sleep(0.02)
-        story["alive_at_kill"] = proc.poll() is None
-        sigkill_group(proc)
-    finally:
-        kill_group(proc)
+    story["alive_at_kill"], _ = kill_curate_when(["run", str(config), "--no-progress"], env,
+                                                 (out / "work" / "download" / "00000.done.json").exists)
     story["cut_at_kill"] = sorted(p.name for p in (out / "work" / "input").glob("*.done.json"))
     story["summary_at_kill"] = (out / "work" / "input" / "_done.json").exists()
     story["resume_result"] = run_curate(["run", str(config), "--no-progress"], env)

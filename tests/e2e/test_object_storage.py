@@ -14,14 +14,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import subprocess
-import time
 
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import curate_command, kill_group, run_curate, sigkill_group, write_config
+from conftest import kill_curate_when, run_curate, write_config
 from curate.pipeline.models.clip import TINY_CLIP, TINY_CLIP_DIR
 from s3_server import CREDENTIALS, S3Server
 
@@ -75,18 +73,8 @@ def story(dataset, s3, tmp_path_factory):
                                      s3.env)
     story["ref"] = snapshot(fs, "curate/ref")
 
-    proc = subprocess.Popen(curate_command(*command), env=s3.env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and proc.poll() is None:
-            if fs.glob("curate/out/shards/*.done.json", refresh=True):
-                break
-            time.sleep(0.05)
-        story["alive_at_kill"] = proc.poll() is None
-        sigkill_group(proc)
-    finally:
-        kill_group(proc)
+    story["alive_at_kill"], _ = kill_curate_when(
+        command, s3.env, lambda: bool(fs.glob("curate/out/shards/*.done.json", refresh=True)), poll=0.05)
     fs.invalidate_cache()
     story["done_at_kill"] = fs.glob("curate/out/shards/*.done.json")
     story["resume_result"] = run_curate(command, s3.env)

@@ -6,15 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import time
 from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import curate_command, kill_group, run_curate, sigkill_group, write_config
+from conftest import kill_curate_when, run_curate, write_config
 
 ROWS, ROWS_PER_SHARD = 300, 50
 N_SHARDS = ROWS // ROWS_PER_SHARD
@@ -69,18 +67,8 @@ def story(dataset, slow_urls, tmp_path_factory):
     story["ref"] = snapshot(ref)
 
     # Interrupted run: SIGKILL the whole group once some shards are final, but not all.
-    proc = subprocess.Popen(curate_command(*command), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and proc.poll() is None:
-            if list((out / "shards").glob("*.done.json")):
-                break
-            time.sleep(0.02)
-        story["alive_at_kill"] = proc.poll() is None
-        story["survivors"] = sigkill_group(proc)
-    finally:
-        kill_group(proc)
+    story["alive_at_kill"], story["survivors"] = kill_curate_when(
+        command, env, lambda: bool(list((out / "shards").glob("*.done.json"))))
     story["done_at_kill"] = sorted(p.name for p in (out / "shards").glob("*.done.json"))
     story["downloaded_at_kill"] = sorted(p.name for p in (out / "work" / "download").glob("*.done.json"))
 
