@@ -32,6 +32,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from curate.pipeline.config import MAX_IMAGE_AREA, ResizeConfig
 from curate.pipeline.geometry import Geometry, plan
+from curate.pipeline.records import FAILED_TO_RESIZE, Rejection
 
 _ORIENTATION_TAG = 0x0112
 _SWAPS_SIDES = {5, 6, 7, 8}
@@ -95,6 +96,15 @@ class ImageRejected(Exception):
         super().__init__(reason)
         self.reason = reason
         self.detail = detail or reason
+
+
+def image_rejection(exc: Exception, stage: str) -> Rejection:
+    """Why an image did not read or normalize, as `stage`'s rejection (img2dataset's
+    failed_to_resize): an ImageRejected's reason, or decode_error for whatever else a strange
+    file raised (one image must never fail its shard)."""
+    if not isinstance(exc, ImageRejected):
+        exc = ImageRejected("decode_error", f"{type(exc).__name__}: {exc}"[:200])
+    return Rejection(exc.reason, filter=stage, detail=exc.detail, status=FAILED_TO_RESIZE)
 
 
 @dataclass

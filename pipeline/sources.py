@@ -25,9 +25,9 @@ import pyarrow.compute as pc
 
 from curate.pipeline import storage
 from curate.pipeline.config import RunConfig
-from curate.pipeline.image import ImageRejected, normalize_image, read_header
+from curate.pipeline.image import image_rejection, normalize_image, read_header
 from curate.pipeline.layout import RunLayout
-from curate.pipeline.records import FAILED_TO_RESIZE, Rejection, sample_meta
+from curate.pipeline.records import Rejection, sample_meta
 from curate.pipeline.score_reader import Batch, ReaderPool, read_batches
 from curate.pipeline.shards import is_done, read_marker, shard_name
 from curate.pipeline.tarshard import iter_tar_samples
@@ -141,11 +141,8 @@ def _normalize(data: bytes, cfg: RunConfig):
     """(the normalized image, None) or (None, the rejection), as the download stage would judge it."""
     try:
         return normalize_image(data, cfg.resize, cfg.download.max_image_area, read_header(data)), None
-    except ImageRejected as exc:
-        return None, Rejection(exc.reason, filter=WRITE, detail=exc.detail, status=FAILED_TO_RESIZE)
-    except Exception as exc:  # one strange image must never fail the shard
-        return None, Rejection("decode_error", filter=WRITE, detail=f"{type(exc).__name__}: {exc}"[:200],
-                               status=FAILED_TO_RESIZE)
+    except Exception as exc:  # ImageRejected, or whatever a strange file raises
+        return None, image_rejection(exc, WRITE)
 
 
 def _normalized(cfg: RunConfig, kept: list[dict], spans: list[tuple[int, int]]) -> Iterator[SourceImage]:

@@ -29,10 +29,10 @@ from curate.pipeline.config import RunConfig
 from curate.filters.dedup import needs_phash
 from curate.pipeline.dedup_store import phash_hex
 from curate.pipeline.fetch import fetch
-from curate.pipeline.image import ImageRejected, normalize_image, read_header
+from curate.pipeline.image import image_rejection, normalize_image, read_header
 from curate.pipeline.reader import read_input_shard
 from curate.pipeline.layout import RunLayout
-from curate.pipeline.records import FAILED_TO_RESIZE, SUCCESS, Rejection, records_table, sample_meta
+from curate.pipeline.records import SUCCESS, Rejection, records_table, sample_meta
 from curate.pipeline.report.samples import ReportSamples
 from curate.pipeline.shards import atomic_path, run_once, sample_key, shard_name
 from curate.pipeline.tarshard import TarShardWriter
@@ -41,10 +41,6 @@ from curate.pipeline.tarshard import TarShardWriter
 # The stage's name in the rejections it makes itself (the fetch's and the decoder's).
 DOWNLOAD = "download"
 
-
-def _rejection(exc: ImageRejected) -> Rejection:
-    """An image that does not decode or normalize (img2dataset's failed_to_resize)."""
-    return Rejection(exc.reason, filter=DOWNLOAD, detail=exc.detail, status=FAILED_TO_RESIZE)
 
 
 def _process_row(row: dict, cfg: RunConfig, bytes_chain: list[Filter], phash: bool = False,
@@ -78,10 +74,8 @@ def _process(row: dict, cfg: RunConfig, bytes_chain: list[Filter], phash: bool =
     try:
         header = read_header(got.data)
         record.update(original_width=header.width, original_height=header.height)
-    except ImageRejected as exc:
+    except Exception as exc:  # ImageRejected, or whatever a strange file raises
         unreadable = exc
-    except Exception as exc:  # one strange image must never fail the shard
-        unreadable = ImageRejected("decode_error", f"{type(exc).__name__}: {exc}"[:200])
     try:
         if bytes_chain:
             # Before anything is decoded or stored: an image these filters drop is never written anywhere.
@@ -91,15 +85,13 @@ def _process(row: dict, cfg: RunConfig, bytes_chain: list[Filter], phash: bool =
             if rejection is not None:
                 return dropped(rejection)
         if unreadable is not None:
-            return dropped(_rejection(unreadable))
+            return dropped(image_rejection(unreadable, DOWNLOAD))
         try:
             img = normalize_image(got.data, cfg.resize, cfg.download.max_image_area, header)
             # For the dedup filter's near-duplicate pass: the hash of the image as it is stored.
             perceptual = phash_hex(img.data) if phash else None
-        except ImageRejected as exc:
-            return dropped(_rejection(exc))
-        except Exception as exc:  # one strange image must never fail the shard
-            return dropped(_rejection(ImageRejected("decode_error", f"{type(exc).__name__}: {exc}"[:200])))
+        except Exception as exc:  # ImageRejected, or whatever a strange file raises
+            return dropped(image_rejection(exc, DOWNLOAD))
     finally:
         if header is not None:
             header.close()  # normalize_image has closed it already when it ran; twice is harmless

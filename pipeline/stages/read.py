@@ -50,7 +50,7 @@ from curate.filters.dedup import needs_phash
 from curate.pipeline import storage
 from curate.pipeline.config import RunConfig
 from curate.pipeline.dedup_store import phash_hex
-from curate.pipeline.image import ImageRejected, normalize_image, read_header
+from curate.pipeline.image import image_rejection, normalize_image, read_header
 from curate.pipeline.records import (
     FAILED_TO_DOWNLOAD, FAILED_TO_RESIZE, RECORD_COLUMNS, SUCCESS, Rejection, records_table,
 )
@@ -146,11 +146,8 @@ def _examine(row: dict, data: bytes, span: tuple[int, int], cfg: RunConfig, byte
     try:
         header = read_header(data)
         outcome.update(original_width=header.width, original_height=header.height)
-    except ImageRejected as exc:
-        unreadable = Rejection(exc.reason, filter=READ, detail=exc.detail, status=FAILED_TO_RESIZE)
-    except Exception as exc:  # one strange image must never fail the shard
-        unreadable = Rejection("decode_error", filter=READ, detail=f"{type(exc).__name__}: {exc}"[:200],
-                               status=FAILED_TO_RESIZE)
+    except Exception as exc:  # ImageRejected, or whatever a strange file raises
+        unreadable = image_rejection(exc, READ)
     try:
         if bytes_chain:  # before the image is judged otherwise: a hash-listed image is never read on
             rejection = apply_chain(bytes_chain, {**row, "data": data, "sha256": outcome["sha256"],
@@ -168,11 +165,8 @@ def _examine(row: dict, data: bytes, span: tuple[int, int], cfg: RunConfig, byte
         if phash:  # the dedup filter's hash of the image as it will be stored: the one decode this stage makes
             try:
                 outcome["phash"] = phash_hex(normalize_image(data, cfg.resize, cfg.download.max_image_area, header).data)
-            except ImageRejected as exc:
-                return {**outcome, **Rejection(exc.reason, filter=READ, detail=exc.detail, status=FAILED_TO_RESIZE).columns()}
             except Exception as exc:
-                return {**outcome, **Rejection("decode_error", filter=READ, detail=f"{type(exc).__name__}: {exc}"[:200],
-                                               status=FAILED_TO_RESIZE).columns()}
+                return {**outcome, **image_rejection(exc, READ).columns()}
     finally:
         if header is not None:
             header.close()
