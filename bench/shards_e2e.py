@@ -11,7 +11,7 @@ images are repeated to fill the tars. Generated once, on every core, into bench-
 
 For each model (open_clip names, `pretrained: null`: random weights, speed does not depend on them):
 
-- curate: `python -m curate.pipeline.cli run CONFIG --no-progress` in a subprocess, as a user runs
+- curate: `python -m curate.pipeline.cli run CONFIG --progress-every 2` in a subprocess, as a user runs
   it: `input: {paths: [TARS], format: webdataset}`, clip enabled on cuda (bf16, batch 1024 for
   ViT-B-32, 512 for ViT-L-14: what bench/clip_score.py gives curate), one cheap filter
   (`resolution` min_side 264, judged on the image header: drops ~6%), a fresh output folder.
@@ -272,7 +272,7 @@ def curate_config(model: str, tars_dir: Path, out: Path, device: str, batch: int
 
 
 def run_curate(model: str, tars_dir: Path, device: str, batch: int, timeout: float, poll: bool) -> dict:
-    """`curate run CONFIG --no-progress` in a subprocess, timed from start to exit; nvidia-smi
+    """`curate run CONFIG --progress-every 2` in a subprocess, timed from start to exit; nvidia-smi
     polled meanwhile. Its output goes to a log file, and its lines to ours as they come."""
     import yaml
 
@@ -283,7 +283,9 @@ def run_curate(model: str, tars_dir: Path, device: str, batch: int, timeout: flo
     config_path = base / "config.yaml"
     config = curate_config(model, tars_dir, out, device, batch)
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    cmd = [sys.executable, "-m", "curate.pipeline.cli", "run", str(config_path), "--no-progress"]
+    # Progress lines every 2 s (plain, timestamped: stderr is no terminal) show in curate.log when
+    # each stage's shards finished: where the start-up and the scoring time went.
+    cmd = [sys.executable, "-m", "curate.pipeline.cli", "run", str(config_path), "--progress-every", "2"]
     log(f"  curate: {' '.join(cmd[1:])}  (config: input {config['input']}, clip {config['clip']['device']} "
         f"{config['clip']['precision']} batch {batch}, filter resolution min_side {MIN_SIDE})")
     log_path = base / "curate.log"
@@ -506,7 +508,7 @@ def render(rows: list[dict], args, info: dict, device: str, device_name: str, to
         f"{cpu_name()}, {cores} cores; torch {torch.__version__}, open_clip {_version('open_clip_torch')}, "
         f"dask {_version('dask')}. Whole run {total_s / 60:.1f} min.",
         "",
-        f"- **curate run**: `curate run CONFIG --no-progress` in a subprocess, as a user runs it: `input.format: "
+        f"- **curate run**: `curate run CONFIG --progress-every 2` in a subprocess, as a user runs it: `input.format: "
         f"webdataset` over the tars, clip on {device} ({'bf16' if gpu else 'fp32'}), filter `resolution` "
         f"min_side {MIN_SIDE} (header only; drops ~{info.get('below_min_side', 0.06):.0%}), fresh output folder. "
         "Wall clock from start to exit (interpreter, Dask cluster, model load included); **images/s = images "

@@ -21,6 +21,16 @@ from curate.pipeline.errors import UserError
 # Measured on an H200, ViT-B-32, shards of 5,000: BENCHMARKS.md, "one shard at a time".
 SCORE_TASKS_PER_GPU = 2
 
+# Cores the embedded cluster leaves to each GPU worker when it sizes its CPU workers: the GPU
+# worker's own threads (two shards' batches decoded by nvJPEG, whose Huffman stage runs on the
+# CPU) and its two reader processes (tar headers, tokenizing). With a CPU worker per core, the
+# write and read tasks took every core and the scorer ran 3x below its speed alone.
+CORES_PER_GPU_WORKER = 4
+# And the CPU workers beside a GPU run at a lower CPU priority (a nice value), so that when the
+# cores are all busy the work that keeps the GPU fed runs first. Downloads wait on the network
+# anyway; writes catch up when the GPU is done.
+CPU_WORKER_NICENESS = 10
+
 
 def scheduler_address(cfg: DaskConfig) -> str | None:
     return cfg.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
@@ -64,30 +74,48 @@ def _local_cluster(cfg: DaskConfig, gpus: int):
             worker_dashboard_address=f"{LOOPBACK}:0",
             **common,
         )
-    # CPU workers for download and write, plus one worker per GPU that only it sees:
-    # GPU tasks ask for resources={"GPU": 1}, so SCORE_TASKS_PER_GPU run per device at a time.
-    # CPU workers see no GPU: a model a sample filter loads there (vae_latents, concepts) stays
-    # on the CPU instead of every CPU worker opening a CUDA context on GPU 0.
+    scheduler = {"cls": Scheduler, "options": {"host": LOOPBACK, "dashboard_address": f"{LOOPBACK}:0"}}
+    return SpecCluster(workers=gpu_layout(cfg, gpus), scheduler=scheduler, **common)
+
+
+def gpu_layout(cfg: DaskConfig, gpus: int) -> dict:
+    """The embedded cluster's worker specs on a machine with GPUs: CPU workers for download and
+    write, plus one worker per GPU that only it sees. GPU tasks ask for resources={"GPU": 1}, so
+    SCORE_TASKS_PER_GPU run per device at a time. CPU workers see no GPU: a model a sample filter
+    loads there (vae_latents, concepts) stays on the CPU instead of every CPU worker opening a
+    CUDA context on GPU 0."""
     worker = {"nthreads": cfg.threads_per_worker, "memory_limit": cfg.memory_limit,
               "host": LOOPBACK, "dashboard_address": f"{LOOPBACK}:0"}
+    cpu_workers = cfg.n_workers or max(1, (os.cpu_count() or 1) - CORES_PER_GPU_WORKER * gpus)
     workers = {
-        f"cpu-{i}": {"cls": Nanny, "options": {**worker, "env": {"CUDA_VISIBLE_DEVICES": ""}}}
-        for i in range(cfg.n_workers or os.cpu_count() or 1)
+        f"cpu-{i}": {"cls": Nanny, "options": {**worker, "env": {"CUDA_VISIBLE_DEVICES": ""},
+                                               "preload": [BACKGROUND_PRELOAD]}}
+        for i in range(cpu_workers)
     }
     for j in range(gpus):
         workers[f"gpu-{j}"] = {"cls": Nanny, "options": {
             **worker, "nthreads": SCORE_TASKS_PER_GPU, "resources": {"GPU": SCORE_TASKS_PER_GPU},
             "env": {"CUDA_VISIBLE_DEVICES": str(j)},
         }}
-    scheduler = {"cls": Scheduler, "options": {"host": LOOPBACK, "dashboard_address": f"{LOOPBACK}:0"}}
-    return SpecCluster(workers=workers, scheduler=scheduler, **common)
+    return workers
+
+
+# Run by each CPU worker process of the GPU layout as it starts (Dask's preload: a module's
+# `dask_setup`), before its task threads exist: Linux keeps a nice value per thread, and the
+# threads a worker starts later inherit it.
+BACKGROUND_PRELOAD = """
+import os
+
+def dask_setup(worker):
+    os.nice(%d)
+""" % CPU_WORKER_NICENESS
 
 
 @contextlib.contextmanager
 def dask_client(cfg: DaskConfig, gpus: int = 0) -> Iterator[Client]:
     """A connected client. No scheduler configured → the embedded default, a local cluster
     with one single-threaded worker process per core (the download stage runs its own
-    I/O threads inside each task), plus one worker per GPU when `gpus` > 0."""
+    I/O threads inside each task), or with `gpus` > 0 the GPU layout (`gpu_layout`)."""
     address = scheduler_address(cfg)
     if address:
         try:

@@ -217,7 +217,10 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=prin
         _prepare_output(layout, resolved_config, overwrite)
         return _run(cfg, layout, files, InProcessExecutor(), {}, progress_options, started)
     gpus = local_gpu_count() if cfg.clip.enabled and cfg.clip.device in ("auto", "cuda") else 0
+    logger.info(f"inputs checked ({len(files)} files) in {time.time() - started:.1f} s; starting the Dask client")
     with dask_client(cfg.dask, gpus) as client:  # an unreachable scheduler fails here, before anything is written
+        logger.info(f"Dask client ready after {time.time() - started:.1f} s: "
+                    f"{len(client.scheduler_info().get('workers', {}))} workers")
         share_storage_options(client, cfg.storage)
         _prepare_output(layout, resolved_config, overwrite)
         if client.dashboard_link:

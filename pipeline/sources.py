@@ -120,12 +120,15 @@ def _input_batches(tar: np.ndarray, keys: list[str], offsets: np.ndarray, sizes:
             tokens.close()
 
 
-def write_images(cfg: RunConfig, layout: RunLayout, shard_id: int, records: list[dict]) -> Iterator[SourceImage]:
+def write_images(cfg: RunConfig, layout: RunLayout, shard_id: int, records: list[dict],
+                 decoded: frozenset = frozenset()) -> Iterator[SourceImage]:
     """The write stage's images of a prepared shard, one for each kept record, in order.
 
     From an input tar each image is normalized here (resize policy, EXIF orientation, JPEG),
     and its record gets the sizes; an image that does not normalize comes as its rejection.
-    The span columns are taken out of `records` now: they are no output's business."""
+    `decoded`: keys whose images the score stage decoded whole (not decoded again to check
+    them when they pass unchanged). The span columns are taken out of `records` now: they
+    are no output's business."""
     if not in_input_tar(layout.download, shard_id):
         return ((key, fields["jpg"], json.loads(fields["json"]), None)
                 for key, fields in iter_tar_samples(layout.download_files(shard_id)["tar"]))
@@ -134,18 +137,18 @@ def write_images(cfg: RunConfig, layout: RunLayout, shard_id: int, records: list
     for record in records:
         for column in SPAN_COLUMNS:
             record.pop(column, None)
-    return _normalized(cfg, kept, spans)
+    return _normalized(cfg, kept, spans, decoded)
 
 
-def _normalize(data: bytes, cfg: RunConfig):
+def _normalize(data: bytes, cfg: RunConfig, decoded: bool):
     """(the normalized image, None) or (None, the rejection), as the download stage would judge it."""
     try:
-        return normalize_image(data, cfg.resize, cfg.download.max_image_area, read_header(data)), None
+        return normalize_image(data, cfg.resize, cfg.download.max_image_area, read_header(data), decoded), None
     except Exception as exc:  # ImageRejected, or whatever a strange file raises
         return None, image_rejection(exc, WRITE)
 
 
-def _normalized(cfg: RunConfig, kept: list[dict], spans: list[tuple[int, int]]) -> Iterator[SourceImage]:
+def _normalized(cfg: RunConfig, kept: list[dict], spans: list[tuple[int, int]], decoded: frozenset) -> Iterator[SourceImage]:
     if not kept:
         return
     with storage.local_copy(kept[0][SOURCE_SHARD]) as local, open(local, "rb") as f, \
@@ -156,7 +159,8 @@ def _normalized(cfg: RunConfig, kept: list[dict], spans: list[tuple[int, int]]) 
 
         def submit_next() -> None:
             for record, (offset, size) in todo:
-                window.append((record, pool.submit(lambda o=offset, s=size: _normalize(os.pread(fd, s, o), cfg))))
+                known = record["key"] in decoded
+                window.append((record, pool.submit(lambda o=offset, s=size, k=known: _normalize(os.pread(fd, s, o), cfg, k))))
                 return
 
         for _ in range(NORMALIZE_THREADS * 2):  # a few ahead: bounded memory, no idle thread

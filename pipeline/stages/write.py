@@ -64,7 +64,9 @@ def _write(shard_id: int, layout: RunLayout, cfg: RunConfig, filter_specs: list[
     wanted = scored is not None and any(f.needs_embeddings for f in chain)
     embeddings = read_embeddings(layout.embeddings, shard_id) if wanted else {}
     # The raw download tar's images, or an input tar's, normalized as they come (pipeline/sources.py).
-    raw_samples = write_images(cfg, layout, shard_id, records)
+    # Images CLIP's decoder read whole need no second decode to be known readable.
+    decoded = frozenset(key for key, (_, _, failure) in scores.items() if not failure)
+    raw_samples = write_images(cfg, layout, shard_id, records, decoded)
     reasons: Counter = Counter()
     # report.html's thumbnails: chosen now, while the images of dropped samples still exist.
     # Every filter of the run: the kept samples nearest each threshold rule are chosen here too.

@@ -15,7 +15,7 @@ def test_gpu_cluster_layout_each_gpu_worker_sees_one_device_and_cpu_workers_none
 
     from distributed import Client
 
-    from curate.pipeline.cluster import SCORE_TASKS_PER_GPU, _local_cluster, gpu_resources
+    from curate.pipeline.cluster import CPU_WORKER_NICENESS, SCORE_TASKS_PER_GPU, _local_cluster, gpu_resources
     from curate.pipeline.config import DaskConfig
 
     with _local_cluster(DaskConfig(n_workers=1), gpus=2) as cluster, Client(cluster) as client:
@@ -30,6 +30,22 @@ def test_gpu_cluster_layout_each_gpu_worker_sees_one_device_and_cpu_workers_none
             assert infos[name]["nthreads"] == SCORE_TASKS_PER_GPU
             assert infos[name]["resources"] == {"GPU": SCORE_TASKS_PER_GPU}
         assert not infos["cpu-0"].get("resources")
+        # CPU workers yield the cores to the GPU workers' decoding and reading when all are busy:
+        # the nice value of the threads that run their tasks.
+        niceness = {name: client.submit(lambda: os.nice(0), workers=[addr], pure=False).result()
+                    for addr, name in ((a, i["name"]) for a, i in client.scheduler_info()["workers"].items())}
+        assert niceness["cpu-0"] == CPU_WORKER_NICENESS + os.nice(0)
+        assert niceness["gpu-0"] == niceness["gpu-1"] == os.nice(0)
+
+
+def test_gpu_cluster_layout_leaves_cores_to_each_gpu_worker(monkeypatch):
+    from curate.pipeline.cluster import CORES_PER_GPU_WORKER, gpu_layout
+    from curate.pipeline.config import DaskConfig
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    names = sorted(gpu_layout(DaskConfig(), gpus=2))
+    assert names.count("gpu-0") == names.count("gpu-1") == 1
+    assert len([n for n in names if n.startswith("cpu-")]) == 16 - 2 * CORES_PER_GPU_WORKER
 
 
 def _listening() -> set:

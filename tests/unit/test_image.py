@@ -576,6 +576,24 @@ def test_truncated_jpeg_is_a_decode_error():
         assert rejected(data[: len(data) // 2], **cfg).reason == "decode_error"
 
 
+def test_an_image_decoded_elsewhere_passes_unchanged_without_a_second_decode_unless_cut_short():
+    # decoded=True: the score stage's decoder read these bytes whole. The write stage then skips
+    # its own checking decode: a file whose entropy data is garbage (but whole) passes, which
+    # shows the decode was skipped; one cut short (no end marker) is still decoded and rejected.
+    data = encode(noise((200, 150)), "JPEG", quality=90)
+    start = data.index(b"\xff\xda") + 20  # inside the entropy-coded scan
+    garbage = data[:start] + bytes(range(256)) * 8 + data[start + 2048:]
+    cut = data[: len(data) // 2]
+    resize = ResizeConfig(size=512)
+    assert rejected(garbage, size=512).reason == "decode_error"
+    passed = normalize_image(garbage, resize, decoded=True)
+    assert (passed.data, passed.reencoded, passed.width, passed.height) == (garbage, False, 200, 150)
+    assert normalize_image(data, resize, decoded=True).data == data
+    with pytest.raises(ImageRejected, match="decode_error"):
+        normalize_image(cut, resize, decoded=True)
+    assert normalize_image(data, ResizeConfig(size=64), decoded=True).reencoded  # a resize decodes anyway
+
+
 def test_truncated_png_is_a_decode_error():
     data = encode(noise((200, 150)), "PNG")
     assert rejected(data[: len(data) // 2]).reason == "decode_error"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import tarfile
 
+import pytest
 import webdataset as wds
 
 from curate.pipeline.tarshard import scan_tar
@@ -37,3 +38,28 @@ def test_pax_records_for_long_names_and_records_it_does_not_read(tmp_path):
     # A long name comes from the pax `path` record; at a record it does not read (d's xattr) the
     # walker hands the rest, from that pax header on, to tarfile: the same entries either way.
     assert [(e.name, e.offset, e.size) for e in scan_tar(path)] == _reference(path)
+
+
+def test_the_shard_writer_writes_the_bytes_tarfile_writes(tmp_path):
+    # TarShardWriter builds its ustar headers itself (for speed); any tar reader must see what
+    # tarfile would have written: the same bytes, padding and end-of-archive record included.
+    from curate.pipeline.tarshard import TarShardWriter
+
+    samples = [("k0", {"jpg": b"", "txt": b"x"}),
+               ("000010007", {"jpg": b"j" * 511, "txt": b"t" * 512, "json": b"{}" * 257}),
+               ("a" * 89, {"latent.npy": bytes(range(256)) * 40})]  # a name of 100 bytes, the most ustar holds
+    ours, theirs = tmp_path / "ours.tar", tmp_path / "theirs.tar"
+    with TarShardWriter(ours) as tar:
+        for key, fields in samples:
+            tar.write(key, fields)
+    with tarfile.open(theirs, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, fields in samples:
+            for ext, data in fields.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mode, info.mtime = len(data), 0o444, 0
+                info.uname = info.gname = "curate"
+                tar.addfile(info, io.BytesIO(data))
+    assert ours.read_bytes() == theirs.read_bytes()
+    assert [(e.name, e.offset, e.size) for e in scan_tar(ours)] == _reference(ours)
+    with TarShardWriter(tmp_path / "long.tar") as tar, pytest.raises(ValueError, match="longer than 100"):
+        tar.write("a" * 90, {"latent.npy": b""})
