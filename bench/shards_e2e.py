@@ -285,7 +285,7 @@ def run_curate(model: str, tars_dir: Path, device: str, batch: int, timeout: flo
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     # Progress lines every 2 s (plain, timestamped: stderr is no terminal) show in curate.log when
     # each stage's shards finished: where the start-up and the scoring time went.
-    cmd = [sys.executable, "-m", "curate.pipeline.cli", "run", str(config_path), "--progress-every", "2"]
+    cmd = [sys.executable, "-m", "curate.pipeline.cli", "run", str(config_path), "--progress-every", "2", "--log-level", "debug"]
     log(f"  curate: {' '.join(cmd[1:])}  (config: input {config['input']}, clip {config['clip']['device']} "
         f"{config['clip']['precision']} batch {batch}, filter resolution min_side {MIN_SIDE})")
     log_path = base / "curate.log"

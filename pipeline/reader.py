@@ -246,7 +246,10 @@ def cut_file(cfg: InputConfig, path: str, file_index: int, out_dir: str) -> dict
     short; a shard never spans files), streamed batch by batch. A task on a worker, under the
     done-marker protocol (pipeline/shards.py, the file's index as its id): an interrupted cut is
     cleaned and redone whole, a finished one returns its marker ({"file", "rows", "shards"})."""
-    return run_once(out_dir, file_index, lambda: _cut(cfg, path, file_index, out_dir))
+    # How many shards an interrupted cut wrote is not known (nor their size, if the config
+    # changed): the file's shards are found by their name. One listing a file, not a shard.
+    outputs = storage.listing(out_dir, f"{shard_name(file_index)}_")
+    return run_once(out_dir, file_index, lambda: _cut(cfg, path, file_index, out_dir), outputs=outputs)
 
 
 def _cut(cfg: InputConfig, path: str, file_index: int, out_dir: str) -> dict:

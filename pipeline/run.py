@@ -217,9 +217,9 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=prin
         _prepare_output(layout, resolved_config, overwrite)
         return _run(cfg, layout, files, InProcessExecutor(), {}, progress_options, started)
     gpus = local_gpu_count() if cfg.clip.enabled and cfg.clip.device in ("auto", "cuda") else 0
-    logger.info(f"inputs checked ({len(files)} files) in {time.time() - started:.1f} s; starting the Dask client")
+    logger.debug(f"inputs checked ({len(files)} files) in {time.time() - started:.1f} s; starting the Dask client")
     with dask_client(cfg.dask, gpus) as client:  # an unreachable scheduler fails here, before anything is written
-        logger.info(f"Dask client ready after {time.time() - started:.1f} s: "
+        logger.debug(f"Dask client ready after {time.time() - started:.1f} s: "
                     f"{len(client.scheduler_info().get('workers', {}))} workers")
         share_storage_options(client, cfg.storage)
         _prepare_output(layout, resolved_config, overwrite)
@@ -295,7 +295,8 @@ def _execute(plan: Plan, inputs, executor, progress: dict) -> tuple[RunTotals, d
                 for step in plan.steps:
                     meter.shard_done(step, stats)
                 if not cfg.output.keep_intermediate:
-                    remove_shard(layout.download, shard)  # left behind if a run died right after writing
+                    # left behind if a run died right after writing
+                    remove_shard(layout.download, shard, layout.download_files(shard).values())
                 continue
             yield shard, make(shard, source)
 

@@ -63,45 +63,40 @@ def mark_done(stage_dir: str | os.PathLike, shard_id: int, stats: dict) -> None:
         tmp.write_text(json.dumps(stats, indent=1, sort_keys=True))
 
 
-def _shard_files(stage_dir: str | os.PathLike, shard_id: int) -> list[str]:
-    """The files of this shard in a stage folder: `NNNNN.*` (and `NNNNN_*`: img2dataset's `_stats.json`)."""
-    name = shard_name(shard_id)
-    return [p for p in storage.listing(stage_dir, name)
-            if storage.name(p)[len(name):len(name) + 1] in (".", "_")]
-
-
-def clean_shard(stage_dir: str | os.PathLike, shard_id: int) -> None:
-    """Remove whatever an interrupted attempt left for this shard (never a done shard)."""
+def clean_shard(stage_dir: str | os.PathLike, shard_id: int, outputs: Iterable[str | os.PathLike] = ()) -> None:
+    """Remove whatever an interrupted attempt left for this shard (never a done shard): its
+    `outputs`, and what was being written of them and of the marker when it died."""
     if is_done(stage_dir, shard_id):
         return
-    for leftover in _shard_files(stage_dir, shard_id):
-        storage.remove(leftover)
+    for path in outputs:
+        storage.remove(path)
+        storage.remove_temporaries(storage.parent(str(path)), storage.name(str(path)))
+    name = shard_name(shard_id)  # the marker's, and those of outputs named after the shard
+    storage.remove_temporaries(stage_dir, (f"{name}.", f"{name}_"))
 
 
-def remove_shard(stage_dir: str | os.PathLike, shard_id: int) -> None:
-    """Delete a finished shard's files, marker last (an intermediate stage no longer needed)."""
-    marker = marker_path(stage_dir, shard_id)
-    for path in _shard_files(stage_dir, shard_id):
-        if path != marker:
-            storage.remove(path)
-    storage.remove(marker)
+def remove_shard(stage_dir: str | os.PathLike, shard_id: int, outputs: Iterable[str | os.PathLike]) -> None:
+    """Delete a finished shard's `outputs`, then its marker (an intermediate stage no longer needed)."""
+    for path in outputs:
+        storage.remove(path)
+    storage.remove(marker_path(stage_dir, shard_id))
 
 
 def run_once(stage_dir: str | os.PathLike, shard_id: int, work: Callable[[], dict],
-             also_clean: Iterable[str | os.PathLike] = ()) -> dict:
+             outputs: Iterable[str | os.PathLike] = ()) -> dict:
     """One shard's task of a stage under the done-marker protocol, which every stage uses:
 
     - a shard whose marker exists is done: its marker (the stats) is returned, nothing redone;
-    - otherwise whatever an interrupted attempt left is removed (the stage folder's files of
-      this shard, and `also_clean`: its outputs kept elsewhere), then `work()` writes the
-      shard's outputs (each atomically) and returns its stats;
+    - otherwise whatever an interrupted attempt left is removed: the shard's `outputs` (every
+      file `work` may write, in the stage folder or elsewhere, named so that nothing lists a
+      folder: that would cost more the more shards are done), then `work()` writes them (each
+      atomically) and returns the shard's stats;
     - the stats, with the task's `seconds` unless `work` set them, become the marker, written last.
     """
     if is_done(stage_dir, shard_id):
         return read_marker(stage_dir, shard_id)
-    clean_shard(stage_dir, shard_id)
-    for leftover in also_clean:
-        storage.remove(leftover)
+    outputs = list(outputs)
+    clean_shard(stage_dir, shard_id, outputs)
     storage.make_dirs(stage_dir)
     started = time.time()
     stats = work()

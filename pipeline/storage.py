@@ -130,13 +130,14 @@ def open_file(path: str | os.PathLike, mode: str = "rb"):
     return fsspec.open(str(path), mode).open()
 
 
-def listing(folder: str | os.PathLike, prefix: str = "") -> list[str]:
+def listing(folder: str | os.PathLike, prefix: str | tuple[str, ...] = "") -> list[str]:
     """Full paths of the files directly in `folder` whose names start with `prefix`, sorted.
     A folder that does not exist lists nothing."""
     if not is_url(folder):
         if not os.path.isdir(folder):
             return []
-        return sorted(str(Path(folder, n)) for n in os.listdir(folder) if n.startswith(prefix))
+        with os.scandir(folder) as entries:
+            return sorted(e.path for e in entries if e.name.startswith(prefix) and e.is_file())
     fs, inner = filesystem(str(folder))
     try:
         entries = fs.ls(inner, detail=True, refresh=True)
@@ -174,16 +175,45 @@ def make_dirs(path: str | os.PathLike) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)
 
 
+# Local temporaries are written in this folder beside their final file (the same file system, so
+# the rename stays atomic), not beside it: cleaning what a killed attempt left then lists only the
+# files being written, never a stage folder of a whole dataset's shards (a listing per shard of a
+# folder that grows with the run made the per-shard overhead grow with it: BENCHMARKS.md).
+TEMPORARY_FOLDER = ".tmp"
+
+
+def _temporary(final: Path) -> Path:
+    """A new empty file in `final`'s temporary folder, named after `final`."""
+    folder = final.parent / TEMPORARY_FOLDER
+    tmp = folder / f"{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    for _ in range(5):
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.touch(exist_ok=False)
+            return tmp
+        except FileNotFoundError:  # another writer removed the folder, empty, in between: again
+            continue
+    raise OSError(f"cannot create a temporary file in {folder}")
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()  # fails while another writer's temporary is in it: that one removes it later
+    except OSError:
+        pass
+
+
 @contextlib.contextmanager
 def publish(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a local temporary path to write; on success put it in place at `final`.
 
-    Locally: a temporary name beside `final`, fsync'd, then renamed (atomic). In object storage:
-    a temporary local file, uploaded whole to `final` (an object appears complete or not at all).
-    Either way nothing is left at `final` when the writing fails."""
+    Locally: a temporary file in `final`'s folder's TEMPORARY_FOLDER, fsync'd, then renamed
+    (atomic); the temporary folder is removed once empty. In object storage: a temporary local
+    file, uploaded whole to `final` (an object appears complete or not at all). Either way
+    nothing is left at `final` when the writing fails."""
     if not is_url(final):
         final = Path(final)
-        tmp = final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp = _temporary(final)
         try:
             yield tmp
             with open(tmp, "rb+") as f:
@@ -192,12 +222,25 @@ def publish(final: str | os.PathLike) -> Iterator[Path]:
         finally:
             if tmp.exists():
                 tmp.unlink()
+            _remove_if_empty(tmp.parent)
         return
     with tempfile.TemporaryDirectory(prefix="curate-publish-") as scratch:
         tmp = Path(scratch) / name(str(final))
         yield tmp
         fs, inner = filesystem(str(final))
         fs.put_file(str(tmp), inner)
+
+
+def remove_temporaries(folder: str | os.PathLike, prefix: str | tuple[str, ...]) -> None:
+    """Remove what killed writers of files in `folder` named `prefix`... left (their temporaries;
+    `publish` removes its own otherwise). Object storage has none: an object is uploaded whole
+    or not at all."""
+    if is_url(folder):
+        return
+    temporaries = Path(folder) / TEMPORARY_FOLDER
+    for leftover in listing(temporaries, prefix):
+        remove(leftover)
+    _remove_if_empty(temporaries)
 
 
 @contextlib.contextmanager

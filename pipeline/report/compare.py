@@ -196,5 +196,5 @@ def build_comparison(a: str | Path, b: str | Path, output: Optional[str | Path] 
         plotly_js=Markup(get_plotlyjs()),
     )
     storage.make_dirs(storage.parent(path))
-    write_page(storage.parent(path), path, html)
+    write_page(path, html)
     return path

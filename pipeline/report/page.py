@@ -52,7 +52,6 @@ import numpy as np
 import plotly.graph_objects as go
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import yaml
 from markupsafe import Markup
 from plotly.offline import get_plotlyjs
@@ -853,7 +852,7 @@ def build_report(root: str | Path) -> str:
         config_text=storage.read_text(layout.config),
         plotly_js=Markup(get_plotlyjs()),
     )
-    write_page(layout.root, layout.report, html)
+    write_page(layout.report, html)
     return layout.report
 
 
@@ -862,10 +861,9 @@ def _shown(root: str) -> str:
     return root if storage.is_url(root) else str(Path(root).resolve())
 
 
-def write_page(folder: str, path: str, html: str) -> None:
+def write_page(path: str, html: str) -> None:
     """Write a page atomically, first removing what a build killed mid-write left."""
-    for leftover in storage.listing(folder, f"{storage.name(path)}.tmp-"):
-        storage.remove(leftover)
+    storage.remove_temporaries(storage.parent(path), storage.name(path))
     with atomic_path(path) as tmp:
         tmp.write_text(html, encoding="utf-8")
 

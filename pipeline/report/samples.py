@@ -35,7 +35,6 @@ import itertools
 import json
 import math
 import random
-from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import pyarrow as pa
@@ -236,10 +235,8 @@ class ReportSamples:
                 except Exception:  # an image a filter left undecodable has no thumbnail, not a failed shard
                     continue
             rows.append({k: v for k, v in entry.items() if k != "jpg"})
-        folder = storage.parent(str(path))
-        storage.make_dirs(folder)
-        for leftover in storage.listing(folder, f"{storage.name(str(path))}.tmp-"):  # from an attempt killed mid-write
-            storage.remove(leftover)
+        storage.make_dirs(storage.parent(str(path)))
+        storage.remove_temporaries(storage.parent(str(path)), storage.name(str(path)))  # an attempt killed mid-write
         table = pa.Table.from_pylist(rows, schema=SCHEMA)
         with atomic_path(path) as tmp:
             pq.write_table(table, tmp)

@@ -254,7 +254,9 @@ def fit_centroids(root: str, spec: dict, n_shards: int) -> int:
 def hash_shard(root: str, shard_id: int, spec: dict, partitions: int, scored: bool) -> dict:
     """Step 1 for one shard: its records, split by partition. Done shards are not redone."""
     out = storage.join(dedup_dir(root), "hashes")
-    return run_once(out, shard_id, lambda: _hash_shard(root, shard_id, spec, partitions, scored, out))
+    name = shard_name(shard_id)
+    return run_once(out, shard_id, lambda: _hash_shard(root, shard_id, spec, partitions, scored, out),
+                    outputs=[storage.join(out, f"{name}.arrow"), storage.join(out, f"{name}.sem.arrow")])
 
 
 def _hash_shard(root: str, shard_id: int, spec: dict, partitions: int, scored: bool, out: str) -> dict:
@@ -393,7 +395,8 @@ def find_duplicates(root: str, partition: int, spec: dict, n_shards: int) -> dic
     """Step 2 for one partition: (sample, original, kind) decisions, one record batch per shard.
     A partition's files are named like a shard's, so the same done-marker protocol applies."""
     out = storage.join(dedup_dir(root), "decisions")
-    return run_once(out, partition, lambda: _find_duplicates(root, partition, spec, n_shards, out))
+    return run_once(out, partition, lambda: _find_duplicates(root, partition, spec, n_shards, out),
+                    outputs=[storage.join(out, f"{shard_name(partition)}.arrow")])
 
 
 def _find_duplicates(root: str, partition: int, spec: dict, n_shards: int, out: str) -> dict:

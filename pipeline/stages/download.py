@@ -125,9 +125,9 @@ def redirect_check(row_chain: list[Filter]):
 
 def download_shard(input_path: str, shard_id: int, stage_dir: str, cfg: RunConfig) -> dict:
     """Download one shard. Returns its stats; a done shard is not redone."""
-    pictures = RunLayout(cfg.output.path).report_download_samples_file(shard_id)
-    return run_once(stage_dir, shard_id, lambda: _download(input_path, shard_id, stage_dir, cfg),
-                    also_clean=[pictures])
+    layout = RunLayout(cfg.output.path)
+    outputs = [*layout.download_files(shard_id).values(), layout.report_download_samples_file(shard_id)]
+    return run_once(stage_dir, shard_id, lambda: _download(input_path, shard_id, stage_dir, cfg), outputs=outputs)
 
 
 def screened_by_every_safety_filter(filter_specs: list[dict]) -> bool:

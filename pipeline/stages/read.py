@@ -77,7 +77,8 @@ _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
 def read_shard(tar_path: str, shard_id: int, stage_dir: str, cfg: RunConfig) -> dict:
     """Read one input tar into the shard's parquet. Returns its stats; a done shard is not redone."""
-    return run_once(stage_dir, shard_id, lambda: _read(tar_path, shard_id, stage_dir, cfg))
+    return run_once(stage_dir, shard_id, lambda: _read(tar_path, shard_id, stage_dir, cfg),
+                    outputs=[storage.join(stage_dir, f"{shard_name(shard_id)}.parquet")])
 
 
 def _split(name: str) -> tuple[Optional[str], Optional[str]]:

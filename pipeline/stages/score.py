@@ -403,4 +403,4 @@ def score_shard(shard_id: int, downloaded: dict, download_dir: str, emb_dir: str
             **_gpu_memory(scorer),
         }
 
-    return run_once(marker_dir, shard_id, work, also_clean=out.values())
+    return run_once(marker_dir, shard_id, work, outputs=out.values())

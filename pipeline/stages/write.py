@@ -44,15 +44,16 @@ def write_shard(shard_id: int, root: str, cfg: RunConfig, filter_specs: list[dic
     chain with any dataset-wide value (a CLIP top_fraction) already resolved.
     """
     layout = RunLayout(root)
-    stats = run_once(layout.shards, shard_id, lambda: _write(shard_id, layout, cfg, filter_specs))
+    outputs = [*layout.shard_files(shard_id).values(), layout.report_samples_file(shard_id)]
+    stats = run_once(layout.shards, shard_id, lambda: _write(shard_id, layout, cfg, filter_specs), outputs=outputs)
     if not cfg.output.keep_intermediate:
-        remove_shard(layout.download, shard_id)
+        remove_shard(layout.download, shard_id, layout.download_files(shard_id).values())
     return stats
 
 
 def _write(shard_id: int, layout: RunLayout, cfg: RunConfig, filter_specs: list[dict]) -> dict:
     started = time.time()
-    download_dir, out_dir = layout.download, layout.shards
+    download_dir = layout.download
     downloaded = read_marker(download_dir, shard_id)
     scored = read_marker(layout.score, shard_id) if cfg.clip.enabled else None
     name = shard_name(shard_id)

@@ -329,7 +329,8 @@ def test_half_finished_pass_is_redone_from_scratch(tmp_path):
     # Leftovers of an interrupted cut of this file with another shard size: no marker.
     pq.write_table(pa.table({"url": ["stale"]}), out / "00000_00000.parquet")
     pq.write_table(pa.table({"url": ["stale"]}), out / "00000_00007.parquet")
-    (out / "00000_00001.parquet.tmp-deadbeef").write_bytes(b"half")
+    (out / ".tmp").mkdir()
+    (out / ".tmp" / "00000_00001.parquet.tmp-deadbeef").write_bytes(b"half")
     summary = write_input_shards(cfg, check_inputs(cfg), out)
     assert summary["shards"] == 2
     assert sorted(p.name for p in out.iterdir()) == ["00000.done.json", "00000_00000.parquet", "00000_00001.parquet",

@@ -32,6 +32,34 @@ def test_publish_puts_the_file_in_place_only_on_success(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temporary file left
 
 
+def test_publish_writes_in_a_temporary_folder_that_concurrent_writers_share(tmp_path):
+    # Temporaries live in .tmp/ beside the final files (same file system: the rename is atomic),
+    # so cleaning a shard lists only what is being written; the folder goes once empty, and a
+    # writer never fails because another removed it.
+    import threading
+
+    with storage.publish(tmp_path / "a.tar") as tmp:
+        assert tmp.parent == tmp_path / storage.TEMPORARY_FOLDER and tmp.name.startswith("a.tar.tmp-")
+        tmp.write_bytes(b"a")
+    errors = []
+
+    def writer(i: int) -> None:
+        try:
+            for j in range(40):
+                with storage.publish(tmp_path / f"{i:05d}_{j}.bin") as tmp:
+                    tmp.write_bytes(b"x" * j)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(list(tmp_path.iterdir())) == 1 + 8 * 40 and not (tmp_path / storage.TEMPORARY_FOLDER).exists()
+
+
 def test_listing_removal_and_reading_of_local_folders(tmp_path):
     assert storage.listing(tmp_path / "missing") == [] and not storage.has_files(tmp_path / "missing")
     for name in ("00001.tar", "00000.tar", "00000.done.json"):
