@@ -26,10 +26,10 @@ SCORE_TASKS_PER_GPU = 2
 # CPU) and its two reader processes (tar headers, tokenizing). With a CPU worker per core, the
 # write and read tasks took every core and the scorer ran 3x below its speed alone.
 CORES_PER_GPU_WORKER = 4
-# And the CPU workers beside a GPU run at a lower CPU priority (a nice value), so that when the
-# cores are all busy the work that keeps the GPU fed runs first. Downloads wait on the network
-# anyway; writes catch up when the GPU is done.
-CPU_WORKER_NICENESS = 10
+# And the CPU workers beside a GPU run at a lower CPU priority (a nice value: this module's
+# `dask_setup`, preloaded), so that when the cores are all busy the work that keeps the GPU fed
+# runs first. Downloads wait on the network anyway; writes catch up when the GPU is done.
+BACKGROUND_PRELOAD = "curate.pipeline.background_worker"
 
 
 def scheduler_address(cfg: DaskConfig) -> str | None:
@@ -51,6 +51,14 @@ def gpu_resources(client: Client) -> dict | None:
     that the CPU path runs anywhere."""
     workers = client.scheduler_info().get("workers", {}).values()
     return {"GPU": 1} if any(w.get("resources", {}).get("GPU") for w in workers) else None
+
+
+def cpu_resources(client: Client) -> dict | None:
+    """Dask resources for the other tasks: {"CPU": 1} when some worker offers CPU slots (the
+    embedded GPU layout's CPU workers; `dask worker --resources CPU=N` on a cluster), so those
+    tasks keep off the GPU workers; else None: any worker runs them."""
+    workers = client.scheduler_info().get("workers", {}).values()
+    return {"CPU": 1} if any(w.get("resources", {}).get("CPU") for w in workers) else None
 
 
 # The embedded cluster listens on loopback only: a Dask scheduler or worker runs whatever code
@@ -89,6 +97,7 @@ def gpu_layout(cfg: DaskConfig, gpus: int) -> dict:
     cpu_workers = cfg.n_workers or max(1, (os.cpu_count() or 1) - CORES_PER_GPU_WORKER * gpus)
     workers = {
         f"cpu-{i}": {"cls": Nanny, "options": {**worker, "env": {"CUDA_VISIBLE_DEVICES": ""},
+                                               "resources": {"CPU": cfg.threads_per_worker},
                                                "preload": [BACKGROUND_PRELOAD]}}
         for i in range(cpu_workers)
     }
@@ -98,17 +107,6 @@ def gpu_layout(cfg: DaskConfig, gpus: int) -> dict:
             "env": {"CUDA_VISIBLE_DEVICES": str(j)},
         }}
     return workers
-
-
-# Run by each CPU worker process of the GPU layout as it starts (Dask's preload: a module's
-# `dask_setup`), before its task threads exist: Linux keeps a nice value per thread, and the
-# threads a worker starts later inherit it.
-BACKGROUND_PRELOAD = """
-import os
-
-def dask_setup(worker):
-    os.nice(%d)
-""" % CPU_WORKER_NICENESS
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ they are submitted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from curate.filters import build_chain
@@ -34,6 +34,10 @@ class Plan:
     n_shards: Optional[int]  # known once every input file is cut (pipeline/reader.py InputShards)
     gpu_options: dict  # Dask options of GPU tasks, e.g. {"resources": {"GPU": 1}}, or {}
     input_tars: Optional[list[str]] = None  # existing shards as input: shard N reads input_tars[N]
+    # Dask options of the other tasks: {"resources": {"CPU": 1}} where CPU workers say so (the
+    # embedded GPU layout), so that no download, read or write takes a GPU worker's thread
+    # while score tasks wait for it; else {} (any worker).
+    cpu_options: dict = field(default_factory=dict)
 
     @property
     def passes(self) -> list[tuple[int, str]]:
@@ -50,9 +54,9 @@ class Plan:
         """`source`: the shard's input shard (URL lists), or its input tar."""
         layout, cfg = self.layout, self.cfg
         if self.input_tars is None:
-            tasks = [Task("download", download_shard, (source, shard, str(layout.download), cfg))]
+            tasks = [Task("download", download_shard, (source, shard, str(layout.download), cfg), self.cpu_options)]
         else:  # no download: the read stage records where each image lies in the input tar
-            tasks = [Task("read", read_shard, (source, shard, str(layout.download), cfg))]
+            tasks = [Task("read", read_shard, (source, shard, str(layout.download), cfg), self.cpu_options)]
         if cfg.clip.enabled:
             tasks.append(Task("score", score_shard, (shard, UPSTREAM, str(layout.download), str(layout.embeddings),
                                                      str(layout.score), cfg.clip), self.gpu_options))
@@ -63,4 +67,4 @@ class Plan:
         args = (shard, str(self.layout.root), self.cfg, specs) + ((UPSTREAM,) if after_prepare else ())
         # A sample filter that needs a GPU (vae_latents) takes the whole write to a GPU worker.
         on_gpu = any(f.needs_gpu for f in build_chain(specs) if f.stage == "sample")
-        return [Task("write", write_shard, args, self.gpu_options if on_gpu else {})]
+        return [Task("write", write_shard, args, self.gpu_options if on_gpu else self.cpu_options)]

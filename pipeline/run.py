@@ -28,7 +28,7 @@ import yaml
 
 from curate.filters import build_chain, score_fields
 from curate.pipeline import storage
-from curate.pipeline.cluster import dask_client, gpu_resources, local_gpu_count, share_storage_options
+from curate.pipeline.cluster import cpu_resources, dask_client, gpu_resources, local_gpu_count, share_storage_options
 from curate.pipeline.config import RunConfig, changed_settings, dump_config
 from curate.pipeline.errors import UserError
 from curate.pipeline.executor import DaskExecutor, InProcessExecutor, ShardOutcome, Wait
@@ -215,7 +215,7 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=prin
     progress_options = {"enabled": progress, "every": progress_every}
     if cfg.dask.in_process:
         _prepare_output(layout, resolved_config, overwrite)
-        return _run(cfg, layout, files, InProcessExecutor(), {}, progress_options, started)
+        return _run(cfg, layout, files, InProcessExecutor(), {}, {}, progress_options, started)
     gpus = local_gpu_count() if cfg.clip.enabled and cfg.clip.device in ("auto", "cuda") else 0
     logger.debug(f"inputs checked ({len(files)} files) in {time.time() - started:.1f} s; starting the Dask client")
     with dask_client(cfg.dask, gpus) as client:  # an unreachable scheduler fails here, before anything is written
@@ -231,19 +231,21 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=prin
             pass
         gpu = gpu_resources(client) if cfg.clip.enabled else None  # {"GPU": 1} when a worker offers one
         gpu_options = {"resources": gpu} if gpu else {}
-        return _run(cfg, layout, files, DaskExecutor(client, retries=cfg.dask.retries), gpu_options,
+        cpu = cpu_resources(client)  # {"CPU": 1} where CPU workers say so: other tasks keep off the GPU workers
+        cpu_options = {"resources": cpu} if cpu else {}
+        return _run(cfg, layout, files, DaskExecutor(client, retries=cfg.dask.retries), gpu_options, cpu_options,
                     progress_options, started)
 
 
-def _run(cfg: RunConfig, layout: RunLayout, files: list[str], executor, gpu_options: dict, progress: dict,
-         started: float) -> dict:
+def _run(cfg: RunConfig, layout: RunLayout, files: list[str], executor, gpu_options: dict, cpu_options: dict,
+         progress: dict, started: float) -> dict:
     tars = cfg.input.format == "webdataset"
     try:
         if tars:  # each tar is a shard, recorded in work/input/_done.json
             inputs = _InputTars(write_input_shards(cfg.input, files, layout.input))
         else:  # cut by tasks on the executor, file by file, while the first shards already download
             inputs = InputShards(cfg.input, files, layout.input, executor)
-        plan = Plan(cfg, layout, None, gpu_options, inputs.tars if tars else None)
+        plan = Plan(cfg, layout, None, gpu_options, inputs.tars if tars else None, cpu_options)
         totals, resolved, finished_passes = _execute(plan, inputs, executor, progress)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk, or a full quota

@@ -15,7 +15,8 @@ def test_gpu_cluster_layout_each_gpu_worker_sees_one_device_and_cpu_workers_none
 
     from distributed import Client
 
-    from curate.pipeline.cluster import CPU_WORKER_NICENESS, SCORE_TASKS_PER_GPU, _local_cluster, gpu_resources
+    from curate.pipeline.background_worker import CPU_WORKER_NICENESS
+    from curate.pipeline.cluster import SCORE_TASKS_PER_GPU, _local_cluster, cpu_resources, gpu_resources
     from curate.pipeline.config import DaskConfig
 
     with _local_cluster(DaskConfig(n_workers=1), gpus=2) as cluster, Client(cluster) as client:
@@ -29,7 +30,9 @@ def test_gpu_cluster_layout_each_gpu_worker_sees_one_device_and_cpu_workers_none
         for name in ("gpu-0", "gpu-1"):
             assert infos[name]["nthreads"] == SCORE_TASKS_PER_GPU
             assert infos[name]["resources"] == {"GPU": SCORE_TASKS_PER_GPU}
-        assert not infos["cpu-0"].get("resources")
+        # CPU workers offer CPU slots, which the other tasks ask for: none takes a GPU worker's thread.
+        assert infos["cpu-0"]["resources"] == {"CPU": 1}
+        assert cpu_resources(client) == {"CPU": 1}
         # CPU workers yield the cores to the GPU workers' decoding and reading when all are busy:
         # the nice value of the threads that run their tasks.
         niceness = {name: client.submit(lambda: os.nice(0), workers=[addr], pure=False).result()

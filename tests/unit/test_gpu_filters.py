@@ -60,11 +60,16 @@ def test_batched_chain_decides_and_counts_as_sample_by_sample():
 
 
 def test_a_run_with_a_gpu_filter_writes_its_shards_on_the_gpu_workers(tmp_path):
+    # and the other tasks on the CPU workers, where those offer CPU slots (the embedded GPU layout)
     assert FILTERS["vae_latents"].needs_gpu and not FILTERS["caption_length"].needs_gpu
-    base = {"input": {"paths": ["x.parquet"]}, "output": {"path": str(tmp_path)}}
-    for filters, expected in (([{"name": "caption_length", "min_words": 2}], {}),
-                              ([{"name": "vae_latents", "vae": "tiny"}], GPU)):
+    base = {"input": {"paths": ["x.parquet"]}, "output": {"path": str(tmp_path)}, "clip": {"enabled": True}}
+    cpu = {"resources": {"CPU": 1}}
+    for filters, cpu_options, expected in (([{"name": "caption_length", "min_words": 2}], {}, {}),
+                                           ([{"name": "caption_length", "min_words": 2}], cpu, cpu),
+                                           ([{"name": "vae_latents", "vae": "tiny"}], cpu, GPU)):
         cfg = RunConfig.model_validate({**base, "filters": filters})
-        plan = Plan(cfg, RunLayout(tmp_path), 1, GPU)
+        plan = Plan(cfg, RunLayout(tmp_path), 1, GPU, cpu_options=cpu_options)
         [write] = plan.write_tasks(0, cfg.filter_specs(), after_prepare=False)
         assert write.options == expected
+        download, score = plan.prepare_tasks(0, "x.parquet")
+        assert (download.options, score.options) == (cpu_options, GPU)
