@@ -25,8 +25,9 @@ from __future__ import annotations
 import contextlib
 import io
 import threading
+import hashlib
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -106,6 +107,30 @@ def image_rejection(exc: Exception, stage: str) -> Rejection:
     if not isinstance(exc, ImageRejected):
         exc = ImageRejected("decode_error", f"{type(exc).__name__}: {exc}"[:200])
     return Rejection(exc.reason, filter=stage, detail=exc.detail, status=FAILED_TO_RESIZE)
+
+
+def examine_bytes(data: bytes, sample: dict, bytes_rejection: Callable[[dict], Optional[Rejection]],
+                  stage: str) -> tuple[dict, Optional["ImageHeader"], Optional[Rejection]]:
+    """The first look at an image's bytes, where the download and read stages both start:
+    sha256 and size, the header (its size; no pixel decoded), then `bytes_rejection` (the bytes
+    filters, given `sample` with the bytes, hash and size: they see the bytes before anything
+    else, so a hash-listed image is never read on), then whether the header was readable at all.
+
+    Returns (the columns found: sha256, bytes and, when the header read, original_width/height;
+    the opened header, which the caller closes, or None; the rejection, or None). Never raises."""
+    columns = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    header = unreadable = None
+    try:
+        header = read_header(data)
+        columns.update(original_width=header.width, original_height=header.height)
+    except Exception as exc:  # ImageRejected, or whatever a strange file raises
+        unreadable = exc
+    rejection = bytes_rejection({**sample, "data": data, "sha256": columns["sha256"],
+                                 "original_width": columns.get("original_width"),
+                                 "original_height": columns.get("original_height")})
+    if rejection is None and unreadable is not None:
+        rejection = image_rejection(unreadable, stage)
+    return columns, header, rejection
 
 
 @dataclass

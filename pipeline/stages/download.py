@@ -13,7 +13,6 @@ image dropped here has not been screened by them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections import Counter, deque
@@ -29,7 +28,7 @@ from curate.pipeline.config import RunConfig
 from curate.filters.dedup import needs_phash
 from curate.pipeline.dedup_store import phash_hex
 from curate.pipeline.fetch import fetch
-from curate.pipeline.image import image_rejection, normalize_image, read_header
+from curate.pipeline.image import examine_bytes, image_rejection, normalize_image
 from curate.pipeline.reader import read_input_shard
 from curate.pipeline.layout import RunLayout
 from curate.pipeline.records import SUCCESS, Rejection, records_table, sample_meta
@@ -65,27 +64,14 @@ def _process(row: dict, cfg: RunConfig, bytes_chain: list[Filter], phash: bool =
         record.update(rejection.columns())
         return record, None, (None if rejection.is_safety else (got.data, rejection))
 
-    record["sha256"] = hashlib.sha256(got.data).hexdigest()
-    record["bytes"] = len(got.data)
     # The header, read once: the size the bytes filters judge (resolution) and the report charts,
-    # and the opened file normalize_image goes on from. Unreadable: the size is unknown, and the
-    # rejection waits until the bytes filters (the hash blocklist first) have seen the bytes.
-    header = unreadable = None
+    # and the opened file normalize_image goes on from. The bytes filters judge before anything is
+    # decoded or stored: an image they drop is never written anywhere.
+    columns, header, rejection = examine_bytes(got.data, row, lambda s: apply_chain(bytes_chain, s), DOWNLOAD)
+    record.update(columns)
     try:
-        header = read_header(got.data)
-        record.update(original_width=header.width, original_height=header.height)
-    except Exception as exc:  # ImageRejected, or whatever a strange file raises
-        unreadable = exc
-    try:
-        if bytes_chain:
-            # Before anything is decoded or stored: an image these filters drop is never written anywhere.
-            sample = {**row, "data": got.data, "sha256": record["sha256"],
-                      "original_width": record.get("original_width"), "original_height": record.get("original_height")}
-            rejection = apply_chain(bytes_chain, sample)
-            if rejection is not None:
-                return dropped(rejection)
-        if unreadable is not None:
-            return dropped(image_rejection(unreadable, DOWNLOAD))
+        if rejection is not None:
+            return dropped(rejection)
         try:
             img = normalize_image(got.data, cfg.resize, cfg.download.max_image_area, header)
             # For the dedup filter's near-duplicate pass: the hash of the image as it is stored.

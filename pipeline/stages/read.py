@@ -31,7 +31,6 @@ only to cross-check the count of samples.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -50,7 +49,7 @@ from curate.filters.dedup import needs_phash
 from curate.pipeline import storage
 from curate.pipeline.config import RunConfig
 from curate.pipeline.dedup_store import phash_hex
-from curate.pipeline.image import image_rejection, normalize_image, read_header
+from curate.pipeline.image import examine_bytes, image_rejection, normalize_image
 from curate.pipeline.records import (
     FAILED_TO_DOWNLOAD, FAILED_TO_RESIZE, RECORD_COLUMNS, SUCCESS, Rejection, records_table,
 )
@@ -142,22 +141,10 @@ def _examine(row: dict, data: bytes, span: tuple[int, int], cfg: RunConfig, byte
              phash: bool) -> dict:
     """The outcome columns of a sample with an image: bytes filters, header, area; pHash when asked.
     Never raises: a failure is a rejection with the download stage's reason."""
-    outcome = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    header = unreadable = None
+    outcome, header, rejection = examine_bytes(data, row, lambda s: apply_chain(bytes_chain, s), READ)
     try:
-        header = read_header(data)
-        outcome.update(original_width=header.width, original_height=header.height)
-    except Exception as exc:  # ImageRejected, or whatever a strange file raises
-        unreadable = image_rejection(exc, READ)
-    try:
-        if bytes_chain:  # before the image is judged otherwise: a hash-listed image is never read on
-            rejection = apply_chain(bytes_chain, {**row, "data": data, "sha256": outcome["sha256"],
-                                                  "original_width": outcome.get("original_width"),
-                                                  "original_height": outcome.get("original_height")})
-            if rejection is not None:
-                return {**outcome, **rejection.columns()}
-        if unreadable is not None:
-            return {**outcome, **unreadable.columns()}
+        if rejection is not None:
+            return {**outcome, **rejection.columns()}
         area = header.width * header.height
         if area > cfg.download.max_image_area:  # a bomb never reaches a decoder of a later stage
             return {**outcome, **Rejection("image_area_too_large", filter=READ, status=FAILED_TO_RESIZE,
