@@ -16,13 +16,15 @@ variables or ~/.aws), and `configure` accepts only the non-secret options a conf
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import posixpath
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Iterator
+from collections import deque
+from typing import Any, Callable, Iterator
 
 import fsspec
 import fsspec.config
@@ -266,6 +268,28 @@ def read_parquet(path: str | os.PathLike, columns: list[str] | None = None):
         return pq.read_table(path, columns=columns)
     with open_file(path) as f:
         return pq.read_table(f, columns=columns)
+
+
+# Files read ahead, in threads, by `read_ahead`: reading (pyarrow's decoding, an object store's
+# latency) runs without the GIL, while the caller works through the files in order.
+READ_AHEAD = 8
+
+
+def read_ahead(paths: list, read: Callable[[Any], Any], depth: int = READ_AHEAD) -> Iterator[tuple[Any, Any]]:
+    """(path, read(path)) for each path, in order, up to `depth` files read ahead in threads: the
+    report reads every shard's files once, 7 small files a shard, and one after the other that
+    took minutes at 50,000 shards. Memory: at most `depth` results wait at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    todo = iter(paths)
+    with ThreadPoolExecutor(depth) as pool:
+        window = deque((p, pool.submit(read, p)) for p in itertools.islice(todo, depth))
+        while window:
+            path, future = window.popleft()
+            following = next(todo, None)
+            if following is not None:
+                window.append((following, pool.submit(read, following)))
+            yield path, future.result()
 
 
 def load_npy(path: str | os.PathLike, mmap: bool = False):

@@ -109,10 +109,13 @@ def score_charts(files: dict[str, list[Path]], stats: dict[str, dict], config: d
                                       markers=plans[run][key].markers if key in plans[run] else [])
                        for run in RUNS})
     columns = {"status", "reject_filter", "reject_metric"} | {k[len("score:"):] for k in keys}
+
+    def read(path: str):
+        return storage.read_parquet(path, columns=sorted(columns & set(storage.parquet_names(path))))
+
     for run in RUNS:
-        for path in files[run]:  # one shard's needed columns in memory at a time
-            names = set(storage.parquet_names(path))
-            fill_histograms([c[run] for c in charts], storage.read_parquet(path, columns=sorted(columns & names)))
+        for _, table in storage.read_ahead(files[run], read):  # a few shards' needed columns in memory at a time
+            fill_histograms([c[run] for c in charts], table)
     for pair in charts:
         # One direction for both curves: the run that has the rule says which side it keeps.
         ruled = [pair[run] for run in RUNS if pair[run].markers and pair[run].counts["rule"].any()]

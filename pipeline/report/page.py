@@ -276,8 +276,7 @@ def column_ranges(files: list[str]) -> dict[str, tuple[float, float]]:
     statistics: one pass, no data read (a column is read only where its footer has no
     statistics)."""
     found: dict[str, list[float]] = {}
-    for path in files:
-        parquet = storage.parquet_file(path)
+    for path, parquet in storage.read_ahead(files, storage.parquet_file):
         meta = parquet.metadata
         leaves = {meta.schema.column(i).path: i for i in range(meta.num_columns)}  # flat columns: path == name
         for f in parquet.schema_arrow:
@@ -286,9 +285,12 @@ def column_ranges(files: list[str]) -> dict[str, tuple[float, float]]:
                 continue
             span = found.setdefault(f.name, [math.inf, -math.inf])
             for g in range(meta.num_row_groups):
-                st = meta.row_group(g).column(leaves[f.name]).statistics
+                chunk = meta.row_group(g).column(leaves[f.name])
+                st = chunk.statistics
                 if st is not None and st.has_min_max:
                     values = [float(st.min), float(st.max)]
+                elif st is not None and st.has_null_count and st.null_count == chunk.num_values:
+                    values = []  # every value null: nothing to read (it was a data read per file)
                 elif meta.row_group(g).num_rows:
                     mm = pc.min_max(storage.read_parquet(path, columns=[f.name]).column(f.name)).as_py()
                     values = [float(mm["min"]), float(mm["max"])] if mm["min"] is not None else []
@@ -304,10 +306,14 @@ def rejection_thresholds(files: list[str]) -> dict[str, set[float]]:
     """metric → the thresholds the run's rejections compared it with (`reject_metric`,
     `reject_threshold`), one shard's two columns in memory at a time."""
     found: dict[str, set] = {}
-    for path in files:
-        if not {"reject_metric", "reject_threshold"} <= set(storage.parquet_names(path)):
+    columns = ["reject_metric", "reject_threshold"]
+
+    def read(path: str) -> Optional[pa.Table]:
+        return storage.read_parquet(path, columns=columns) if set(columns) <= set(storage.parquet_names(path)) else None
+
+    for _, table in storage.read_ahead(files, read):
+        if table is None:
             continue
-        table = storage.read_parquet(path, columns=["reject_metric", "reject_threshold"])
         table = table.filter(pc.and_(pc.is_valid(table["reject_metric"]), pc.is_valid(table["reject_threshold"])))
         pairs = table.group_by(["reject_metric", "reject_threshold"]).aggregate([])
         for metric, threshold in zip(pairs["reject_metric"].to_pylist(), pairs["reject_threshold"].to_pylist()):
@@ -520,8 +526,9 @@ def choose_samples(folder: str, kept_shown: int = KEPT_SHOWN, per_reason: int = 
     kept = BottomK(kept_shown)
     dropped: dict[str, BottomK] = {}
     near: dict[tuple[str, Rule], BottomK] = {}
-    for path in [p for p in storage.listing(folder) if p.endswith(".parquet")]:
-        for row in storage.read_parquet(path).to_pylist():
+    for _, table in storage.read_ahead([p for p in storage.listing(folder) if p.endswith(".parquet")],
+                                       storage.read_parquet):
+        for row in table.to_pylist():
             if is_safety_reason(row["reason"]):
                 continue  # never shown, whatever a samples file holds
             rule = _rule(row)
@@ -722,8 +729,9 @@ class DownloadFailures:
 def stage_seconds(layout: RunLayout) -> dict[str, list[float]]:
     """Per stage, each shard's task seconds (from the done-markers)."""
     seconds: dict[str, list[float]] = {}
-    for marker in [p for p in storage.listing(layout.shards) if p.endswith(".done.json")]:
-        for stage, value in (json.loads(storage.read_text(marker)).get("seconds") or {}).items():
+    for _, text in storage.read_ahead([p for p in storage.listing(layout.shards) if p.endswith(".done.json")],
+                                      storage.read_text):
+        for stage, value in (json.loads(text).get("seconds") or {}).items():
             seconds.setdefault(stage, []).append(float(value))
     return seconds
 
@@ -812,8 +820,10 @@ def build_report(root: str | Path) -> str:
     wanted = {"status", "reason", "caption", "original_width", "original_height", "reject_filter", "reject_metric",
               "reject_threshold"} | DownloadFailures.COLUMNS
     wanted |= {c.key[len("score:"):] for c in charts if c.key.startswith("score:")}
-    for path in files:  # one shard's needed columns in memory at a time
-        table = storage.read_parquet(path, columns=sorted(wanted & set(storage.parquet_names(path))))
+    def read(path: str) -> pa.Table:
+        return storage.read_parquet(path, columns=sorted(wanted & set(storage.parquet_names(path))))
+
+    for _, table in storage.read_ahead(files, read):  # a few shards' needed columns in memory at a time
         fill_histograms(charts, table)
         captions.add(table)
         failures.add(table)
