@@ -32,12 +32,15 @@ Target (issue 15 item 8): vae_latents at 256 px >= 1,000 images/s inside `curate
 (end to end: images written / wall seconds).
 
     python bench/vae_filter.py                      # GPU run: 20,000 images; writes BENCHMARKS.md after each measurement
-    python bench/vae_filter.py --quick --no-write   # CPU dry run: a tiny VAE, 200 images in 2 tars, ~2 min
+    python bench/vae_filter.py --quick --no-write   # CPU dry run: a narrow VAE, 200 images in 2 tars, ~2 min
 
---quick runs everything on the CPU (the filter with `device: cpu`) with a VAE folder of curate's
-tiny VAE shape (pipeline/models/vae.py TINY_VAE, random weights, saved the same way into
-bench-work/vae-filter/tiny-vae/, so the dry run takes the GPU run's path: a folder loaded by
-every worker); `--vae tiny` uses curate's built-in "tiny" instead. It never writes BENCHMARKS.md.
+--quick runs everything on the CPU (the filter with `device: cpu`), 200 images in 2 tars, with
+QUICK_VAE: SD 1.5's VAE layout (four blocks, 8x down, 4 latent channels: the same 4 x 32 x 32
+latents at 256 px) narrowed to 8-16 channels, 0.5 GFLOP per 256-px image, random weights, saved
+the same way into bench-work/vae-filter/quick-vae/, so that the dry run takes the GPU run's path (a
+folder, loaded by every worker). Not curate's `vae: tiny`: built for 32-px images, it downsamples
+by 2 only, so at 256 px its attention spans 128 x 128 positions, 79 GFLOP per image (SD 1.5's: 273),
+minutes on a 2-core CPU (`--vae tiny` still runs it). --quick never writes BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -65,12 +68,15 @@ from bench.download import cpu_name  # noqa: E402
 from bench.shards_e2e import (  # noqa: E402
     CurateRunFailed, GpuMemoryPoller, _descendants, _kill_group, _mib, log, make_shards,
 )
+from bench.train import SD15_VAE  # noqa: E402
 from curate.pipeline.benchmarks import update_section  # noqa: E402
 
 WORK = REPO / "bench-work" / "vae-filter"
 HEADING = "## vae_latents inside curate run (issue 15)"
 SIZE = 256  # px: resize.size (center_crop) and the filter's resolution
 TARGET = 1_000  # images/s inside curate run, one H200
+# --quick's VAE: SD 1.5's layout, narrow (see the module docstring).
+QUICK_VAE = dict(SD15_VAE, block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8)
 MAX_LIVE_LINES = 40  # of the curate run's output echoed as it comes (the device tool keeps the last 12,000 chars)
 
 
@@ -325,6 +331,9 @@ def run_alone(source: str, device: str, variant: str, batch: int, seconds: float
     # Pixels as the filter makes them: float32 NCHW from torch.from_numpy, in [-1, 1].
     pixels = (torch.rand(batch, 3, SIZE, SIZE, generator=gen) * 2 - 1).to(device)
     if variant != "filter":
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()  # its advice on casting with to(): this cast is the point
         vae = vae.to(torch.bfloat16).to(memory_format=torch.channels_last)
         pixels = pixels.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
     if variant == "compiled":
@@ -389,7 +398,7 @@ def render(state: dict, args) -> str:
         f"({info['unique']:,} unique, repeated), sides 256–512 px, mean {info['mean_kb']:.1f} KB, in "
         f"{info['shards']} img2dataset-style tars of {info['shard_size']:,} (bench/shards_e2e.py's). VAE: "
         f"{state['vae_label']}, random weights"
-        + (f", {gflop:.0f} GFLOP per {SIZE}-px image (flop counter)" if gflop else "")
+        + (f", {gflop:.3g} GFLOP per {SIZE}-px image (flop counter)" if gflop else "")
         + f". {cpu_name()}, {cores} cores; torch {torch.__version__}, diffusers {_version('diffusers')}, "
         f"dask {_version('dask')}. Whole run {(time.perf_counter() - state['t0']) / 60:.1f} min.",
         "",
@@ -415,12 +424,12 @@ def render(state: dict, args) -> str:
     ]
 
     def tflops(rate):
-        return f"{rate * gflop / 1e3:,.1f}" if gflop and rate else "—"
+        return f"{rate * gflop / 1e3:.3g}" if gflop and rate else "—"
 
     if c:
         lines.append(f"| curate run, end to end | **{fmt_rate(c['rate'])}** | {c['written']:,} written of "
                      f"{c['images']:,} read in {c['wall']:.1f} s wall (stats.json "
-                     f"{c['stats'].get('duration_seconds', '—')} s) | 1.00× | {tflops(c['rate'])} |")
+                     f"{c['stats'].get('duration_seconds', '—')} s) | — | {tflops(c['rate'])} |")
     else:
         wall = f" after {part['wall']:.1f} s" if part.get("wall") else ""
         lines.append(f"| curate run, end to end | failed{wall} | {_cell(state.get('curate_error', '?'), 300)} | — | — |")
@@ -483,7 +492,7 @@ def main() -> None:
     parser.add_argument("--unique", type=int, default=None, help="distinct JPEGs, repeated (default 2000; quick 100)")
     parser.add_argument("--vae", default=None,
                         help="the filter's vae: a folder, hub id or 'tiny' (default: SD 1.5's shape, random "
-                             "weights, made in bench-work/vae-filter/sd15-vae; quick: curate's tiny shape, likewise)")
+                             "weights, made in bench-work/vae-filter/sd15-vae; quick: QUICK_VAE, likewise)")
     parser.add_argument("--alone-batch", type=int, default=None, help="encoder-alone batch (default: the filter's, 32)")
     parser.add_argument("--alone-seconds", type=float, default=None, help="timed seconds per encoder variant (default 5; quick 1)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -492,7 +501,7 @@ def main() -> None:
     parser.add_argument("--skip-compile", action="store_true")
     parser.add_argument("--run-timeout", type=float, default=None,
                         help="seconds before the curate run is stopped and marked failed (default 420; quick 240)")
-    parser.add_argument("--quick", action="store_true", help="CPU dry run: a tiny VAE, 200 images in 2 tars")
+    parser.add_argument("--quick", action="store_true", help="CPU dry run: a narrow VAE, 200 images in 2 tars")
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
@@ -510,9 +519,8 @@ def main() -> None:
     import torch
 
     from curate.filters.latents import VaeLatents
-    from curate.pipeline.models.vae import TINY, TINY_VAE
+    from curate.pipeline.models.vae import TINY
     from curate.pipeline.stages.write import FILTER_BATCH
-    from bench.train import SD15_VAE
 
     filter_batch = VaeLatents.model_fields["batch_size"].default
     args.alone_batch = args.alone_batch or filter_batch
@@ -522,7 +530,8 @@ def main() -> None:
     if args.vae:
         vae, vae_label = args.vae, (f"curate's built-in `{TINY}`" if args.vae == TINY else f"`{args.vae}`")
     elif args.quick:
-        vae, vae_label = str(make_vae_folder("tiny-vae", TINY_VAE)), "curate's tiny VAE shape (TINY_VAE) in a folder"
+        vae, vae_label = (str(make_vae_folder("quick-vae", QUICK_VAE)),
+                          "QUICK_VAE (SD 1.5's VAE layout, 8–16 channels, 0.1M parameters) in a folder")
     else:
         vae, vae_label = str(make_vae_folder("sd15-vae", SD15_VAE)), "SD 1.5's AutoencoderKL shape (84M parameters)"
     log(f"device: {device_name}; torch {torch.__version__}, diffusers {_version('diffusers')}; vae {vae}; "
@@ -573,7 +582,7 @@ def main() -> None:
             state["alone"][name] = a = result
             log(f"== {name}: {fmt_rate(a['rate'])} images/s ({a['calls']} calls of {a['batch']} in {a['seconds']:.1f} s, "
                 f"warm-up {a['warm_s']:.1f} s, latents {a['latent_shape']}"
-                + (f", {a['gflop']:.1f} GFLOP/image" if a.get("gflop") else "") + ")")
+                + (f", {a['gflop']:.3g} GFLOP/image" if a.get("gflop") else "") + ")")
         publish(name)
 
     log("target: " + verdict(state).replace("**", ""))

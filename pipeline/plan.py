@@ -27,6 +27,17 @@ from curate.pipeline.stages.score import score_shard
 from curate.pipeline.stages.write import write_shard
 
 
+def needs_gpu_filter(specs: list[dict]) -> bool:
+    """Whether a sample filter of `specs` needs a GPU (vae_latents): its write tasks go to GPU workers."""
+    return any(f.needs_gpu for f in build_chain(specs) if f.stage == "sample")
+
+
+def uses_gpu(cfg: RunConfig) -> bool:
+    """Whether the run has GPU work, so that the embedded cluster gets GPU workers and GPU tasks
+    ask for them: CLIP scoring (unless put on the CPU), or a sample filter that needs a GPU."""
+    return (cfg.clip.enabled and cfg.clip.device in ("auto", "cuda")) or needs_gpu_filter(cfg.filter_specs())
+
+
 @dataclass
 class Plan:
     cfg: RunConfig
@@ -66,5 +77,4 @@ class Plan:
         """The write task; chained after the prepare tasks when they run in the same chain."""
         args = (shard, str(self.layout.root), self.cfg, specs) + ((UPSTREAM,) if after_prepare else ())
         # A sample filter that needs a GPU (vae_latents) takes the whole write to a GPU worker.
-        on_gpu = any(f.needs_gpu for f in build_chain(specs) if f.stage == "sample")
-        return [Task("write", write_shard, args, self.gpu_options if on_gpu else self.cpu_options)]
+        return [Task("write", write_shard, args, self.gpu_options if needs_gpu_filter(specs) else self.cpu_options)]

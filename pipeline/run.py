@@ -35,7 +35,7 @@ from curate.pipeline.executor import DaskExecutor, InProcessExecutor, ShardOutco
 from curate.pipeline.layout import RunLayout
 from curate.pipeline.models.clip import check_model_source
 from curate.pipeline.passes import PASSES, PassContext
-from curate.pipeline.plan import Plan
+from curate.pipeline.plan import Plan, uses_gpu
 from curate.pipeline.progress import Progress
 from curate.pipeline.reader import InputShards, check_inputs, has_rows, write_input_shards
 from curate.pipeline.records import CLIP_SIMILARITY
@@ -216,7 +216,7 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=prin
     if cfg.dask.in_process:
         _prepare_output(layout, resolved_config, overwrite)
         return _run(cfg, layout, files, InProcessExecutor(), {}, {}, progress_options, started)
-    gpus = local_gpu_count() if cfg.clip.enabled and cfg.clip.device in ("auto", "cuda") else 0
+    gpus = local_gpu_count() if uses_gpu(cfg) else 0
     logger.debug(f"inputs checked ({len(files)} files) in {time.time() - started:.1f} s; starting the Dask client")
     with dask_client(cfg.dask, gpus) as client:  # an unreachable scheduler fails here, before anything is written
         logger.debug(f"Dask client ready after {time.time() - started:.1f} s: "
@@ -229,7 +229,7 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=prin
             client.forward_logging("curate", level=logging.WARNING)
         except (AttributeError, TypeError):  # an older distributed
             pass
-        gpu = gpu_resources(client) if cfg.clip.enabled else None  # {"GPU": 1} when a worker offers one
+        gpu = gpu_resources(client) if uses_gpu(cfg) else None  # {"GPU": 1} when a worker offers one
         gpu_options = {"resources": gpu} if gpu else {}
         cpu = cpu_resources(client)  # {"CPU": 1} where CPU workers say so: other tasks keep off the GPU workers
         cpu_options = {"resources": cpu} if cpu else {}

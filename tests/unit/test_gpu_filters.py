@@ -59,6 +59,17 @@ def test_batched_chain_decides_and_counts_as_sample_by_sample():
             assert x["meta"] == y["meta"]
 
 
+def test_a_gpu_filter_alone_gives_the_run_gpu_workers(tmp_path):
+    # Without CLIP scoring too: the embedded cluster gets its GPU layout and GPU tasks ask for it.
+    from curate.pipeline.plan import uses_gpu
+
+    base = {"input": {"paths": ["x.parquet"]}, "output": {"path": str(tmp_path)}}
+    cases = [({}, []), ({"clip": {"enabled": True}}, []), ({"clip": {"enabled": True, "device": "cpu"}}, []),
+             ({}, [{"name": "vae_latents", "vae": "tiny"}]), ({}, [{"name": "caption_length", "min_words": 2}])]
+    assert [uses_gpu(RunConfig.model_validate({**base, **extra, "filters": filters})) for extra, filters in cases] == [
+        False, True, False, True, False]
+
+
 def test_a_run_with_a_gpu_filter_writes_its_shards_on_the_gpu_workers(tmp_path):
     # and the other tasks on the CPU workers, where those offer CPU slots (the embedded GPU layout)
     assert FILTERS["vae_latents"].needs_gpu and not FILTERS["caption_length"].needs_gpu
