@@ -271,37 +271,24 @@ def curate_config(model: str, tars_dir: Path, out: Path, device: str, batch: int
     }
 
 
-def run_curate(model: str, tars_dir: Path, device: str, batch: int, timeout: float, poll: bool) -> dict:
-    """`curate run CONFIG --progress-every 2` in a subprocess, timed from start to exit; nvidia-smi
-    polled meanwhile. Its output goes to a log file, and its lines to ours as they come."""
-    import yaml
-
-    base = WORK / "runs" / slug(model)
-    out = base / "out"
-    shutil.rmtree(base, ignore_errors=True)
-    base.mkdir(parents=True)
-    config_path = base / "config.yaml"
-    config = curate_config(model, tars_dir, out, device, batch)
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    # Progress lines every 2 s (plain, timestamped: stderr is no terminal) show in curate.log when
-    # each stage's shards finished: where the start-up and the scoring time went.
-    cmd = [sys.executable, "-m", "curate.pipeline.cli", "run", str(config_path), "--progress-every", "2", "--log-level", "debug"]
-    log(f"  curate: {' '.join(cmd[1:])}  (config: input {config['input']}, clip {config['clip']['device']} "
-        f"{config['clip']['precision']} batch {batch}, filter resolution min_side {MIN_SIDE})")
-    log_path = base / "curate.log"
+def run_logged(cmd: list[str], log_path: Path, timeout: float, poll: bool) -> dict:
+    """Run `cmd` (a `curate run`) in its own session, its output to `log_path` and its first lines
+    to ours as they come; stopped with all its processes past `timeout`; nvidia-smi polled meanwhile
+    when `poll`. Returns wall (s), rc, lines, tree (the pids of the run's processes), poller (or
+    None), timed_out (an Event) and log (the log's path in the repository)."""
     poller = GpuMemoryPoller() if poll else None
     lines: list[str] = []
-    # Its own session, so that a run past the timeout is stopped with all its worker processes.
     with open(log_path, "w") as log_file:
         if poller:
             poller.__enter__()
         started, started_epoch = time.perf_counter(), time.time()
+        # Its own session, so that a run past the timeout is stopped with all its worker processes.
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 bufsize=1, start_new_session=True)
         tree: set[int] = {proc.pid}
         stop_tree = threading.Event()
 
-        def watch_tree() -> None:  # the run's processes, to tell its GPU worker apart in nvidia-smi
+        def watch_tree() -> None:  # the run's processes, to tell its GPU workers apart in nvidia-smi
             while not stop_tree.is_set():
                 try:
                     tree.update(_descendants(proc.pid))
@@ -309,8 +296,7 @@ def run_curate(model: str, tars_dir: Path, device: str, batch: int, timeout: flo
                     pass
                 stop_tree.wait(0.5)
 
-        watcher = threading.Thread(target=watch_tree, daemon=True)
-        watcher.start()
+        threading.Thread(target=watch_tree, daemon=True).start()
         timed_out = threading.Event()
 
         def stop() -> None:
@@ -339,7 +325,31 @@ def run_curate(model: str, tars_dir: Path, device: str, batch: int, timeout: flo
     if len(lines) > MAX_LIVE_LINES:
         for line in lines[-8:]:
             log(f"    | {line[:300]}")
-    result = {"wall": wall, "rc": rc, "log": str(log_path.relative_to(REPO)), "batch": batch}
+    return {"wall": wall, "rc": rc, "lines": lines, "tree": tree, "poller": poller, "timed_out": timed_out,
+            "started_epoch": started_epoch, "log": str(log_path.relative_to(REPO))}
+
+
+def run_curate(model: str, tars_dir: Path, device: str, batch: int, timeout: float, poll: bool) -> dict:
+    """`curate run CONFIG --progress-every 2` in a subprocess (`run_logged`), timed from start to
+    exit, nvidia-smi polled meanwhile; what it did, from its stats and done-markers."""
+    import yaml
+
+    base = WORK / "runs" / slug(model)
+    out = base / "out"
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    config_path = base / "config.yaml"
+    config = curate_config(model, tars_dir, out, device, batch)
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    # Progress lines every 2 s (plain, timestamped: stderr is no terminal) show in curate.log when
+    # each stage's shards finished: where the start-up and the scoring time went.
+    cmd = [sys.executable, "-m", "curate.pipeline.cli", "run", str(config_path), "--progress-every", "2", "--log-level", "debug"]
+    log(f"  curate: {' '.join(cmd[1:])}  (config: input {config['input']}, clip {config['clip']['device']} "
+        f"{config['clip']['precision']} batch {batch}, filter resolution min_side {MIN_SIDE})")
+    run = run_logged(cmd, base / "curate.log", timeout, poll)
+    wall, rc, lines, tree, poller, timed_out, started_epoch = (
+        run[k] for k in ("wall", "rc", "lines", "tree", "poller", "timed_out", "started_epoch"))
+    result = {"wall": wall, "rc": rc, "log": run["log"], "batch": batch}
     if poller:
         ours = {pid: mib for pid, mib in poller.peak_by_pid.items() if pid in tree}
         others = {pid: mib for pid, mib in poller.peak_by_pid.items() if pid not in tree and pid != os.getpid()}

@@ -52,9 +52,7 @@ import io
 import json
 import os
 import shutil
-import subprocess
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -66,7 +64,7 @@ sys.path.insert(0, str(REPO))
 from bench.clip_score import _short_error, _version, fmt_rate  # noqa: E402
 from bench.download import cpu_name  # noqa: E402
 from bench.shards_e2e import (  # noqa: E402
-    CurateRunFailed, GpuMemoryPoller, _descendants, _kill_group, _mib, log, make_shards,
+    CurateRunFailed, GpuMemoryPoller, _mib, log, make_shards, run_logged,
 )
 from bench.train import SD15_VAE  # noqa: E402
 from curate.pipeline.benchmarks import update_section  # noqa: E402
@@ -77,7 +75,6 @@ SIZE = 256  # px: resize.size (center_crop) and the filter's resolution
 TARGET = 1_000  # images/s inside curate run, one H200
 # --quick's VAE: SD 1.5's layout, narrow (see the module docstring).
 QUICK_VAE = dict(SD15_VAE, block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8)
-MAX_LIVE_LINES = 40  # of the curate run's output echoed as it comes (the device tool keeps the last 12,000 chars)
 
 
 # ---------------------------------------------------------------- the VAE folder
@@ -137,58 +134,10 @@ def run_curate(tars_dir: Path, vae: str, quick: bool, timeout: float, poll: bool
     cmd = [sys.executable, "-m", "curate.pipeline.cli", "run", str(config_path), "--progress-every", "2",
            "--log-level", "debug"] + [a for o in overrides for a in ("--set", o)]
     log(f"  curate: {' '.join(cmd[1:])}  (filters {config['filters']}, resize {config['resize']})")
-    log_path = base / "curate.log"
-    poller = GpuMemoryPoller() if poll else None
-    lines: list[str] = []
-    with open(log_path, "w") as log_file:
-        if poller:
-            poller.__enter__()
-        started, started_epoch = time.perf_counter(), time.time()
-        # Its own session, so that a run past the timeout is stopped with all its worker processes.
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                bufsize=1, start_new_session=True)
-        tree: set[int] = {proc.pid}
-        stop_tree = threading.Event()
-
-        def watch_tree() -> None:  # the run's processes, to tell its GPU users apart in nvidia-smi
-            while not stop_tree.is_set():
-                try:
-                    tree.update(_descendants(proc.pid))
-                except Exception:
-                    pass
-                stop_tree.wait(0.5)
-
-        watcher = threading.Thread(target=watch_tree, daemon=True)
-        watcher.start()
-        timed_out = threading.Event()
-
-        def stop() -> None:
-            timed_out.set()
-            _kill_group(proc)
-
-        timer = threading.Timer(timeout, stop)
-        timer.start()
-        try:
-            for line in proc.stdout:
-                log_file.write(line)
-                lines.append(line.rstrip("\n"))
-                if len(lines) <= MAX_LIVE_LINES:
-                    log(f"    | {line.rstrip()[:300]}")
-                elif len(lines) == MAX_LIVE_LINES + 1:
-                    log(f"    | ... (more in {log_path.relative_to(REPO)}; its last lines follow at the end)")
-            rc = proc.wait()
-        finally:
-            wall = time.perf_counter() - started
-            timer.cancel()
-            stop_tree.set()
-            if proc.poll() is None:
-                _kill_group(proc)
-            if poller:
-                poller.__exit__()
-    if len(lines) > MAX_LIVE_LINES:
-        for line in lines[-8:]:
-            log(f"    | {line[:300]}")
-    result = {"wall": wall, "rc": rc, "log": str(log_path.relative_to(REPO))}
+    run = run_logged(cmd, base / "curate.log", timeout, poll)
+    wall, rc, lines, tree, poller, timed_out, started_epoch = (
+        run[k] for k in ("wall", "rc", "lines", "tree", "poller", "timed_out", "started_epoch"))
+    result = {"wall": wall, "rc": rc, "log": run["log"]}
     if poller:
         ours = {pid: mib for pid, mib in poller.peak_by_pid.items() if pid in tree}
         result.update({"gpu_pids": len(ours), "gpu_peak_by_pid": ours, "gpu_peak_total": poller.peak_total,
