@@ -100,14 +100,20 @@ def check_inputs(cfg: InputConfig) -> list[str]:
         return check_tars(cfg)
     files = resolve_inputs(cfg)
     wanted = [cfg.url_col] + ([cfg.caption_col] if cfg.caption_col else []) + list(cfg.extra_cols)
-    for path in files:
-        fmt = file_format(path, cfg.format)
+
+    def columns_or_error(path: str):
         try:
-            columns = _columns_of(path, fmt)
-        except FileNotFoundError as exc:
-            raise UserError(f"input file not found: {path}") from exc
-        except Exception as exc:  # pyarrow / pandas / json each raise their own types
-            raise UserError(f"input {path}: not a readable {fmt} file ({type(exc).__name__}: {exc})") from exc
+            return _columns_of(path, file_format(path, cfg.format))
+        except Exception as exc:  # raised below, in file order
+            return exc
+
+    # Each file's header, read ahead in threads (thousands of footers in object storage), judged in order.
+    for path, columns in storage.read_ahead(files, columns_or_error):
+        fmt = file_format(path, cfg.format)
+        if isinstance(columns, FileNotFoundError):
+            raise UserError(f"input file not found: {path}") from columns
+        if isinstance(columns, Exception):  # pyarrow / pandas / json each raise their own types
+            raise UserError(f"input {path}: not a readable {fmt} file ({type(columns).__name__}: {columns})") from columns
         if not columns:
             continue  # an empty file has no rows and no header; it contributes nothing
         missing = [c for c in wanted if c not in columns]
@@ -336,13 +342,17 @@ class InputShards:
             self.files = self._fixed_files(files)
             n = len(self.files)
             self.rows, self.shards, self.cut = [None] * n, [None] * n, [False] * n
-            for i, path in enumerate(self.files):
+            def known(i: int):  # a cut file's marker, or a parquet footer's count (None: known once cut)
                 if is_done(self.out_dir, i):
-                    self._record(i, read_marker(self.out_dir, i))
-                else:
-                    rows = _footer_rows(path, file_format(path, cfg.format))
-                    if rows is not None:
-                        self._count(i, rows, math.ceil(rows / self.rows_per_shard))
+                    return read_marker(self.out_dir, i)
+                return _footer_rows(self.files[i], file_format(self.files[i], cfg.format))
+
+            # Thousands of footers in object storage: read ahead in threads, counted in order.
+            for i, found in storage.read_ahead(list(range(len(self.files))), known):
+                if isinstance(found, dict):
+                    self._record(i, found)
+                elif found is not None:
+                    self._count(i, found, math.ceil(found / self.rows_per_shard))
         self.first: list[Optional[int]] = [None] * len(self.rows)
         self._known, self._offset = 0, 0  # counts known for files [0, _known); their shards: _offset
         self._advance()
