@@ -16,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Optional
 
 import numpy as np
@@ -151,24 +149,16 @@ def _normalize(data: bytes, cfg: RunConfig, decoded: bool):
 def _normalized(cfg: RunConfig, kept: list[dict], spans: list[tuple[int, int]], decoded: frozenset) -> Iterator[SourceImage]:
     if not kept:
         return
-    with storage.local_copy(kept[0][SOURCE_SHARD]) as local, open(local, "rb") as f, \
-            ThreadPoolExecutor(NORMALIZE_THREADS) as pool:
+    with storage.local_copy(kept[0][SOURCE_SHARD]) as local, open(local, "rb") as f:
         fd = f.fileno()
-        todo = iter(zip(kept, spans))
-        window: deque = deque()
 
-        def submit_next() -> None:
-            for record, (offset, size) in todo:
-                known = record["key"] in decoded
-                window.append((record, pool.submit(lambda o=offset, s=size, k=known: _normalize(os.pread(fd, s, o), cfg, k))))
-                return
+        def read(item: tuple[dict, tuple[int, int]]):
+            record, (offset, size) = item
+            return _normalize(os.pread(fd, size, offset), cfg, record["key"] in decoded)
 
-        for _ in range(NORMALIZE_THREADS * 2):  # a few ahead: bounded memory, no idle thread
-            submit_next()
-        while window:
-            record, future = window.popleft()
-            submit_next()
-            image, rejection = future.result()
+        # A few ahead: bounded memory, no idle thread.
+        for (record, _), (image, rejection) in storage.read_ahead(list(zip(kept, spans)), read,
+                                                                 depth=NORMALIZE_THREADS * 2, threads=NORMALIZE_THREADS):
             if rejection is not None:
                 yield record["key"], None, None, rejection
                 continue

@@ -275,21 +275,22 @@ def read_parquet(path: str | os.PathLike, columns: list[str] | None = None):
 READ_AHEAD = 8
 
 
-def read_ahead(paths: list, read: Callable[[Any], Any], depth: int = READ_AHEAD) -> Iterator[tuple[Any, Any]]:
-    """(path, read(path)) for each path, in order, up to `depth` files read ahead in threads: the
-    report reads every shard's files once, 7 small files a shard, and one after the other that
-    took minutes at 50,000 shards. Memory: at most `depth` results wait at once."""
+def read_ahead(items: list, read: Callable[[Any], Any], depth: int = READ_AHEAD,
+               threads: int | None = None) -> Iterator[tuple[Any, Any]]:
+    """(item, read(item)) for each item (a path, or what names a file's part), in order, up to
+    `depth` reads ahead in `threads` threads (default `depth`): the report reads every shard's
+    files once, 7 small files a shard, and one after the other that took minutes at 50,000
+    shards. Memory: at most `depth` results wait at once."""
     from concurrent.futures import ThreadPoolExecutor
 
-    todo = iter(paths)
-    with ThreadPoolExecutor(depth) as pool:
-        window = deque((p, pool.submit(read, p)) for p in itertools.islice(todo, depth))
+    todo = iter(items)
+    with ThreadPoolExecutor(threads or depth) as pool:
+        window = deque((item, pool.submit(read, item)) for item in itertools.islice(todo, depth))
         while window:
-            path, future = window.popleft()
-            following = next(todo, None)
-            if following is not None:
+            item, future = window.popleft()
+            for following in itertools.islice(todo, 1):  # the next item, if any (None or 0 are items too)
                 window.append((following, pool.submit(read, following)))
-            yield path, future.result()
+            yield item, future.result()
 
 
 def load_npy(path: str | os.PathLike, mmap: bool = False):

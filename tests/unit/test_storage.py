@@ -32,6 +32,13 @@ def test_publish_puts_the_file_in_place_only_on_success(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temporary file left
 
 
+def test_read_ahead_gives_every_item_in_order_whatever_the_items_are():
+    # 0 and None are items too (file indexes, a source's values): none may end the read early.
+    items = [0, 1, None, 3, 0, None, *range(6, 20)]
+    got = list(storage.read_ahead(items, lambda item: ("read", item), depth=3, threads=2))
+    assert got == [(item, ("read", item)) for item in items]
+
+
 def test_publish_writes_in_a_temporary_folder_that_concurrent_writers_share(tmp_path):
     # Temporaries live in .tmp/ beside the final files (same file system: the rename is atomic),
     # so cleaning a shard lists only what is being written; the folder goes once empty, and a
