@@ -45,20 +45,25 @@ def local_gpu_count() -> int:
     return torch.cuda.device_count()
 
 
+def _one_of(client: Client, resource: str) -> dict | None:
+    """{resource: 1} when some worker offers that resource, else None: a task asking for it
+    could run nowhere."""
+    workers = client.scheduler_info().get("workers", {}).values()
+    return {resource: 1} if any(w.get("resources", {}).get(resource) for w in workers) else None
+
+
 def gpu_resources(client: Client) -> dict | None:
     """Dask resources for GPU tasks: {"GPU": 1} when some worker offers a GPU (started with
     `dask worker --resources GPU=1`, or the GPU workers of the local cluster), else None so
     that the CPU path runs anywhere."""
-    workers = client.scheduler_info().get("workers", {}).values()
-    return {"GPU": 1} if any(w.get("resources", {}).get("GPU") for w in workers) else None
+    return _one_of(client, "GPU")
 
 
 def cpu_resources(client: Client) -> dict | None:
     """Dask resources for the other tasks: {"CPU": 1} when some worker offers CPU slots (the
     embedded GPU layout's CPU workers; `dask worker --resources CPU=N` on a cluster), so those
     tasks keep off the GPU workers; else None: any worker runs them."""
-    workers = client.scheduler_info().get("workers", {}).values()
-    return {"CPU": 1} if any(w.get("resources", {}).get("CPU") for w in workers) else None
+    return _one_of(client, "CPU")
 
 
 # The embedded cluster listens on loopback only: a Dask scheduler or worker runs whatever code

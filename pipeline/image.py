@@ -23,9 +23,9 @@ Differences from img2dataset's OpenCV resizer, each for a reason:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import threading
-import hashlib
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from curate.filters import build_chain
+from curate.filters import FILTERS, build_chain
 from curate.pipeline.config import RunConfig
 from curate.pipeline.executor import UPSTREAM, Task
 from curate.pipeline.layout import RunLayout
@@ -28,8 +28,10 @@ from curate.pipeline.stages.write import write_shard
 
 
 def needs_gpu_filter(specs: list[dict]) -> bool:
-    """Whether a sample filter of `specs` needs a GPU (vae_latents): its write tasks go to GPU workers."""
-    return any(f.needs_gpu for f in build_chain(specs) if f.stage == "sample")
+    """Whether a sample filter of `specs` needs a GPU (vae_latents): its write tasks go to GPU workers.
+    Asked of the filter classes (both are class attributes): the driver asks it for every shard,
+    and building the chain would construct every filter each time."""
+    return any(FILTERS[spec["name"]].needs_gpu and FILTERS[spec["name"]].stage == "sample" for spec in specs)
 
 
 def uses_gpu(cfg: RunConfig) -> bool:
