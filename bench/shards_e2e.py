@@ -329,6 +329,17 @@ def run_logged(cmd: list[str], log_path: Path, timeout: float, poll: bool) -> di
             "started_epoch": started_epoch, "log": str(log_path.relative_to(REPO))}
 
 
+def finished_stats(run: dict, out: Path, timeout: float, result: dict) -> dict:
+    """The stats.json of a `run_logged` run that ended well; else CurateRunFailed with its last
+    lines and `result` (what was measured anyway)."""
+    stats_path = out / "stats.json"
+    if run["rc"] != 0 or not stats_path.exists():
+        tail = " / ".join(l for l in run["lines"][-6:] if l.strip())[-600:]
+        why = f"timed out after {timeout:.0f} s" if run["timed_out"].is_set() else f"exit {run['rc']}"
+        raise CurateRunFailed(f"curate run {why}: {tail or 'no output'} (log: {run['log']})", result)
+    return json.loads(stats_path.read_text())
+
+
 def run_curate(model: str, tars_dir: Path, device: str, batch: int, timeout: float, poll: bool) -> dict:
     """`curate run CONFIG --progress-every 2` in a subprocess (`run_logged`), timed from start to
     exit, nvidia-smi polled meanwhile; what it did, from its stats and done-markers."""
@@ -347,8 +358,7 @@ def run_curate(model: str, tars_dir: Path, device: str, batch: int, timeout: flo
     log(f"  curate: {' '.join(cmd[1:])}  (config: input {config['input']}, clip {config['clip']['device']} "
         f"{config['clip']['precision']} batch {batch}, filter resolution min_side {MIN_SIDE})")
     run = run_logged(cmd, base / "curate.log", timeout, poll)
-    wall, rc, lines, tree, poller, timed_out, started_epoch = (
-        run[k] for k in ("wall", "rc", "lines", "tree", "poller", "timed_out", "started_epoch"))
+    wall, rc, tree, poller, started_epoch = (run[k] for k in ("wall", "rc", "tree", "poller", "started_epoch"))
     result = {"wall": wall, "rc": rc, "log": run["log"], "batch": batch}
     if poller:
         ours = {pid: mib for pid, mib in poller.peak_by_pid.items() if pid in tree}
@@ -362,12 +372,7 @@ def run_curate(model: str, tars_dir: Path, device: str, batch: int, timeout: flo
             "gpu_run_pids": sorted(ours), "gpu_pids_matched": bool(ours), "gpu_poll_error": poller.error,
         })
     result.update(_score_window(out, started_epoch))
-    stats_path = out / "stats.json"
-    if rc != 0 or not stats_path.exists():
-        tail = " / ".join(l for l in lines[-6:] if l.strip())[-600:]
-        why = f"timed out after {timeout:.0f} s" if timed_out.is_set() else f"exit {rc}"
-        raise CurateRunFailed(f"curate run {why}: {tail or 'no output'} (log: {result['log']})", result)
-    stats = json.loads(stats_path.read_text())
+    stats = finished_stats(run, out, timeout, result)
     result.update({
         "stats": stats, "images": stats.get("rows_in"), "written": stats.get("written"),
         "rate": (stats.get("rows_in") or 0) / wall,

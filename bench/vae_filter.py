@@ -64,7 +64,7 @@ sys.path.insert(0, str(REPO))
 from bench.clip_score import _short_error, _version, fmt_rate  # noqa: E402
 from bench.download import cpu_name  # noqa: E402
 from bench.shards_e2e import (  # noqa: E402
-    CurateRunFailed, GpuMemoryPoller, _mib, log, make_shards, run_logged,
+    CurateRunFailed, GpuMemoryPoller, _mib, finished_stats, log, make_shards, run_logged,
 )
 from bench.train import SD15_VAE  # noqa: E402
 from curate.pipeline.benchmarks import update_section  # noqa: E402
@@ -135,8 +135,7 @@ def run_curate(tars_dir: Path, vae: str, quick: bool, timeout: float, poll: bool
            "--log-level", "debug"] + [a for o in overrides for a in ("--set", o)]
     log(f"  curate: {' '.join(cmd[1:])}  (filters {config['filters']}, resize {config['resize']})")
     run = run_logged(cmd, base / "curate.log", timeout, poll)
-    wall, rc, lines, tree, poller, timed_out, started_epoch = (
-        run[k] for k in ("wall", "rc", "lines", "tree", "poller", "timed_out", "started_epoch"))
+    wall, rc, tree, poller, started_epoch = (run[k] for k in ("wall", "rc", "tree", "poller", "started_epoch"))
     result = {"wall": wall, "rc": rc, "log": run["log"]}
     if poller:
         ours = {pid: mib for pid, mib in poller.peak_by_pid.items() if pid in tree}
@@ -144,12 +143,7 @@ def run_curate(tars_dir: Path, vae: str, quick: bool, timeout: float, poll: bool
                        "gpu_polls": poller.polls, "gpu_poll_error": poller.error,
                        "gpu_pids_other": sorted(set(poller.peak_by_pid) - set(ours))})
     result.update(_write_window(out, started_epoch))
-    stats_path = out / "stats.json"
-    if rc != 0 or not stats_path.exists():
-        tail = " / ".join(l for l in lines[-6:] if l.strip())[-600:]
-        why = f"timed out after {timeout:.0f} s" if timed_out.is_set() else f"exit {rc}"
-        raise CurateRunFailed(f"curate run {why}: {tail or 'no output'} (log: {result['log']})", result)
-    stats = json.loads(stats_path.read_text())
+    stats = finished_stats(run, out, timeout, result)
     result.update({
         "stats": stats, "images": stats.get("rows_in"), "written": stats.get("written") or 0,
         "rate": (stats.get("written") or 0) / wall,
