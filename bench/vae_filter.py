@@ -10,7 +10,8 @@ bench-work/vae-filter/sd15-vae/ and reused; the filter and the encoder-alone row
 - curate run: `python -m curate.pipeline.cli run CONFIG --progress-every 2` in a subprocess, as a
   user runs it: `input: {paths: [TARS], format: webdataset}`, a fresh output folder, clip disabled,
   `resize: {size: 256, mode: center_crop}` (every image 256 x 256), `filters: [{name: vae_latents,
-  vae: FOLDER, resolution: 256}]` (its defaults otherwise: device auto, batch_size 32).
+  vae: FOLDER, resolution: 256}]` (its defaults otherwise: device auto, precision auto = bf16 +
+  channels_last on the GPU, batch_size 32), then again with `compile: true`.
   images/s = images written (stats.json) / wall seconds of the subprocess (interpreter, Dask
   cluster, VAE loading included, as a user waits for them). The write stage apart: from the final
   shards' done-markers (`shards/NNNNN.done.json`, "seconds": {"read": .., "write": ..}, written at the
@@ -21,10 +22,10 @@ bench-work/vae-filter/sd15-vae/ and reused; the filter and the encoder-alone row
 - encoder alone: the same folder loaded with curate's `load_vae`, random 256 x 256 pixels in
   [-1, 1], batch 32 (the filter's batch_size), through curate's `encode` (pipeline/models/latents.py,
   the filter's own call), timed with torch.cuda.synchronize:
-  - as the filter runs it: fp32 weights and input, NCHW, eager (`cached_vae`: `load_vae(...).float()`,
-    pixels from `torch.from_numpy`), torch's default TF32 settings, as in a curate worker;
-  - bf16 + channels_last, eager;
-  - bf16 + channels_last + torch.compile of the encoder (the issue's scale figures: 562 images/s
+  - fp32 weights and input, NCHW, eager, torch's default TF32 settings: how the filter ran before
+    it had `precision` (what `precision: fp32` gives);
+  - bf16 + channels_last, eager, cuDNN benchmark mode: the filter's default on a GPU;
+  - that + torch.compile of the encoder (`compile: true`; the issue's scale figures: 562 images/s
     eager, 1,412 compiled on an H200 at batch 64): the encoder's best.
   GFLOP per image: torch.utils.flop_counter over `encode` on the meta device.
 
@@ -106,8 +107,13 @@ def make_vae_folder(name: str, config: dict) -> Path:
 # ---------------------------------------------------------------- curate run
 
 
-def curate_config(tars_dir: Path, out: Path, vae: str, quick: bool) -> dict:
-    latents = {"name": "vae_latents", "vae": vae, "resolution": SIZE}
+# The curate runs: the filter's defaults (bf16 + channels_last on a GPU, eager), and compiled.
+RUNS = {"curate": ("defaults (`precision: auto`: bf16 + channels_last, eager)", False),
+        "curate_compiled": ("`compile: true`", True)}
+
+
+def curate_config(tars_dir: Path, out: Path, vae: str, quick: bool, compile: bool = False) -> dict:
+    latents = {"name": "vae_latents", "vae": vae, "resolution": SIZE, **({"compile": True} if compile else {})}
     if quick:
         latents["device"] = "cpu"  # the dry run stays on the CPU even where a GPU is
     return {
@@ -119,7 +125,8 @@ def curate_config(tars_dir: Path, out: Path, vae: str, quick: bool) -> dict:
     }
 
 
-def run_curate(tars_dir: Path, vae: str, quick: bool, timeout: float, poll: bool, overrides: list[str]) -> dict:
+def run_curate(tars_dir: Path, vae: str, quick: bool, timeout: float, poll: bool, overrides: list[str],
+               compile: bool = False) -> dict:
     """`curate run CONFIG --progress-every 2` in a subprocess, timed from start to exit; its output
     goes to a log file, and its first lines to ours as they come; nvidia-smi polled meanwhile."""
     import yaml
@@ -128,7 +135,7 @@ def run_curate(tars_dir: Path, vae: str, quick: bool, timeout: float, poll: bool
     out = base / "out"
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
-    config = curate_config(tars_dir, out, vae, quick)
+    config = curate_config(tars_dir, out, vae, quick, compile)
     config_path = base / "config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     cmd = [sys.executable, "-m", "curate.pipeline.cli", "run", str(config_path), "--progress-every", "2",
@@ -273,6 +280,7 @@ def run_alone(source: str, device: str, variant: str, batch: int, seconds: float
     gen = torch.Generator().manual_seed(0)
     # Pixels as the filter makes them: float32 NCHW from torch.from_numpy, in [-1, 1].
     pixels = (torch.rand(batch, 3, SIZE, SIZE, generator=gen) * 2 - 1).to(device)
+    torch.backends.cudnn.benchmark = variant != "filter"  # as cached_vae sets it on a GPU
     if variant != "filter":
         from diffusers.utils import logging as diffusers_logging
 
@@ -302,9 +310,9 @@ def run_alone(source: str, device: str, variant: str, batch: int, seconds: float
 
 
 VARIANTS = {
-    "filter": "encoder alone, as the filter runs it: fp32, NCHW, eager",
-    "bf16_cl": "encoder alone: bf16 + channels_last, eager",
-    "compiled": "encoder alone: bf16 + channels_last + torch.compile (the encoder's best)",
+    "filter": "encoder alone: fp32, NCHW, eager (the filter before `precision`)",
+    "bf16_cl": "encoder alone: bf16 + channels_last, eager (the filter's default)",
+    "compiled": "encoder alone: bf16 + channels_last + torch.compile (`compile: true`)",
 }
 
 
@@ -316,9 +324,14 @@ def _cell(text, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+def _best_run(state: dict) -> Optional[dict]:
+    runs = [r for r in state["runs"].values()]
+    return max(runs, key=lambda r: r["rate"]) if runs else None
+
+
 def verdict(state: dict) -> str:
-    c = state.get("curate")
-    rate = f"{fmt_rate(c['rate'])} images/s end to end" if c else "the curate run failed"
+    c = _best_run(state)
+    rate = f"best {fmt_rate(c['rate'])} images/s end to end" if c else "the curate runs failed"
     if not state["gpu"]:
         return f"missed, CPU dry run ({rate}; the target is for one H200)"
     return ("met" if c and c["rate"] >= TARGET else "**MISSED**") + f" ({rate})"
@@ -330,8 +343,6 @@ def render(state: dict, args) -> str:
     date = datetime.date.today().isoformat()
     cores = os.cpu_count() or 1
     info, gpu, device = state["info"], state["gpu"], state["device"]
-    c = state.get("curate")
-    part = c or state.get("curate_partial") or {}
     alone = state.get("alone", {})
     gflop = (alone.get("filter") or {}).get("gflop")
     lines = [
@@ -349,7 +360,8 @@ def render(state: dict, args) -> str:
         f"`input.format: webdataset` over the tars, clip disabled, `resize: {{size: {SIZE}, mode: center_crop}}`, "
         f"`filters: [{{name: vae_latents, vae: FOLDER, resolution: {SIZE}}}]` (device "
         f"{'cpu' if args.quick else 'auto'}, batch_size {state['filter_batch']}; the write stage judges "
-        f"{state['write_batch']} samples at a time)"
+        f"{state['write_batch']} samples at a time), once with the filter's defaults and once with "
+        "`compile: true`"
         + "".join(f", `--set {o}`" for o in args.set) + ", fresh output folder. **images/s = images written / wall s** "
         "of the subprocess (interpreter, Dask cluster, VAE loads included).",
         "- **write stage**: from the final shards' done-markers (`shards/NNNNN.done.json`, task seconds and file "
@@ -358,64 +370,77 @@ def render(state: dict, args) -> str:
         f"- **encoder alone**: the same VAE loaded with curate's `load_vae`, random {SIZE}×{SIZE} pixels, batch "
         f"{args.alone_batch}, curate's `encode` (posterior mean), on {device}, timed with "
         f"{'torch.cuda.synchronize' if gpu else 'the wall clock'} after warm-up calls (compilation included in "
-        "them). As the filter runs it: fp32 weights and pixels, NCHW, eager, torch's default TF32 settings "
-        f"(cuDNN {torch.backends.cudnn.allow_tf32}, matmul {torch.backends.cuda.matmul.allow_tf32}); then bf16 + "
-        "channels_last eager, and with the encoder torch.compile'd.",
+        "them). fp32 weights and pixels, NCHW, eager, torch's default TF32 settings "
+        f"(cuDNN {torch.backends.cudnn.allow_tf32}, matmul {torch.backends.cuda.matmul.allow_tf32}): how the filter "
+        "ran before it had `precision` (and what `precision: fp32` gives); then bf16 + channels_last eager (the "
+        "filter's default on a GPU), and with the encoder torch.compile'd (`compile: true`).",
         "",
-        "| measurement | images/s | how | curate run / this | TFLOP/s |",
+        "| measurement | images/s | how | best curate run / this | TFLOP/s |",
         "|---|---:|---|---:|---:|",
     ]
 
     def tflops(rate):
         return f"{rate * gflop / 1e3:.3g}" if gflop and rate else "—"
 
-    if c:
-        lines.append(f"| curate run, end to end | **{fmt_rate(c['rate'])}** | {c['written']:,} written of "
-                     f"{c['images']:,} read in {c['wall']:.1f} s wall (stats.json "
-                     f"{c['stats'].get('duration_seconds', '—')} s) | — | {tflops(c['rate'])} |")
-    else:
-        wall = f" after {part['wall']:.1f} s" if part.get("wall") else ""
-        lines.append(f"| curate run, end to end | failed{wall} | {_cell(state.get('curate_error', '?'), 300)} | — | — |")
-    if part.get("write_rate"):
-        window = part["write_last_end"] - part["write_first_start"]
-        lines.append(
-            f"| curate run, write stage | {fmt_rate(part['write_rate'])} | {part['write_written']:,} images over "
-            f"{window:.1f} s from {part['write_first_start']:.1f} s to {part['write_last_end']:.1f} s; "
-            f"{part['write_tasks']} write tasks, {part['write_task_s']:.1f} task-s summed (longest "
-            f"{part['write_task_max_s']:.1f} s), read tasks {part['read_task_s']:.1f} task-s | "
-            + (f"{c['rate'] / part['write_rate']:.2f}×" if c else "—") + f" | {tflops(part['write_rate'])} |")
+    best = _best_run(state)
+    for name, (label, _) in RUNS.items():
+        c = state["runs"].get(name)
+        part = c or state.get(f"{name}_partial") or {}
+        if c:
+            lines.append(f"| curate run, {label}, end to end | **{fmt_rate(c['rate'])}** | {c['written']:,} written "
+                         f"of {c['images']:,} read in {c['wall']:.1f} s wall (stats.json "
+                         f"{c['stats'].get('duration_seconds', '—')} s) | — | {tflops(c['rate'])} |")
+        elif f"{name}_error" in state:
+            wall = f" after {part['wall']:.1f} s" if part.get("wall") else ""
+            lines.append(f"| curate run, {label}, end to end | failed{wall} | {_cell(state[name + '_error'], 300)} "
+                         "| — | — |")
+        if part.get("write_rate"):
+            window = part["write_last_end"] - part["write_first_start"]
+            lines.append(
+                f"| curate run, {label}, write stage | {fmt_rate(part['write_rate'])} | {part['write_written']:,} "
+                f"images over {window:.1f} s from {part['write_first_start']:.1f} s to "
+                f"{part['write_last_end']:.1f} s; {part['write_tasks']} write tasks, {part['write_task_s']:.1f} "
+                f"task-s summed (longest {part['write_task_max_s']:.1f} s), read tasks {part['read_task_s']:.1f} "
+                "task-s | " + (f"{c['rate'] / part['write_rate']:.2f}×" if c else "—")
+                + f" | {tflops(part['write_rate'])} |")
     for variant, label in VARIANTS.items():
         a = alone.get(variant)
         if a:
             how = (f"batch {a['batch']}, {a['dtype']}{', channels_last' if a['channels_last'] else ''}, "
                    f"{a['calls']} calls in {a['seconds']:.1f} s (warm-up {a['warm_s']:.1f} s)"
                    + (f", peak {a['peak'] / 2**30:.1f} GiB" if a.get("peak") else ""))
-            share = f"{c['rate'] / a['rate']:.2f}×" if c else "—"
+            share = f"{best['rate'] / a['rate']:.2f}×" if best else "—"
             lines.append(f"| {label} | {fmt_rate(a['rate'])} | {how} | {share} | {tflops(a['rate'])} |")
         elif f"{variant}_error" in state:
             lines.append(f"| {label} | failed | {_cell(state[variant + '_error'])} | — | — |")
     lines += ["", f"Target (issue 15 item 8): `vae_latents` at {SIZE} px ≥ {TARGET:,} images/s inside curate run: "
               + verdict(state) + ".", ""]
     notes = []
-    if part.get("check"):
-        notes.append(f"output checked: {part['check']}")
-    if "gpu_pids" in part:
-        notes.append(f"the run's processes on the GPU (nvidia-smi, {part['gpu_polls']} polls): {part['gpu_pids']}, "
-                     "peak per process " + (", ".join(_mib(m) for _, m in sorted(part["gpu_peak_by_pid"].items()))
-                                            or "—")
-                     + f"; all processes at once {_mib(part['gpu_peak_total'])}"
-                     + (f"; other pids {part['gpu_pids_other']}" if part.get("gpu_pids_other") else "")
-                     + (f"; nvidia-smi: {part['gpu_poll_error']}" if part.get("gpu_poll_error") else ""))
-    if c and c["stats"].get("task_seconds_by_stage"):
-        notes.append(f"stats.json task seconds by stage {c['stats']['task_seconds_by_stage']}")
-    if part.get("write_window_error"):
-        notes.append(f"done-markers: {part['write_window_error']}")
-    if part.get("log"):
-        notes.append(f"log: `{part['log']}`")
+    for name, (label, _) in RUNS.items():
+        c = state["runs"].get(name)
+        part = c or state.get(f"{name}_partial") or {}
+        said = []
+        if part.get("check"):
+            said.append(f"output checked: {part['check']}")
+        if "gpu_pids" in part:
+            said.append(f"the run's processes on the GPU (nvidia-smi, {part['gpu_polls']} polls): {part['gpu_pids']}, "
+                        "peak per process " + (", ".join(_mib(m) for _, m in sorted(part["gpu_peak_by_pid"].items()))
+                                               or "—")
+                        + f"; all processes at once {_mib(part['gpu_peak_total'])}"
+                        + (f"; other pids {part['gpu_pids_other']}" if part.get("gpu_pids_other") else "")
+                        + (f"; nvidia-smi: {part['gpu_poll_error']}" if part.get("gpu_poll_error") else ""))
+        if c and c["stats"].get("task_seconds_by_stage"):
+            said.append(f"stats.json task seconds by stage {c['stats']['task_seconds_by_stage']}")
+        if part.get("write_window_error"):
+            said.append(f"done-markers: {part['write_window_error']}")
+        if part.get("log"):
+            said.append(f"log: `{part['log']}`")
+        if said:
+            notes.append(f"{label}: " + "; ".join(said))
     if (alone.get("filter") or {}).get("gflop_error"):
         notes.append(f"flop count failed: {alone['filter']['gflop_error']}")
     if notes:
-        lines += ["Details: " + "; ".join(notes) + ".", ""]
+        lines += ["Details:", "", *[f"- {note}." for note in notes], ""]
     return "\n".join(lines) + "\n"
 
 
@@ -441,6 +466,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="passed on to curate run (e.g. dask.n_workers=4); repeatable; named in the table")
     parser.add_argument("--skip-curate", action="store_true")
+    parser.add_argument("--skip-curate-compiled", action="store_true", help="only the curate run with the defaults")
     parser.add_argument("--skip-compile", action="store_true")
     parser.add_argument("--run-timeout", type=float, default=None,
                         help="seconds before the curate run is stopped and marked failed (default 420; quick 240)")
@@ -483,7 +509,7 @@ def main() -> None:
         log("warning: no GPU; the default sizes are meant for a GPU (use --quick on a CPU)")
 
     state = {"info": info, "gpu": gpu, "device": device, "device_name": device_name, "vae_label": vae_label,
-             "filter_batch": filter_batch, "write_batch": FILTER_BATCH, "t0": t0, "alone": {}}
+             "filter_batch": filter_batch, "write_batch": FILTER_BATCH, "t0": t0, "alone": {}, "runs": {}}
     table_path = WORK / "table.md"
 
     def publish(what: str) -> None:
@@ -494,8 +520,12 @@ def main() -> None:
             update_section(REPO / "BENCHMARKS.md", HEADING, table)
             log(f"BENCHMARKS.md updated ({what})")
 
-    steps = [] if args.skip_curate else [("curate", lambda: run_curate(
-        tars_dir, vae, args.quick, args.run_timeout, gpu and GpuMemoryPoller.available(), args.set))]
+    steps = []
+    for name, (_, compile) in RUNS.items():
+        if args.skip_curate or (compile and (args.skip_curate_compiled or args.skip_compile)):
+            continue
+        steps.append((name, lambda c=compile: run_curate(
+            tars_dir, vae, args.quick, args.run_timeout, gpu and GpuMemoryPoller.available(), args.set, c)))
     for variant in VARIANTS:
         if variant == "compiled" and args.skip_compile:
             continue
@@ -506,19 +536,19 @@ def main() -> None:
             result = fn()
         except Exception as exc:
             if isinstance(exc, CurateRunFailed):
-                state["curate_partial"] = exc.result
-                state["curate_error"] = str(exc)[:400]
+                state[f"{name}_partial"] = exc.result
+                state[f"{name}_error"] = str(exc)[:400]
             else:
                 _print_traceback()
                 state[f"{name}_error"] = _short_error(exc)
             log(f"== {name}: FAILED {state.get(f'{name}_error')}")
             publish(f"{name} failed")
             continue
-        if name == "curate":
-            state["curate"] = r = result
+        if name in RUNS:
+            state["runs"][name] = r = result
             window = (f"write window {r['write_last_end'] - r['write_first_start']:.1f} s = "
                       f"{fmt_rate(r['write_rate'])} images/s" if r.get("write_rate") else "write window unknown")
-            log(f"== curate: {r['written']:,} of {r['images']:,} images written in {r['wall']:.1f} s wall = "
+            log(f"== {name}: {r['written']:,} of {r['images']:,} images written in {r['wall']:.1f} s wall = "
                 f"{fmt_rate(r['rate'])} images/s end to end; {window}; {r.get('write_tasks')} write tasks, "
                 f"{r.get('write_task_s', 0):.1f} task-s; {r['check']}")
         else:

@@ -24,6 +24,9 @@ META_FINGERPRINT = "latent_vae_fingerprint"  # train/model.py vae_fingerprint
 META_SCALING = "latent_scaling_factor"  # for information: latents are stored unscaled
 META_SIZE = "latent_size"  # [w, h] of the crop in pixels
 META_CROP = "latent_crop"  # [left, top, right, bottom] in the stored image's pixels
+# For information, not matched by training: "bf16" or "fp32", what the VAE ran in. curate train
+# encodes in bf16 under its default precision, so a bf16 latent is what it would compute itself.
+META_PRECISION = "latent_precision"
 
 
 def fit_crop(image: Image.Image, size: tuple[int, int], rng: Optional[random.Random] = None
@@ -48,6 +51,21 @@ def to_pixels(image: Image.Image) -> np.ndarray:
     """RGB image -> float32 CHW array in [-1, 1], the VAE's input range."""
     array = np.asarray(image.convert("RGB"), dtype=np.float32)
     return (array / 127.5 - 1.0).transpose(2, 0, 1)
+
+
+def pixels_batch(images: list[Image.Image], device, dtype):
+    """Same-size RGB images -> a (B, 3, H, W) tensor in [-1, 1] on `device`, of `dtype`: the
+    batched `to_pixels`. The images travel as uint8 (a quarter of the bytes) and are scaled on the
+    device with the same float32 arithmetic as `to_pixels`, so the values are identical. Laid out
+    channels_last (a permute of the NHWC stack), the layout the VAE runs in on a GPU; contiguous
+    NCHW elsewhere."""
+    import torch
+
+    stacked = torch.from_numpy(np.stack([np.asarray(image.convert("RGB")) for image in images]))
+    if device.type == "cuda":
+        stacked = stacked.pin_memory()
+    pixels = stacked.to(device, non_blocking=True).float().div_(127.5).sub_(1.0).permute(0, 3, 1, 2)
+    return pixels.to(dtype) if device.type == "cuda" else pixels.to(dtype).contiguous()
 
 
 def encode(vae, pixels):

@@ -80,13 +80,40 @@ def vae_name(source: str, tiny_seed: int = 0) -> str:
     return f"{TINY}:{tiny_seed}" if source == TINY else source
 
 
-def cached_vae(source: str, tiny_seed: int = 0, device: str = "auto") -> tuple:
-    """(vae in eval mode on its device, name, fingerprint, torch device), loaded once per process."""
+def resolve_precision(precision: str, device: "torch.device") -> torch.dtype:
+    """`precision: auto` is bf16 on CUDA (what `curate train` encodes with under its default bf16)
+    and fp32 elsewhere (the CPU has no fast bf16 convolutions). fp16 is not offered: SD's VAE
+    overflows in it."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+
+
+def precision_of(vae: AutoencoderKL) -> str:
+    """"bf16" or "fp32": what a (cached) VAE runs in, as the latent cache records it."""
+    return "bf16" if vae.dtype == torch.bfloat16 else "fp32"
+
+
+def cached_vae(source: str, tiny_seed: int = 0, device: str = "auto", precision: str = "fp32",
+               compile: bool = False) -> tuple:
+    """(vae in eval mode on its device, name, fingerprint, torch device), loaded once per process.
+
+    The weights are cast to `precision` (resolve_precision) after the fingerprint is taken, so a
+    latent made in bf16 names the same VAE as one made in fp32. On CUDA the VAE is channels_last
+    (its convolutions' fast layout there) and with `compile` its encoder is torch.compile'd (the
+    encoder is the cost; its first batch of each size then takes a while)."""
 
     def build() -> tuple:
         vae = load_vae(source, tiny_seed).float()
-        fingerprint = vae_fingerprint(vae)  # of the fp32 weights, before any move
+        fingerprint = vae_fingerprint(vae)  # of the fp32 weights, before any cast or move
         where = torch.device(resolve_device(device))
-        return vae.to(where).eval().requires_grad_(False), vae_name(source, tiny_seed), fingerprint, where
+        vae = vae.to(where, resolve_precision(precision, where)).eval().requires_grad_(False)
+        if where.type == "cuda":
+            # cuDNN picks its fastest convolution per shape: batches of one bucket size repeat.
+            torch.backends.cudnn.benchmark = True
+            vae = vae.to(memory_format=torch.channels_last)
+        if compile:
+            vae.encoder.compile()
+        return vae, vae_name(source, tiny_seed), fingerprint, where
 
-    return cached(("vae", source, tiny_seed, device), build)
+    return cached(("vae", source, tiny_seed, device, precision, compile), build)

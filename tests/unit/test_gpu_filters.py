@@ -84,3 +84,40 @@ def test_a_run_with_a_gpu_filter_writes_its_shards_on_the_gpu_workers(tmp_path):
         assert write.options == expected
         download, score = plan.prepare_tasks(0, "x.parquet")
         assert (download.options, score.options) == (cpu_options, GPU)
+
+
+def test_pixels_travel_as_uint8_and_scale_as_to_pixels_does():
+    # The batched path (uint8 to the device, scaled there) gives to_pixels' values exactly.
+    import torch
+
+    from curate.pipeline.models.latents import pixels_batch, to_pixels
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)) for _ in range(3)]
+    batch = pixels_batch(images, torch.device("cpu"), torch.float32)
+    assert batch.shape == (3, 3, 24, 40) and batch.dtype == torch.float32 and batch.is_contiguous()
+    np.testing.assert_array_equal(batch.numpy(), np.stack([to_pixels(image) for image in images]))
+    assert pixels_batch(images, torch.device("cpu"), torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_the_latent_cache_records_its_precision_and_bf16_stays_near_fp32():
+    # precision: auto is fp32 on the CPU; bf16 asked for runs in bf16 and says so, with latents
+    # close to the fp32 ones and the same VAE fingerprint (training matches on the fingerprint).
+    from curate.pipeline.models.latents import META_FINGERPRINT, META_PRECISION
+
+    runs = {}
+    for precision in ("auto", "bf16"):
+        [latents] = build_chain([{"name": "vae_latents", "vae": "tiny", "resolution": 16, "device": "cpu",
+                                  "precision": precision}])
+        samples = _samples(4)
+        assert apply_chain_batched([latents], samples) == [None] * 4
+        runs[precision] = samples
+    fp32, bf16 = runs["auto"], runs["bf16"]
+    assert {s["meta"][META_PRECISION] for s in fp32} == {"fp32"}
+    assert {s["meta"][META_PRECISION] for s in bf16} == {"bf16"}
+    assert fp32[0]["meta"][META_FINGERPRINT] == bf16[0]["meta"][META_FINGERPRINT]
+    for a, b in zip(fp32, bf16):
+        left, right = (np.load(io.BytesIO(s["extra"]["latent.npy"])).astype(np.float32) for s in (a, b))
+        scale = np.abs(left).max()
+        assert scale > 0.1 and not np.array_equal(left, right)  # really another precision
+        assert np.abs(left - right).max() < 0.05 * scale  # bf16 has 8 significant bits
