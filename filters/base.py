@@ -74,9 +74,10 @@ class Filter(BaseModel):
     # on every shard: a top fraction, duplicates across shards), by its name in
     # pipeline/passes.py; None for filters that judge each sample alone. See needs_dataset_pass.
     dataset_pass: ClassVar[Optional[str]] = None
-    # Its work belongs on a GPU (a model per sample): a run with such a sample filter writes its
-    # shards on the GPU workers when the cluster has any (pipeline/plan.py), and `prepare` gets
-    # the samples in batches there.
+    # Its work belongs on a GPU (a model per sample): the run gets GPU workers (pipeline/plan.py),
+    # `prepare` gets the samples in batches, and `setup`'s context["offload"] is a runner,
+    # `runner(fn, *args)`, that runs a module-level function on a GPU worker (pipeline/offload.py;
+    # in this process when there is none) and returns its result.
     needs_gpu: ClassVar[bool] = False
 
     _counts: Counter = PrivateAttr(default_factory=Counter)
@@ -85,7 +86,8 @@ class Filter(BaseModel):
 
     def setup(self, context: dict[str, Any]) -> None:
         """Called once before a shard is filtered. `context` holds `clip` (the run's
-        ClipConfig), `root` (the run folder) and, in the write stage, `shard` (its id).
+        ClipConfig), `root` (the run folder) and, in the write stage, `shard` (its id) and
+        `offload` (see `needs_gpu`).
         Load models lazily here, cached per process, never per sample."""
 
     def input_columns(self) -> list[str]:

@@ -11,14 +11,16 @@ Put it last in `filters:`; it crops to the sample's aspect bucket (`resize.mode:
 Each written sample gets `{key}.latent.npy` (fp16, 4 x h/8 x w/8 for SD, unscaled: the VAE
 posterior mean) and json fields naming the VAE (`latent_vae`, `latent_vae_fingerprint`, a
 hash of its weights), `latent_scaling_factor`, `latent_size`, `latent_crop` (the centre
-crop box, in the stored image's pixels) and `latent_precision` (what the VAE ran in). `curate train` uses a cached latent only when
-its VAE fingerprint, size and crop match what it would compute itself (train/latents.py
-holds the shared crop and encode code). The filter never drops a sample.
+crop box, in the stored image's pixels) and `latent_precision` (what the VAE ran in).
+`curate train` uses a cached latent only when its VAE fingerprint, size and crop match what it
+would compute itself (pipeline/models/latents.py holds the shared crop and encode code). The
+filter never drops a sample.
 
-The VAE is loaded once per worker process (module cache), on the GPU when there is one
-(a run with this filter writes its shards on the GPU workers: pipeline/plan.py). There it runs
-in bf16 and channels_last, and with `compile: true` its encoder is compiled: about 2.5x faster
-once warm, worth it for runs of many shards (each new crop size compiles once per worker).
+The encoding (`encode_crops`) runs on a GPU worker when the run has one: the write task sends
+each batch there (pipeline/offload.py) and stays on its CPU worker. The VAE is loaded once per
+process that encodes (module cache). On a GPU it runs in bf16 and channels_last, and with
+`compile: true` its encoder is compiled: about 2.5x faster once warm, worth it for runs of many
+shards (each new crop size compiles once per GPU worker).
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ import io
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from curate.filters.base import Decision, Filter
 from curate.pipeline.errors import require_extra
+from curate.pipeline.offload import run_here
 
-# Where `prepare` leaves a sample's (latent, crop box) for `keep`.
+# Where `prepare` leaves a sample's (latent, crop box, what the json says of the VAE) for `keep`.
 _PREPARED = "_vae_latent"
 # Threads that decode and crop a batch's images while the GPU encodes (PIL releases the GIL).
 _DECODERS = ThreadPoolExecutor(4, thread_name_prefix="vae-latents-decode")
@@ -56,61 +59,72 @@ class VaeLatents(Filter):
     compile: bool = False
 
     needs_gpu = True
+    _offload: Any = PrivateAttr(default=None)
 
     def check(self, context: dict[str, Any]) -> None:
         # diffusers (the VAE) comes with the train extra: say so when the config is read, not on a worker.
         require_extra("train", "the vae_latents filter", ("diffusers",))
 
     def setup(self, context: dict[str, Any]) -> None:
-        self._vae()
-
-    def _vae(self) -> tuple:
-        from curate.pipeline.models.vae import cached_vae  # torch and diffusers: only when configured
-
-        return cached_vae(self.vae, self.tiny_seed, self.device, self.precision, self.compile)
+        # Where `prepare`'s encoding runs: a GPU worker's task in a Dask run with GPU workers.
+        self._offload = context.get("offload")
 
     def _target(self, sample) -> tuple[int, int]:
         meta = sample["meta"]
         return tuple(meta["bucket"]) if meta.get("bucket") else (self.resolution, self.resolution)
 
     def prepare(self, samples: list[dict]) -> None:
-        """Encode the samples' crops in batches of one crop size, `batch_size` at a time; `keep`
+        """Encode the samples' crops (on a GPU worker when there is one: `encode_crops`); `keep`
         then only stores each result."""
-        import torch
-
-        from curate.pipeline.models.latents import encode, pixels_batch
-
-        vae, _, _, device = self._vae()
-        by_size: dict[tuple[int, int], list[dict]] = {}
-        for sample in samples:
-            by_size.setdefault(self._target(sample), []).append(sample)
-        for size, group in by_size.items():
-            for start in range(0, len(group), self.batch_size):
-                chunk = group[start:start + self.batch_size]
-                crops = list(_DECODERS.map(lambda s: _crop(s["jpg"], size), chunk))
-                with torch.no_grad():
-                    latents = encode(vae, pixels_batch([crop for crop, _ in crops], device, vae.dtype))
-                    # Stored as fp16 (latent_to_bytes): rounded on the device, copied back at half the bytes.
-                    latents = latents.float().to(torch.float16).cpu().numpy()
-                for sample, (_, box), latent in zip(chunk, crops, latents):
-                    sample[_PREPARED] = (latent, box)
+        jobs = [(sample["jpg"], self._target(sample)) for sample in samples]
+        encoded = (self._offload or run_here)(encode_crops, self.model_dump(), jobs)
+        for sample, (latent, box) in zip(samples, encoded["latents"]):
+            sample[_PREPARED] = (latent, box, encoded["vae"])
 
     def keep(self, sample) -> Decision:
         from curate.pipeline.models.latents import (
             LATENT_EXT, META_CROP, META_FINGERPRINT, META_PRECISION, META_SCALING, META_SIZE, META_VAE,
             latent_to_bytes,
         )
-        from curate.pipeline.models.vae import precision_of
 
         if _PREPARED not in sample:  # judged alone (apply_chain): a batch of one
             self.prepare([sample])
-        latent, box = sample.pop(_PREPARED)
-        vae, name, fingerprint, _ = self._vae()
+        latent, box, vae = sample.pop(_PREPARED)
         sample.setdefault("extra", {})[LATENT_EXT] = latent_to_bytes(latent)
-        sample["meta"].update({META_VAE: name, META_FINGERPRINT: fingerprint, META_SCALING: vae.config.scaling_factor,
-                               META_SIZE: list(self._target(sample)), META_CROP: list(box),
-                               META_PRECISION: precision_of(vae)})
+        sample["meta"].update({META_VAE: vae["name"], META_FINGERPRINT: vae["fingerprint"],
+                               META_SCALING: vae["scaling_factor"], META_SIZE: list(self._target(sample)),
+                               META_CROP: list(box), META_PRECISION: vae["precision"]})
         return True
+
+
+def encode_crops(spec: dict, jobs: list[tuple[bytes, tuple[int, int]]]) -> dict:
+    """The filter's GPU work, run where its `offload` sends it: {"latents": [(latent as fp16, crop
+    box)] for each (stored JPEG, crop size), "vae": what the json says of the VAE}. Crops of one
+    size are encoded together, `batch_size` at a time; the VAE is loaded once per process."""
+    import torch
+
+    from curate.pipeline.models.latents import encode, pixels_batch
+    from curate.pipeline.models.vae import cached_vae
+
+    f = VaeLatents(**spec)
+    loaded = cached_vae(f.vae, f.tiny_seed, f.device, f.precision, f.compile)
+    out: list = [None] * len(jobs)
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, (_, size) in enumerate(jobs):
+        by_size.setdefault(tuple(size), []).append(i)
+    for size, indexes in by_size.items():
+        for start in range(0, len(indexes), f.batch_size):
+            chunk = indexes[start:start + f.batch_size]
+            crops = list(_DECODERS.map(lambda i: _crop(jobs[i][0], size), chunk))
+            with torch.no_grad():
+                latents = encode(loaded.vae, pixels_batch([crop for crop, _ in crops], loaded.device, loaded.dtype))
+                # Stored as fp16 (latent_to_bytes): rounded on the device, copied back at half the bytes.
+                latents = latents.float().to(torch.float16).cpu().numpy()
+            for i, (_, box), latent in zip(chunk, crops, latents):
+                out[i] = (latent, box)
+    vae = {"name": loaded.name, "fingerprint": loaded.fingerprint,
+           "scaling_factor": loaded.vae.config.scaling_factor, "precision": loaded.precision}
+    return {"latents": out, "vae": vae}
 
 
 def _crop(jpg: bytes, size: tuple[int, int]):

@@ -28,7 +28,7 @@ from curate.pipeline.stages.write import write_shard
 
 
 def needs_gpu_filter(specs: list[dict]) -> bool:
-    """Whether a sample filter of `specs` needs a GPU (vae_latents): its write tasks go to GPU workers.
+    """Whether a sample filter of `specs` needs a GPU (vae_latents): its batches go to GPU workers.
     Asked of the filter classes (both are class attributes): the driver asks it for every shard,
     and building the chain would construct every filter each time."""
     return any(FILTERS[spec["name"]].needs_gpu and FILTERS[spec["name"]].stage == "sample" for spec in specs)
@@ -77,6 +77,8 @@ class Plan:
 
     def write_tasks(self, shard: int, specs: list[dict], after_prepare: bool) -> list[Task]:
         """The write task; chained after the prepare tasks when they run in the same chain."""
-        args = (shard, str(self.layout.root), self.cfg, specs) + ((UPSTREAM,) if after_prepare else ())
-        # A sample filter that needs a GPU (vae_latents) takes the whole write to a GPU worker.
-        return [Task("write", write_shard, args, self.gpu_options if needs_gpu_filter(specs) else self.cpu_options)]
+        # A sample filter that needs a GPU (vae_latents) sends its batches to the GPU workers; the
+        # write itself (normalizing images: CPU work) stays on a CPU worker (pipeline/offload.py).
+        offload = self.gpu_options.get("resources") if needs_gpu_filter(specs) else None
+        args = (shard, str(self.layout.root), self.cfg, specs, offload) + ((UPSTREAM,) if after_prepare else ())
+        return [Task("write", write_shard, args, self.cpu_options)]

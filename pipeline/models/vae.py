@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -89,31 +90,47 @@ def resolve_precision(precision: str, device: "torch.device") -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
 
 
-def precision_of(vae: AutoencoderKL) -> str:
-    """"bf16" or "fp32": what a (cached) VAE runs in, as the latent cache records it."""
-    return "bf16" if vae.dtype == torch.bfloat16 else "fp32"
+@dataclass(frozen=True)
+class LoadedVae:
+    """A VAE ready to encode, as `cached_vae` keeps it. Its dtype is kept here: diffusers' `vae.dtype`
+    walks every parameter, a cost per call."""
+
+    vae: AutoencoderKL
+    name: str
+    fingerprint: str  # vae_fingerprint of the fp32 weights
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def precision(self) -> str:
+        """"bf16" or "fp32", as the latent cache records it."""
+        return "bf16" if self.dtype == torch.bfloat16 else "fp32"
 
 
 def cached_vae(source: str, tiny_seed: int = 0, device: str = "auto", precision: str = "fp32",
-               compile: bool = False) -> tuple:
-    """(vae in eval mode on its device, name, fingerprint, torch device), loaded once per process.
+               compile: bool = False) -> LoadedVae:
+    """The VAE in eval mode on its device (`LoadedVae`), loaded once per process.
 
     The weights are cast to `precision` (resolve_precision) after the fingerprint is taken, so a
     latent made in bf16 names the same VAE as one made in fp32. On CUDA the VAE is channels_last
     (its convolutions' fast layout there) and with `compile` its encoder is torch.compile'd (the
     encoder is the cost; its first batch of each size then takes a while)."""
 
-    def build() -> tuple:
+    def build() -> LoadedVae:
         vae = load_vae(source, tiny_seed).float()
         fingerprint = vae_fingerprint(vae)  # of the fp32 weights, before any cast or move
         where = torch.device(resolve_device(device))
-        vae = vae.to(where, resolve_precision(precision, where)).eval().requires_grad_(False)
+        vae = vae.to(where).eval().requires_grad_(False)
+        dtype = resolve_precision(precision, where)
+        if dtype == torch.bfloat16:
+            # Not .to(dtype): diffusers warns on that about fp32 modules even when a VAE has none.
+            vae = vae.bfloat16()
         if where.type == "cuda":
             # cuDNN picks its fastest convolution per shape: batches of one bucket size repeat.
             torch.backends.cudnn.benchmark = True
             vae = vae.to(memory_format=torch.channels_last)
         if compile:
             vae.encoder.compile()
-        return vae, vae_name(source, tiny_seed), fingerprint, where
+        return LoadedVae(vae, vae_name(source, tiny_seed), fingerprint, where, dtype)
 
     return cached(("vae", source, tiny_seed, device, precision, compile), build)

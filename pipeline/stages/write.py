@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from typing import Optional
 
 import pyarrow.parquet as pq
 
@@ -22,6 +23,7 @@ from curate.pipeline import storage
 from curate.pipeline.config import RunConfig
 from curate.pipeline.embeddings import mark_written, read_embeddings, read_scores
 from curate.pipeline.layout import RunLayout
+from curate.pipeline.offload import offload_runner
 from curate.pipeline.records import (
     CLIP_SIMILARITY, FAILED_TO_DOWNLOAD, FAILED_TO_RESIZE, FILTERED, SUCCESS, Rejection, records_table, sample_meta,
 )
@@ -31,27 +33,33 @@ from curate.pipeline.sources import write_images
 from curate.pipeline.tarshard import TarShardWriter
 
 
-# Samples judged together by the sample filters (`apply_chain_batched`): a GPU filter's batch.
-FILTER_BATCH = 64
+# Samples judged together by the sample filters (`apply_chain_batched`): a GPU filter's batch,
+# sent to a GPU worker as one task (pipeline/offload.py): large enough that a task's round trip
+# is small beside its GPU time, and that a LAION-sized run makes few tasks.
+FILTER_BATCH = 256
 
 
-def write_shard(shard_id: int, root: str, cfg: RunConfig, filter_specs: list[dict], *after) -> dict:
+def write_shard(shard_id: int, root: str, cfg: RunConfig, filter_specs: list[dict], offload: Optional[dict],
+                *after) -> dict:
     """Filter and write one final shard. Returns its stats; a done shard is not redone.
 
     The download (and score) stage's stats are read from their done-markers. `after` are the
     results (Dask futures) of this shard's earlier tasks: passing them is what makes Dask run
     this task after those; their values are not used. `filter_specs` is the config's filter
-    chain with any dataset-wide value (a CLIP top_fraction) already resolved.
+    chain with any dataset-wide value (a CLIP top_fraction) already resolved. `offload`: the
+    Dask resources of the GPU workers, where a filter that needs a GPU sends its batches
+    (pipeline/offload.py); None to run them in this process.
     """
     layout = RunLayout(root)
     outputs = [*layout.shard_files(shard_id).values(), layout.report_samples_file(shard_id)]
-    stats = run_once(layout.shards, shard_id, lambda: _write(shard_id, layout, cfg, filter_specs), outputs=outputs)
+    stats = run_once(layout.shards, shard_id, lambda: _write(shard_id, layout, cfg, filter_specs, offload),
+                     outputs=outputs)
     if not cfg.output.keep_intermediate:
         remove_shard(layout.download, shard_id, layout.download_files(shard_id).values())
     return stats
 
 
-def _write(shard_id: int, layout: RunLayout, cfg: RunConfig, filter_specs: list[dict]) -> dict:
+def _write(shard_id: int, layout: RunLayout, cfg: RunConfig, filter_specs: list[dict], offload: Optional[dict]) -> dict:
     started = time.time()
     download_dir = layout.download
     downloaded = read_marker(download_dir, shard_id)
@@ -59,7 +67,8 @@ def _write(shard_id: int, layout: RunLayout, cfg: RunConfig, filter_specs: list[
     name = shard_name(shard_id)
 
     records = storage.read_parquet(layout.download_files(shard_id)["parquet"]).to_pylist()
-    chain = build_stage_chain(filter_specs, "sample", {"clip": cfg.clip, "root": str(layout.root), "shard": shard_id})
+    chain = build_stage_chain(filter_specs, "sample", {"clip": cfg.clip, "root": str(layout.root), "shard": shard_id,
+                                                       "offload": offload_runner(offload)})
     scores = read_scores(layout.embeddings, shard_id) if scored is not None else {}
     # Row-aligned CLIP embeddings, for the filters that read them (NSFW and aesthetic heads, concepts).
     wanted = scored is not None and any(f.needs_embeddings for f in chain)

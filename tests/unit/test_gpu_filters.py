@@ -70,20 +70,58 @@ def test_a_gpu_filter_alone_gives_the_run_gpu_workers(tmp_path):
         False, True, False, True, False]
 
 
-def test_a_run_with_a_gpu_filter_writes_its_shards_on_the_gpu_workers(tmp_path):
-    # and the other tasks on the CPU workers, where those offer CPU slots (the embedded GPU layout)
+def test_a_run_with_a_gpu_filter_sends_its_batches_to_the_gpu_workers(tmp_path):
+    # The write stays on the CPU workers (where those offer CPU slots); the GPU filter's batches are
+    # sent with the GPU resources (the write task's `offload` argument).
     assert FILTERS["vae_latents"].needs_gpu and not FILTERS["caption_length"].needs_gpu
     base = {"input": {"paths": ["x.parquet"]}, "output": {"path": str(tmp_path)}, "clip": {"enabled": True}}
     cpu = {"resources": {"CPU": 1}}
-    for filters, cpu_options, expected in (([{"name": "caption_length", "min_words": 2}], {}, {}),
-                                           ([{"name": "caption_length", "min_words": 2}], cpu, cpu),
-                                           ([{"name": "vae_latents", "vae": "tiny"}], cpu, GPU)):
+    for filters, gpu, cpu_options, offload in (([{"name": "caption_length", "min_words": 2}], GPU, {}, None),
+                                               ([{"name": "caption_length", "min_words": 2}], GPU, cpu, None),
+                                               ([{"name": "vae_latents", "vae": "tiny"}], GPU, cpu, {"GPU": 1}),
+                                               ([{"name": "vae_latents", "vae": "tiny"}], {}, {}, None)):
         cfg = RunConfig.model_validate({**base, "filters": filters})
-        plan = Plan(cfg, RunLayout(tmp_path), 1, GPU, cpu_options=cpu_options)
+        plan = Plan(cfg, RunLayout(tmp_path), 1, gpu, cpu_options=cpu_options)
         [write] = plan.write_tasks(0, cfg.filter_specs(), after_prepare=False)
-        assert write.options == expected
+        assert write.options == cpu_options and write.args[4] == offload
         download, score = plan.prepare_tasks(0, "x.parquet")
-        assert (download.options, score.options) == (cpu_options, GPU)
+        assert (download.options, score.options) == (cpu_options, gpu)
+
+
+def _where_am_i(tag):
+    from distributed import get_worker
+
+    return tag, get_worker().name
+
+
+def _write_like_task(resources):
+    # What a write task does: build its runner inside the task and send work with it.
+    from curate.pipeline.offload import offload_runner
+
+    return offload_runner(resources)(_where_am_i, "sent")
+
+
+def test_offload_runs_the_batch_on_a_gpu_worker_and_never_deadlocks():
+    # The embedded GPU layout (real worker processes; no GPU needed to start it): a CPU worker
+    # offering CPU slots and "gpu-0" offering GPU=2 with 2 threads.
+    from curate.pipeline.cluster import dask_client
+    from curate.pipeline.config import DaskConfig
+    from curate.pipeline.offload import offload_runner, run_here
+
+    assert offload_runner({"GPU": 1}) is run_here and offload_runner(None) is run_here  # not in a worker
+    with dask_client(DaskConfig(n_workers=1), gpus=1) as client:
+        client.wait_for_workers(2, timeout=60)
+        gpu = next(a for a, w in client.scheduler_info()["workers"].items() if w["name"] == "gpu-0")
+        # From a task on the CPU worker, the batch runs on the GPU worker.
+        assert client.submit(_write_like_task, {"GPU": 1}, resources={"CPU": 1}, pure=False).result(60) == (
+            "sent", "gpu-0")
+        # Without resources it runs in the task's own process (the CPU layout).
+        assert client.submit(_write_like_task, None, resources={"CPU": 1}, pure=False).result(60) == ("sent", "cpu-0")
+        # Writes on every thread of the GPU worker (a cluster whose GPU workers run writes too): each
+        # waits for a GPU task that needs one of those threads, which runs because the waiting tasks
+        # seceded from the pool.
+        writes = [client.submit(_write_like_task, {"GPU": 1}, workers=[gpu], pure=False) for _ in range(2)]
+        assert [w.result(60) for w in writes] == [("sent", "gpu-0")] * 2
 
 
 def test_pixels_travel_as_uint8_and_scale_as_to_pixels_does():

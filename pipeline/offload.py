@@ -1,0 +1,54 @@
+"""A sample filter's GPU work, sent from a write task to a GPU worker.
+
+A write task normalizes images (decode, resize, encode: CPU work in threads) and then applies the
+filters. When a filter needs a GPU (`Filter.needs_gpu`: vae_latents), running the whole write on the
+GPU worker puts that CPU work in the same process as the thread feeding the GPU, and they fight
+over the GIL: measured on an H200 host, the VAE fed 431 images/s alone and 183 with eight
+normalizing threads beside it (bench/probes/vae_write.py). So the write stays on a CPU worker, and
+only the filter's batch goes to a GPU worker, as a task of its own asking for the GPU resource.
+
+A filter gets its runner in the setup context (`context["offload"]`) and calls
+`runner(fn, *args)`: `fn` is a module-level function (sent by reference), its arguments and result
+small picklable values (JPEG bytes in, latents out). Without a GPU worker, or outside Dask, the
+runner is `run_here`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+
+def run_here(fn: Callable, *args: Any) -> Any:
+    """No GPU worker to send to (the CPU layout, the in-process executor): run it in this process."""
+    return fn(*args)
+
+
+class DaskOffload:
+    """Runs `fn(*args)` as a Dask task with `resources` (e.g. {"GPU": 1}) and returns its result.
+
+    Called from inside a task (the write task): `worker_client` gives the worker's client and
+    secedes this thread from the worker's pool while it waits, so a worker whose every thread
+    waits on GPU tasks (a cluster whose GPU workers also run writes) still runs them."""
+
+    def __init__(self, resources: dict):
+        self.resources = resources
+
+    def __call__(self, fn: Callable, *args: Any) -> Any:
+        from distributed import worker_client
+
+        with worker_client() as client:
+            return client.submit(fn, *args, resources=self.resources, pure=False).result()
+
+
+def offload_runner(resources: dict | None) -> Callable:
+    """The runner a write task gives its filters: to the GPU workers when the plan named their
+    resources and this runs inside a Dask worker, else here."""
+    if not resources:
+        return run_here
+    from distributed import get_worker
+
+    try:
+        get_worker()
+    except ValueError:  # not in a Dask worker (a test calling the stage directly)
+        return run_here
+    return DaskOffload(resources)
