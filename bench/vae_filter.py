@@ -32,7 +32,7 @@ bench-work/vae-filter/sd15-vae/ and reused; the filter and the encoder-alone row
 Target (issue 15 item 8): vae_latents at 256 px >= 1,000 images/s inside `curate run` on one H200
 (end to end: images written / wall seconds).
 
-    python bench/vae_filter.py                      # GPU run: 20,000 images; writes BENCHMARKS.md after each measurement
+    python bench/vae_filter.py                      # GPU run: 60,000 images; writes BENCHMARKS.md after each measurement
     python bench/vae_filter.py --quick --no-write   # CPU dry run: a narrow VAE, 200 images in 2 tars, ~2 min
 
 --quick runs everything on the CPU (the filter with `device: cpu`), 200 images in 2 tars, with
@@ -455,7 +455,7 @@ def _print_traceback() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=None, help="images in the tars (default 20000; quick 200)")
+    parser.add_argument("--images", type=int, default=None, help="images in the tars (default 60000; quick 200)")
     parser.add_argument("--shard-size", type=int, default=None, help="samples per tar (default 5000; quick 100)")
     parser.add_argument("--unique", type=int, default=None, help="distinct JPEGs, repeated (default 2000; quick 100)")
     parser.add_argument("--vae", default=None,
@@ -474,7 +474,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
-    args.images = args.images or (200 if args.quick else 20_000)
+    args.images = args.images or (200 if args.quick else 60_000)
     args.shard_size = args.shard_size or (100 if args.quick else 5_000)
     args.unique = min(args.unique or (100 if args.quick else 2_000), args.images)
     args.alone_seconds = args.alone_seconds or (1.0 if args.quick else 5.0)

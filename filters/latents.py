@@ -33,7 +33,6 @@ from pydantic import Field, PrivateAttr
 
 from curate.filters.base import Decision, Filter
 from curate.pipeline.errors import require_extra
-from curate.pipeline.offload import run_here
 
 # Where `prepare` leaves a sample's (latent, crop box, what the json says of the VAE) for `keep`.
 _PREPARED = "_vae_latent"
@@ -66,7 +65,8 @@ class VaeLatents(Filter):
         require_extra("train", "the vae_latents filter", ("diffusers",))
 
     def setup(self, context: dict[str, Any]) -> None:
-        # Where `prepare`'s encoding runs: a GPU worker's task in a Dask run with GPU workers.
+        # Where `prepare`'s encoding runs: a GPU worker's task in a Dask run with GPU workers;
+        # without a runner (the filter used alone), here.
         self._offload = context.get("offload")
 
     def _target(self, sample) -> tuple[int, int]:
@@ -77,7 +77,8 @@ class VaeLatents(Filter):
         """Encode the samples' crops (on a GPU worker when there is one: `encode_crops`); `keep`
         then only stores each result."""
         jobs = [(sample["jpg"], self._target(sample)) for sample in samples]
-        encoded = (self._offload or run_here)(encode_crops, self.model_dump(), jobs)
+        spec = self.model_dump()
+        encoded = self._offload(encode_crops, spec, jobs) if self._offload else encode_crops(spec, jobs)
         for sample, (latent, box) in zip(samples, encoded["latents"]):
             sample[_PREPARED] = (latent, box, encoded["vae"])
 
@@ -116,8 +117,11 @@ def encode_crops(spec: dict, jobs: list[tuple[bytes, tuple[int, int]]]) -> dict:
         for start in range(0, len(indexes), f.batch_size):
             chunk = indexes[start:start + f.batch_size]
             crops = list(_DECODERS.map(lambda i: _crop(jobs[i][0], size), chunk))
+            images = [crop for crop, _ in crops]
+            if f.compile:  # one batch shape per crop size: a short batch would compile again
+                images += [images[-1]] * (f.batch_size - len(images))
             with torch.no_grad():
-                latents = encode(loaded.vae, pixels_batch([crop for crop, _ in crops], loaded.device, loaded.dtype))
+                latents = encode(loaded.vae, pixels_batch(images, loaded.device, loaded.dtype))[:len(chunk)]
                 # Stored as fp16 (latent_to_bytes): rounded on the device, copied back at half the bytes.
                 latents = latents.float().to(torch.float16).cpu().numpy()
             for i, (_, box), latent in zip(chunk, crops, latents):

@@ -119,14 +119,15 @@ def _input_batches(tar: np.ndarray, keys: list[str], offsets: np.ndarray, sizes:
 
 
 def write_images(cfg: RunConfig, layout: RunLayout, shard_id: int, records: list[dict],
-                 decoded: frozenset = frozenset()) -> Iterator[SourceImage]:
+                 decoded: frozenset = frozenset(), ahead: int = NORMALIZE_THREADS * 2) -> Iterator[SourceImage]:
     """The write stage's images of a prepared shard, one for each kept record, in order.
 
     From an input tar each image is normalized here (resize policy, EXIF orientation, JPEG),
     and its record gets the sizes; an image that does not normalize comes as its rejection.
     `decoded`: keys whose images the score stage decoded whole (not decoded again to check
     them when they pass unchanged). The span columns are taken out of `records` now: they
-    are no output's business."""
+    are no output's business. `ahead`: images normalized ahead of the one taken (bounded memory;
+    the write stage asks for a GPU filter's whole batch, normalized while the GPU encodes the last)."""
     if not in_input_tar(layout.download, shard_id):
         return ((key, fields["jpg"], json.loads(fields["json"]), None)
                 for key, fields in iter_tar_samples(layout.download_files(shard_id)["tar"]))
@@ -135,7 +136,7 @@ def write_images(cfg: RunConfig, layout: RunLayout, shard_id: int, records: list
     for record in records:
         for column in SPAN_COLUMNS:
             record.pop(column, None)
-    return _normalized(cfg, kept, spans, decoded)
+    return _normalized(cfg, kept, spans, decoded, ahead)
 
 
 def _normalize(data: bytes, cfg: RunConfig, decoded: bool):
@@ -146,7 +147,8 @@ def _normalize(data: bytes, cfg: RunConfig, decoded: bool):
         return None, image_rejection(exc, WRITE)
 
 
-def _normalized(cfg: RunConfig, kept: list[dict], spans: list[tuple[int, int]], decoded: frozenset) -> Iterator[SourceImage]:
+def _normalized(cfg: RunConfig, kept: list[dict], spans: list[tuple[int, int]], decoded: frozenset,
+                ahead: int) -> Iterator[SourceImage]:
     if not kept:
         return
     with storage.local_copy(kept[0][SOURCE_SHARD]) as local, open(local, "rb") as f:
@@ -156,9 +158,8 @@ def _normalized(cfg: RunConfig, kept: list[dict], spans: list[tuple[int, int]], 
             record, (offset, size) = item
             return _normalize(os.pread(fd, size, offset), cfg, record["key"] in decoded)
 
-        # A few ahead: bounded memory, no idle thread.
         for (record, _), (image, rejection) in storage.read_ahead(list(zip(kept, spans)), read,
-                                                                 depth=NORMALIZE_THREADS * 2, threads=NORMALIZE_THREADS):
+                                                                 depth=ahead, threads=NORMALIZE_THREADS):
             if rejection is not None:
                 yield record["key"], None, None, rejection
                 continue

@@ -130,7 +130,7 @@ def cached_vae(source: str, tiny_seed: int = 0, device: str = "auto", precision:
             torch.backends.cudnn.benchmark = True
             vae = vae.to(memory_format=torch.channels_last)
         if compile:
-            vae.encoder.compile()
+            vae.encoder.compile(dynamic=False)  # shapes repeat (fixed batches per crop size)
         return LoadedVae(vae, vae_name(source, tiny_seed), fingerprint, where, dtype)
 
     return cached(("vae", source, tiny_seed, device, precision, compile), build)

@@ -29,7 +29,7 @@ from curate.pipeline.records import (
 )
 from curate.pipeline.report.samples import ReportSamples
 from curate.pipeline.shards import atomic_path, read_marker, remove_shard, run_once, shard_name
-from curate.pipeline.sources import write_images
+from curate.pipeline.sources import NORMALIZE_THREADS, write_images
 from curate.pipeline.tarshard import TarShardWriter
 
 
@@ -76,7 +76,9 @@ def _write(shard_id: int, layout: RunLayout, cfg: RunConfig, filter_specs: list[
     # The raw download tar's images, or an input tar's, normalized as they come (pipeline/sources.py).
     # Images CLIP's decoder read whole need no second decode to be known readable.
     decoded = frozenset(key for key, (_, _, failure) in scores.items() if not failure)
-    raw_samples = write_images(cfg, layout, shard_id, records, decoded)
+    # A GPU filter waits for its batch's encoding: meanwhile the next batch is normalized.
+    ahead = FILTER_BATCH if any(f.needs_gpu for f in chain) else NORMALIZE_THREADS * 2
+    raw_samples = write_images(cfg, layout, shard_id, records, decoded, ahead)
     reasons: Counter = Counter()
     # report.html's thumbnails: chosen now, while the images of dropped samples still exist.
     # Every filter of the run: the kept samples nearest each threshold rule are chosen here too.
