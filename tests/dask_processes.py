@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 from distributed import Client
 
@@ -26,8 +26,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def dask_processes(tmp: Path, n_workers: int, nthreads: int = 1) -> Iterator[tuple[str, Client]]:
-    """(scheduler address, connected client); everything is killed on exit."""
+def dask_processes(tmp: Path, n_workers: int, nthreads: int = 1,
+                   resources: Optional[list[str]] = None) -> Iterator[tuple[str, Client]]:
+    """(scheduler address, connected client); everything is killed on exit. `resources`: each
+    worker's `--resources` (e.g. "GPU=1"), as a cluster's workers are started."""
     address = f"tcp://127.0.0.1:{free_port()}"
     procs, logs = [], []
 
@@ -43,8 +45,9 @@ def dask_processes(tmp: Path, n_workers: int, nthreads: int = 1) -> Iterator[tup
         spawn(["scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1], "--no-dashboard",
                "--idle-timeout", "300s"], "scheduler")
         for i in range(n_workers):
+            extra = ["--resources", resources[i], "--name", f"worker{i}"] if resources else []
             spawn(["worker", address, "--host", "127.0.0.1", "--nthreads", str(nthreads), "--no-dashboard",
-                   "--death-timeout", "60s", "--local-directory", str(tmp / f"worker{i}")], f"worker{i}")
+                   "--death-timeout", "60s", "--local-directory", str(tmp / f"worker{i}"), *extra], f"worker{i}")
         with Client(address, timeout="30s") as client:
             client.wait_for_workers(n_workers, timeout=60)
             yield address, client

@@ -21,6 +21,7 @@ import webdataset as wds
 from PIL import Image
 
 from conftest import run_curate, write_config
+from dask_processes import dask_processes
 from curate.pipeline.cli import main as curate_main
 from curate.pipeline.errors import UserError
 from curate.train.config import load_train_config
@@ -31,9 +32,15 @@ from train_helpers import EVERY, RESOLUTION, STEPS, losses, run_train, train_con
 from train_helpers import one_torch_thread  # noqa: F401 (an autouse fixture)
 
 
+# Which worker processes loaded the VAE in the `shards` run: {worker name: [cached model kinds]}.
+LOADED_ON: dict = {}
+
+
 @pytest.fixture(scope="module")
 def shards(dataset, tmp_path_factory):
-    """`curate run` on the served synthetic dataset, caching tiny-VAE latents in the shards."""
+    """`curate run` on the served synthetic dataset, caching tiny-VAE latents in the shards, on a
+    cluster laid out as the README says for GPUs: a worker offering GPU slots (no GPU here: the
+    filter's device is cpu) and one offering CPU slots. The filter's batches go to the first."""
     _, urls, _ = dataset
     tmp = tmp_path_factory.mktemp("train-shards")
     config = write_config(
@@ -41,12 +48,28 @@ def shards(dataset, tmp_path_factory):
         download={"timeout": 10},
         resize={"size": 64}, resolution={"min_side": 32, "max_aspect_ratio": 3.0},
         filters=[{"name": "vae_latents", "vae": "tiny", "resolution": RESOLUTION, "device": "cpu"}],
-        dask={"n_workers": 1},  # one worker process loads the VAE once; the 3 shards take ~1 s each
     )
     env = {k: v for k, v in os.environ.items() if k != "DASK_SCHEDULER_ADDRESS"}
-    result = run_curate(["run", str(config), "--no-progress"], env, timeout=240)
-    assert result.returncode == 0, result.stderr
+
+    def cached_kinds() -> list:  # nested: sent to the workers by value, this module is not importable there
+        from curate.pipeline.models.cache import _built
+
+        return sorted({key[0] for key in _built if isinstance(key, tuple)})
+
+    with dask_processes(tmp, n_workers=2, resources=["GPU=1", "CPU=1"]) as (address, client):
+        result = run_curate(["run", str(config), "--no-progress", "--set", f"dask.scheduler={address}"], env,
+                            timeout=240)
+        assert result.returncode == 0, result.stderr
+        names = {a: w["name"] for a, w in client.scheduler_info()["workers"].items()}
+        LOADED_ON.update({names[a]: kinds for a, kinds in client.run(cached_kinds).items()})
     return tmp / "out"
+
+
+def test_the_latents_were_encoded_on_the_gpu_worker(shards):
+    # The write ran on the CPU worker and sent the filter's batches to the GPU worker
+    # (pipeline/offload.py): only that one loaded the VAE.
+    assert "vae" in LOADED_ON["worker0"], LOADED_ON
+    assert "vae" not in LOADED_ON["worker1"], LOADED_ON
 
 
 @pytest.fixture(scope="module")
