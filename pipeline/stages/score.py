@@ -222,32 +222,54 @@ class ClipScorer:
         return pixels, errors
 
     def _pixels_gpu(self, jpgs: list[bytes]):
-        import torch
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        # Views of the mapped tar (ReaderPool) go to nvJPEG as they are; bytes are copied once.
-        datas = [torch.from_numpy(j) if isinstance(j, np.ndarray) else torch.frombuffer(bytearray(j), dtype=torch.uint8)
-                 for j in jpgs]
-        try:
-            images = decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.clip.device)
-            errors: list[Optional[str]] = [None] * len(jpgs)
-        except Exception:
-            images, errors = [], []
-            for data, jpg in zip(datas, jpgs):
-                try:
-                    images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.clip.device))
-                    errors.append(None)
-                except Exception:
-                    try:  # the CPU decoder accepts some files nvJPEG refuses
-                        im = np.asarray(_decode_cpu(jpg))
-                        images.append(torch.from_numpy(im).permute(2, 0, 1).to(self.clip.device))
-                        errors.append(None)
-                    except Exception as exc:
-                        images.append(None)
-                        errors.append(f"{type(exc).__name__}: {exc}"[:200])
+        images, errors = decode_batch(jpgs, self.clip.device)
         good = [im for im in images if im is not None]
         pixels = gpu_preprocess(good, self.clip) if good else None
         return pixels, errors
+
+
+# How a JPEG file starts (SOI, then a marker): what nvJPEG's batch may be given.
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def decode_batch(jpgs: list, device: str) -> tuple[list, list[Optional[str]]]:
+    """Images (uint8 CHW tensors on `device`, None where one did not decode) and per-image errors,
+    in order. The JPEGs go to nvJPEG (`decode_jpeg` on `device`) in one batched call; other
+    formats (PNG, WebP: input shards hold them) are decoded on the CPU from the start, since one
+    of them in the batch would make the batched call fail. Only when the batched call still fails
+    (a JPEG nvJPEG refuses) is each JPEG tried alone, and then on the CPU."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    images: list = [None] * len(jpgs)
+    errors: list[Optional[str]] = [None] * len(jpgs)
+    jpeg = [i for i, j in enumerate(jpgs) if bytes(j[:3]) == JPEG_MAGIC]
+    # Views of the mapped tar (ReaderPool) go to nvJPEG as they are; bytes are copied once.
+    datas = {i: torch.from_numpy(jpgs[i]) if isinstance(jpgs[i], np.ndarray)
+             else torch.frombuffer(bytearray(jpgs[i]), dtype=torch.uint8) for i in jpeg}
+    decoded = None
+    if jpeg:
+        try:
+            decoded = decode_jpeg([datas[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
+        except Exception:
+            decoded = None
+    if decoded is not None:
+        for i, image in zip(jpeg, decoded):
+            images[i] = image
+    batched = set(jpeg) if decoded is None else set()  # JPEGs whose batch failed
+    for i in [i for i in range(len(jpgs)) if images[i] is None]:
+        if i in batched:
+            try:  # the batch failed: this one alone
+                images[i] = decode_jpeg(datas[i], mode=ImageReadMode.RGB, device=device)
+                continue
+            except Exception:
+                pass
+        try:  # other formats, and JPEGs nvJPEG refuses that the CPU decoder accepts
+            im = np.asarray(_decode_cpu(jpgs[i]))
+            images[i] = torch.from_numpy(im).permute(2, 0, 1).to(device)
+        except Exception as exc:
+            errors[i] = f"{type(exc).__name__}: {exc}"[:200]
+    return images, errors
 
 
 def gpu_preprocess(images: list, clip: LoadedClip):

@@ -78,3 +78,51 @@ def test_a_shard_without_images_saves_empty_embeddings_of_the_models_width(tmp_p
         score_shard(shard, {}, str(download), str(tmp_path / "emb"), str(tmp_path / "markers"), CLIP)
     full, empty = (np.load(embedding_files(tmp_path / "emb", s)["img_emb"]) for s in (0, 1))
     assert empty.shape == (0, full.shape[1]) and np.concatenate([full, empty]).shape == full.shape
+
+
+def _encoded(fmt: str, color, size=(24, 16)) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def test_decode_batch_keeps_other_formats_out_of_the_jpeg_batch(monkeypatch):
+    # The GPU path's decoding, run on the CPU device: a PNG and a WebP among JPEGs are decoded on
+    # the CPU and the JPEGs in ONE batched decode_jpeg call (a mixed batch made that call fail, and
+    # then every JPEG was decoded alone); garbage gets an error; the order is kept.
+    import torchvision.io
+
+    from curate.pipeline.stages.score import decode_batch
+
+    calls = []
+    real = torchvision.io.decode_jpeg
+
+    def counted(data, *args, **kwargs):
+        calls.append(len(data) if isinstance(data, list) else 1)
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", counted)
+    jpg_a, jpg_b = _encoded("JPEG", (200, 10, 10)), _encoded("JPEG", (10, 200, 10), (8, 30))
+    png, webp = _encoded("PNG", (1, 2, 250)), _encoded("WEBP", (90, 90, 90))
+    view = np.frombuffer(bytearray(jpg_b), dtype=np.uint8)  # the ReaderPool hands views of the mapped tar
+    images, errors = decode_batch([jpg_a, png, b"not an image", view, webp], "cpu")
+    assert calls == [2]
+    assert errors[:2] == [None, None] and errors[3:] == [None, None] and errors[2].startswith("UnidentifiedImageError")
+    assert images[2] is None
+    assert [tuple(im.shape) for i, im in enumerate(images) if i != 2] == [(3, 16, 24), (3, 16, 24), (3, 30, 8), (3, 16, 24)]
+    assert images[1][:, 0, 0].tolist() == [1, 2, 250]  # PNG: lossless, exact
+    assert abs(int(images[0][0, 8, 12]) - 200) <= 3 and abs(int(images[3][1, 15, 4]) - 200) <= 3
+
+
+def test_decode_batch_tries_each_jpeg_alone_when_the_batch_fails():
+    # A cut JPEG (it has the JPEG magic) makes the batched call fail: the others still decode.
+    from curate.pipeline.stages.score import decode_batch
+
+    good = _encoded("JPEG", (30, 60, 90))
+    images, errors = decode_batch([good, good[: len(good) // 3], good], "cpu")
+    assert errors[0] is None and errors[2] is None and errors[1] is not None
+    assert images[1] is None and tuple(images[0].shape) == tuple(images[2].shape) == (3, 16, 24)
