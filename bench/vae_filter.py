@@ -55,7 +55,6 @@ import os
 import shutil
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -65,7 +64,7 @@ sys.path.insert(0, str(REPO))
 from bench.clip_score import _short_error, _version, fmt_rate  # noqa: E402
 from bench.download import cpu_name  # noqa: E402
 from bench.shards_e2e import (  # noqa: E402
-    CurateRunFailed, GpuMemoryPoller, _mib, finished_stats, log, make_shards, run_logged,
+    CurateRunFailed, GpuMemoryPoller, _cell, _mib, _print_traceback, finished_stats, log, make_shards, run_logged,
 )
 from bench.train import SD15_VAE  # noqa: E402
 from curate.pipeline.benchmarks import update_section  # noqa: E402
@@ -319,11 +318,6 @@ VARIANTS = {
 # ---------------------------------------------------------------- table
 
 
-def _cell(text, limit: int = 200) -> str:
-    text = str(text).replace("|", "/").replace("\n", " ")
-    return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
 def _best_run(state: dict) -> Optional[dict]:
     runs = [r for r in state["runs"].values()]
     return max(runs, key=lambda r: r["rate"]) if runs else None
@@ -412,7 +406,7 @@ def render(state: dict, args) -> str:
             share = f"{best['rate'] / a['rate']:.2f}×" if best else "—"
             lines.append(f"| {label} | {fmt_rate(a['rate'])} | {how} | {share} | {tflops(a['rate'])} |")
         elif f"{variant}_error" in state:
-            lines.append(f"| {label} | failed | {_cell(state[variant + '_error'])} | — | — |")
+            lines.append(f"| {label} | failed | {_cell(state[variant + '_error'], 200)} | — | — |")
     lines += ["", f"Target (issue 15 item 8): `vae_latents` at {SIZE} px ≥ {TARGET:,} images/s inside curate run: "
               + verdict(state) + ".", ""]
     notes = []
@@ -442,12 +436,6 @@ def render(state: dict, args) -> str:
     if notes:
         lines += ["Details:", "", *[f"- {note}." for note in notes], ""]
     return "\n".join(lines) + "\n"
-
-
-def _print_traceback() -> None:
-    """The traceback's end only: the device tool keeps the last 12,000 characters of output."""
-    text = traceback.format_exc()
-    print(text if len(text) <= 1500 else "... " + text[-1500:], end="", flush=True)
 
 
 # ---------------------------------------------------------------- main

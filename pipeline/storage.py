@@ -22,8 +22,8 @@ import posixpath
 import shutil
 import tempfile
 import uuid
-from pathlib import Path
 from collections import deque
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import fsspec
