@@ -107,8 +107,12 @@ def make_vae_folder(name: str, config: dict) -> Path:
 
 
 # The curate runs: the filter's defaults (bf16 + channels_last on a GPU, eager), and compiled.
+# The compiled run twice: first with torch's compile caches as the machine has them (cold on a
+# fresh one: the worker compiles the encoder, about a minute), then again, as a user's next run
+# finds them (inductor's FX graph and Triton kernel caches under /tmp and ~/.triton, kept by torch).
 RUNS = {"curate": ("defaults (`precision: auto`: bf16 + channels_last, eager)", False),
-        "curate_compiled": ("`compile: true`", True)}
+        "curate_compiled": ("`compile: true`", True),
+        "curate_compiled_again": ("`compile: true`, run again (torch's compile caches warm)", True)}
 
 
 def curate_config(tars_dir: Path, out: Path, vae: str, quick: bool, compile: bool = False) -> dict:
@@ -170,18 +174,28 @@ def _write_window(out: Path, started_epoch: float) -> dict:
             info = json.loads(marker.read_text())
             end = marker.stat().st_mtime - started_epoch
             seconds = info.get("seconds", {})
-            spans.append((end - float(seconds["write"]), end))
+            spans.append((end - float(seconds["write"]), end, int(info.get("written", 0))))
             read_s += float(seconds.get("read", 0.0))
             written += int(info.get("written", 0))
     except Exception as exc:
         return {"write_window_error": _short_error(exc)}
     if not spans:
         return {}
-    first, last = min(a for a, _ in spans), max(b for _, b in spans)
-    task_s = [b - a for a, b in spans]
-    return {"write_tasks": len(spans), "write_task_s": sum(task_s), "write_task_max_s": max(task_s),
-            "read_task_s": read_s, "write_first_start": first, "write_last_end": last,
-            "write_written": written, "write_rate": written / (last - first) if last > first else None}
+    first, last = min(a for a, _, _ in spans), max(b for _, b, _ in spans)
+    task_s = [b - a for a, b, _ in spans]
+    result = {"write_tasks": len(spans), "write_task_s": sum(task_s), "write_task_max_s": max(task_s),
+              "read_task_s": read_s, "write_first_start": first, "write_last_end": last,
+              "write_written": written, "write_rate": written / (last - first) if last > first else None}
+    # The rate once warm (compiled, caches filled): from the moment a quarter of the write tasks had
+    # ended to the last end, the images of the tasks that ended in that window. Meaningful only with
+    # many more write tasks than the CPU workers run at once (tasks then end spread over the run).
+    ends = sorted(spans, key=lambda span: span[1])
+    quarter = len(ends) // 4
+    if quarter >= 2 and last > ends[quarter - 1][1]:
+        since = ends[quarter - 1][1]
+        images = sum(n for _, end, n in ends[quarter:])
+        result.update({"steady_since": since, "steady_images": images, "steady_rate": images / (last - since)})
+    return result
 
 
 def _check_output(out: Path) -> str:
@@ -267,33 +281,36 @@ def encode_gflop(config) -> Optional[float]:
 
 
 def run_alone(source: str, device: str, variant: str, batch: int, seconds: float) -> dict:
-    """The encoder alone, one variant: "filter" (fp32, NCHW, eager, as cached_vae and the filter's
-    prepare give it), "bf16_cl" (bf16 + channels_last, eager), "compiled" (that + torch.compile)."""
+    """The encoder alone, one variant: "filter" (fp32, NCHW, eager: the filter before it had
+    `precision`), "bf16_cl" (curate's `cached_vae` with precision bf16: bf16 + channels_last, cuDNN
+    benchmark mode, eager: the filter's default on a GPU), "compiled" (that with `compile=True`)."""
     import torch
 
-    from curate.pipeline.models.vae import load_vae
+    from curate.pipeline.models.vae import cached_vae, load_vae
 
     started = time.perf_counter()
-    vae = load_vae(source).float()  # as cached_vae loads it
-    vae = vae.to(torch.device(device)).eval().requires_grad_(False)
     gen = torch.Generator().manual_seed(0)
-    # Pixels as the filter makes them: float32 NCHW from torch.from_numpy, in [-1, 1].
+    # Pixels as the filter hands them to `encode`: NCHW in [-1, 1], in the VAE's dtype and layout.
     pixels = (torch.rand(batch, 3, SIZE, SIZE, generator=gen) * 2 - 1).to(device)
-    torch.backends.cudnn.benchmark = variant != "filter"  # as cached_vae sets it on a GPU
-    if variant != "filter":
-        from diffusers.utils import logging as diffusers_logging
-
-        diffusers_logging.set_verbosity_error()  # its advice on casting with to(): this cast is the point
-        vae = vae.to(torch.bfloat16).to(memory_format=torch.channels_last)
-        pixels = pixels.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-    if variant == "compiled":
-        vae.encoder.compile()  # the encoder's convolutions are the cost; quant_conv and the posterior stay eager
+    if variant == "filter":
+        # Built by hand: cached_vae always makes a CUDA VAE channels_last, and this row is the
+        # fp32 NCHW encoder the filter used before it had `precision`.
+        torch.backends.cudnn.benchmark = False
+        vae = load_vae(source).float().to(torch.device(device)).eval().requires_grad_(False)
+    else:
+        # The filter's own loader (pipeline/models/vae.py), so this row is exactly its encoder.
+        loaded = cached_vae(source, device=device, precision="bf16", compile=variant == "compiled")
+        vae = loaded.vae
+        pixels = pixels.to(loaded.dtype)
+        if loaded.device.type == "cuda":
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
     load_s = time.perf_counter() - started
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     result = time_encode(vae, pixels, device, seconds, warmup=3 if variant == "compiled" else 2)
     result.update({"variant": variant, "load_s": load_s, "dtype": str(pixels.dtype).replace("torch.", ""),
-                   "channels_last": variant != "filter", "compiled": variant == "compiled"})
+                   "channels_last": pixels.is_contiguous(memory_format=torch.channels_last) and variant != "filter",
+                   "compiled": variant == "compiled"})
     if device.startswith("cuda"):
         result["peak"] = torch.cuda.max_memory_allocated()
     if variant == "filter":
@@ -301,7 +318,10 @@ def run_alone(source: str, device: str, variant: str, batch: int, seconds: float
             result["gflop"] = encode_gflop(vae.config)
         except Exception as exc:
             result["gflop_error"] = _short_error(exc)
+    from curate.pipeline.models.cache import forget
+
     del vae, pixels
+    forget("vae")  # cached_vae's copy: the next variant gets its own
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -354,10 +374,12 @@ def render(state: dict, args) -> str:
         f"`input.format: webdataset` over the tars, clip disabled, `resize: {{size: {SIZE}, mode: center_crop}}`, "
         f"`filters: [{{name: vae_latents, vae: FOLDER, resolution: {SIZE}}}]` (device "
         f"{'cpu' if args.quick else 'auto'}, batch_size {state['filter_batch']}; the write stage judges "
-        f"{state['write_batch']} samples at a time), once with the filter's defaults and once with "
-        "`compile: true`"
+        f"{state['write_batch']} samples at a time): with the filter's defaults, with `compile: true`, and "
+        "compiled again (torch's compile caches then warm, as for a user's next run)"
         + "".join(f", `--set {o}`" for o in args.set) + ", fresh output folder. **images/s = images written / wall s** "
         "of the subprocess (interpreter, Dask cluster, VAE loads included).",
+        "- **once warm**: from the done-markers, the images of the write tasks that ended after a quarter of them "
+        "had ended, per second from then to the last end: the rate once compiling and start-up are behind.",
         "- **write stage**: from the final shards' done-markers (`shards/NNNNN.done.json`, task seconds and file "
         "time): the window from the first write task's start to the last one's end, images written per second "
         "of it; and the write tasks' seconds (summed / longest).",
@@ -397,6 +419,11 @@ def render(state: dict, args) -> str:
                 f"task-s summed (longest {part['write_task_max_s']:.1f} s), read tasks {part['read_task_s']:.1f} "
                 "task-s | " + (f"{c['rate'] / part['write_rate']:.2f}×" if c else "—")
                 + f" | {tflops(part['write_rate'])} |")
+        if part.get("steady_rate"):
+            lines.append(
+                f"| curate run, {label}, once warm | {fmt_rate(part['steady_rate'])} | {part['steady_images']:,} images "
+                f"of the write tasks that ended from {part['steady_since']:.1f} s (a quarter of the tasks had ended) "
+                f"to {part['write_last_end']:.1f} s | — | {tflops(part['steady_rate'])} |")
     for variant, label in VARIANTS.items():
         a = alone.get(variant)
         if a:
@@ -455,6 +482,8 @@ def main() -> None:
                         help="passed on to curate run (e.g. dask.n_workers=4); repeatable; named in the table")
     parser.add_argument("--skip-curate", action="store_true")
     parser.add_argument("--skip-curate-compiled", action="store_true", help="only the curate run with the defaults")
+    parser.add_argument("--skip-curate-eager", action="store_true", help="only the compiled curate runs")
+    parser.add_argument("--once", action="store_true", help="the compiled curate run once (not again with warm caches)")
     parser.add_argument("--skip-compile", action="store_true")
     parser.add_argument("--run-timeout", type=float, default=None,
                         help="seconds before the curate run is stopped and marked failed (default 420; quick 240)")
@@ -510,7 +539,8 @@ def main() -> None:
 
     steps = []
     for name, (_, compile) in RUNS.items():
-        if args.skip_curate or (compile and (args.skip_curate_compiled or args.skip_compile)):
+        if (args.skip_curate or (compile and (args.skip_curate_compiled or args.skip_compile))
+                or (not compile and args.skip_curate_eager) or (name == "curate_compiled_again" and args.once)):
             continue
         steps.append((name, lambda c=compile: run_curate(
             tars_dir, vae, args.quick, args.run_timeout, gpu and GpuMemoryPoller.available(), args.set, c)))
@@ -536,6 +566,8 @@ def main() -> None:
             state["runs"][name] = r = result
             window = (f"write window {r['write_last_end'] - r['write_first_start']:.1f} s = "
                       f"{fmt_rate(r['write_rate'])} images/s" if r.get("write_rate") else "write window unknown")
+            if r.get("steady_rate"):
+                window += f"; once warm {fmt_rate(r['steady_rate'])} images/s"
             log(f"== {name}: {r['written']:,} of {r['images']:,} images written in {r['wall']:.1f} s wall = "
                 f"{fmt_rate(r['rate'])} images/s end to end; {window}; {r.get('write_tasks')} write tasks, "
                 f"{r.get('write_task_s', 0):.1f} task-s; {r['check']}")
