@@ -110,12 +110,16 @@ def make_vae_folder(name: str, config: dict) -> Path:
 # The compiled run twice: first with torch's compile caches as the machine has them (cold on a
 # fresh one: the worker compiles the encoder, about a minute), then again, as a user's next run
 # finds them (inductor's FX graph and Triton kernel caches under /tmp and ~/.triton, kept by torch).
-RUNS = {"curate": ("defaults (`precision: auto`: bf16 + channels_last, eager)", False),
+# And the same run without the filter (compile None): reading, resizing and writing alone, the
+# rate the rest of the pipeline allows on this machine, the filter's ceiling inside curate run.
+RUNS = {"curate_no_filter": ("without `vae_latents` (read, resize, write: the rest of the run alone)", None),
+        "curate": ("defaults (`precision: auto`: bf16 + channels_last, eager)", False),
         "curate_compiled": ("`compile: true`", True),
         "curate_compiled_again": ("`compile: true`, run again (torch's compile caches warm)", True)}
 
 
 def curate_config(tars_dir: Path, out: Path, vae: str, quick: bool, compile: bool = False) -> dict:
+    """The run's config; `compile` None: without the filter."""
     latents = {"name": "vae_latents", "vae": vae, "resolution": SIZE, **({"compile": True} if compile else {})}
     if quick:
         latents["device"] = "cpu"  # the dry run stays on the CPU even where a GPU is
@@ -124,7 +128,7 @@ def curate_config(tars_dir: Path, out: Path, vae: str, quick: bool, compile: boo
         "output": {"path": str(out)},
         "resize": {"size": SIZE, "mode": "center_crop"},
         "clip": {"enabled": False},
-        "filters": [latents],
+        "filters": [] if compile is None else [latents],
     }
 
 
@@ -158,7 +162,7 @@ def run_curate(tars_dir: Path, vae: str, quick: bool, timeout: float, poll: bool
         "stats": stats, "images": stats.get("rows_in"), "written": stats.get("written") or 0,
         "rate": (stats.get("written") or 0) / wall,
     })
-    result["check"] = _check_output(out)
+    result["check"] = _check_output(out, latents=compile is not None)
     for tar in (out / "shards").glob("*.tar"):  # the written copy of the input: not needed
         tar.unlink()
     return result
@@ -198,8 +202,9 @@ def _write_window(out: Path, started_epoch: float) -> dict:
     return result
 
 
-def _check_output(out: Path) -> str:
-    """The first output tar's samples: 256 x 256 JPEGs, each with a latent of one shape."""
+def _check_output(out: Path, latents: bool = True) -> str:
+    """The first output tar's samples: 256 x 256 JPEGs, each with a latent of one shape (or, without
+    the filter, none)."""
     import numpy as np
     from PIL import Image
 
@@ -218,7 +223,10 @@ def _check_output(out: Path) -> str:
             continue
         shapes.add(tuple(np.load(io.BytesIO(fields[LATENT_EXT]), allow_pickle=False).shape))
         meta_sizes.add(tuple(json.loads(fields["json"]).get(META_SIZE) or ()))
-    ok = sizes == {(SIZE, SIZE)} and not missing and len(shapes) == 1 and meta_sizes == {(SIZE, SIZE)}
+    if latents:
+        ok = sizes == {(SIZE, SIZE)} and not missing and len(shapes) == 1 and meta_sizes == {(SIZE, SIZE)}
+    else:
+        ok = sizes == {(SIZE, SIZE)} and missing == n
     text = (f"{tars[0].name}: {n} samples, image sizes {sorted(sizes)}, latent shapes {sorted(shapes)}, "
             f"latent_size {sorted(meta_sizes)}, {missing} without a latent")
     if not ok:
@@ -339,7 +347,7 @@ VARIANTS = {
 
 
 def _best_run(state: dict) -> Optional[dict]:
-    runs = [r for r in state["runs"].values()]
+    runs = [r for name, r in state["runs"].items() if RUNS[name][1] is not None]  # with the filter
     return max(runs, key=lambda r: r["rate"]) if runs else None
 
 
@@ -374,8 +382,9 @@ def render(state: dict, args) -> str:
         f"`input.format: webdataset` over the tars, clip disabled, `resize: {{size: {SIZE}, mode: center_crop}}`, "
         f"`filters: [{{name: vae_latents, vae: FOLDER, resolution: {SIZE}}}]` (device "
         f"{'cpu' if args.quick else 'auto'}, batch_size {state['filter_batch']}; the write stage judges "
-        f"{state['write_batch']} samples at a time): with the filter's defaults, with `compile: true`, and "
-        "compiled again (torch's compile caches then warm, as for a user's next run)"
+        f"{state['write_batch']} samples at a time): without the filter (the rest of the run "
+        "alone), with the filter's defaults, with `compile: true`, and compiled again (torch's compile caches then "
+        "warm, as for a user's next run)"
         + "".join(f", `--set {o}`" for o in args.set) + ", fresh output folder. **images/s = images written / wall s** "
         "of the subprocess (interpreter, Dask cluster, VAE loads included).",
         "- **once warm**: from the done-markers, the images of the write tasks that ended after a quarter of them "
@@ -399,13 +408,14 @@ def render(state: dict, args) -> str:
         return f"{rate * gflop / 1e3:.3g}" if gflop and rate else "—"
 
     best = _best_run(state)
-    for name, (label, _) in RUNS.items():
+    for name, (label, compile) in RUNS.items():
+        run_tflops = tflops if compile is not None else (lambda rate: "—")  # no VAE without the filter
         c = state["runs"].get(name)
         part = c or state.get(f"{name}_partial") or {}
         if c:
             lines.append(f"| curate run, {label}, end to end | **{fmt_rate(c['rate'])}** | {c['written']:,} written "
                          f"of {c['images']:,} read in {c['wall']:.1f} s wall (stats.json "
-                         f"{c['stats'].get('duration_seconds', '—')} s) | — | {tflops(c['rate'])} |")
+                         f"{c['stats'].get('duration_seconds', '—')} s) | — | {run_tflops(c['rate'])} |")
         elif f"{name}_error" in state:
             wall = f" after {part['wall']:.1f} s" if part.get("wall") else ""
             lines.append(f"| curate run, {label}, end to end | failed{wall} | {_cell(state[name + '_error'], 300)} "
@@ -418,12 +428,12 @@ def render(state: dict, args) -> str:
                 f"{part['write_last_end']:.1f} s; {part['write_tasks']} write tasks, {part['write_task_s']:.1f} "
                 f"task-s summed (longest {part['write_task_max_s']:.1f} s), read tasks {part['read_task_s']:.1f} "
                 "task-s | " + (f"{c['rate'] / part['write_rate']:.2f}×" if c else "—")
-                + f" | {tflops(part['write_rate'])} |")
+                + f" | {run_tflops(part['write_rate'])} |")
         if part.get("steady_rate"):
             lines.append(
                 f"| curate run, {label}, once warm | {fmt_rate(part['steady_rate'])} | {part['steady_images']:,} images "
                 f"of the write tasks that ended from {part['steady_since']:.1f} s (a quarter of the tasks had ended) "
-                f"to {part['write_last_end']:.1f} s | — | {tflops(part['steady_rate'])} |")
+                f"to {part['write_last_end']:.1f} s | — | {run_tflops(part['steady_rate'])} |")
     for variant, label in VARIANTS.items():
         a = alone.get(variant)
         if a:
@@ -483,6 +493,7 @@ def main() -> None:
     parser.add_argument("--skip-curate", action="store_true")
     parser.add_argument("--skip-curate-compiled", action="store_true", help="only the curate run with the defaults")
     parser.add_argument("--skip-curate-eager", action="store_true", help="only the compiled curate runs")
+    parser.add_argument("--skip-no-filter", action="store_true", help="not the run without the filter")
     parser.add_argument("--once", action="store_true", help="the compiled curate run once (not again with warm caches)")
     parser.add_argument("--skip-compile", action="store_true")
     parser.add_argument("--run-timeout", type=float, default=None,
@@ -540,7 +551,8 @@ def main() -> None:
     steps = []
     for name, (_, compile) in RUNS.items():
         if (args.skip_curate or (compile and (args.skip_curate_compiled or args.skip_compile))
-                or (not compile and args.skip_curate_eager) or (name == "curate_compiled_again" and args.once)):
+                or (compile is False and args.skip_curate_eager) or (compile is None and args.skip_no_filter)
+                or (name == "curate_compiled_again" and args.once)):
             continue
         steps.append((name, lambda c=compile: run_curate(
             tars_dir, vae, args.quick, args.run_timeout, gpu and GpuMemoryPoller.available(), args.set, c)))

@@ -113,10 +113,13 @@ def encode_crops(spec: dict, jobs: list[tuple[bytes, tuple[int, int]]]) -> dict:
     by_size: dict[tuple[int, int], list[int]] = {}
     for i, (_, size) in enumerate(jobs):
         by_size.setdefault(tuple(size), []).append(i)
+    # Every crop is handed to the decoding threads at once, so they decode the next batches while
+    # the GPU encodes this one (a batch at a time would leave the GPU idle while each decodes).
+    pending = {i: _DECODERS.submit(_crop, jobs[i][0], tuple(jobs[i][1])) for i in range(len(jobs))}
     for size, indexes in by_size.items():
         for start in range(0, len(indexes), f.batch_size):
             chunk = indexes[start:start + f.batch_size]
-            crops = list(_DECODERS.map(lambda i: _crop(jobs[i][0], size), chunk))
+            crops = [pending.pop(i).result() for i in chunk]
             images = [crop for crop, _ in crops]
             if f.compile:  # one batch shape per crop size: a short batch would compile again
                 images += [images[-1]] * (f.batch_size - len(images))
