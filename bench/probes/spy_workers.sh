@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Probe: where a running `curate run`'s workers spend their time, once the GPU worker is busy.
-# Waits for a process to open the GPU (nvidia-smi), then DELAY more seconds (compiling), then for
+# Waits for a process to hold 2 GiB of the GPU (nvidia-smi), then DELAY more seconds (compiling), then for
 # SECONDS samples at once: py-spy (--idle, raw collapsed stacks, 50 Hz) of the GPU worker and of
 # the busiest other Python process (a CPU worker), the GPU's utilization every 0.5 s, and a `top`
 # of the processes. Output in OUT_DIR. Run it in the background beside the run:
@@ -10,7 +10,10 @@ out=$1; delay=${2:-90}; seconds=${3:-20}
 spy=${PY_SPY:-py-spy}
 mkdir -p "$out"
 for _ in $(seq 600); do
-    gpu=$(nvidia-smi --query-compute-apps=pid --format=csv,noheader | head -1 | tr -d ' ')
+    # The process holding the most GPU memory, once it holds 2 GiB: the GPU worker with its model
+    # (a benchmark's own process may hold a small CUDA context of its own).
+    gpu=$(nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits \
+          | sort -t, -k2 -n -r | awk -F, '$2 >= 2048 {print $1; exit}' | tr -d ' ')
     [ -n "$gpu" ] && break
     sleep 1
 done
