@@ -16,8 +16,9 @@ crop box, in the stored image's pixels) and `latent_precision` (what the VAE ran
 would compute itself (pipeline/models/latents.py holds the shared crop and encode code). The
 filter never drops a sample.
 
-The encoding (`encode_crops`) runs on a GPU worker when the run has one: the write task sends
-each batch there (pipeline/offload.py) and stays on its CPU worker. The VAE is loaded once per
+The crops are made where the write task runs; their encoding (`encode_batches`) runs on a GPU
+worker when the run has one: the write task sends the crops there as uint8 arrays
+(pipeline/offload.py) and stays on its CPU worker. The VAE is loaded once per
 process that encodes (module cache). On a GPU it runs in bf16 and channels_last, and with
 `compile: true` its encoder is compiled: about 2.5x faster once warm, worth it for runs of many
 shards (each new crop size compiles once per GPU worker).
@@ -25,10 +26,10 @@ shards (each new crop size compiles once per GPU worker).
 
 from __future__ import annotations
 
-import io
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import Field, PrivateAttr
 
 from curate.filters.base import Decision, Filter
@@ -36,7 +37,7 @@ from curate.pipeline.errors import require_extra
 
 # Where `prepare` leaves a sample's (latent, crop box, what the json says of the VAE) for `keep`.
 _PREPARED = "_vae_latent"
-# Threads that decode and crop a batch's images while the GPU encodes (PIL releases the GIL).
+# Threads that decode and crop a batch's stored images (PIL releases the GIL while it decodes).
 _DECODERS = ThreadPoolExecutor(4, thread_name_prefix="vae-latents-decode")
 
 
@@ -74,13 +75,25 @@ class VaeLatents(Filter):
         return tuple(meta["bucket"]) if meta.get("bucket") else (self.resolution, self.resolution)
 
     def prepare(self, samples: list[dict]) -> None:
-        """Encode the samples' crops (on a GPU worker when there is one: `encode_crops`); `keep`
-        then only stores each result."""
-        jobs = [(sample["jpg"], self._target(sample)) for sample in samples]
+        """Crop the samples' stored images here (CPU work, where the write runs), then encode the
+        crops where the GPU is (`encode_batches`, through the offload runner); `keep` only stores
+        each result. Only uint8 pixels travel to the GPU worker: its process feeds the GPU and does
+        no image work, which would compete with that for its GIL."""
+        from curate.pipeline.models.latents import decode_crop
+
+        crops = list(_DECODERS.map(lambda sample: decode_crop(sample["jpg"], self._target(sample)), samples))
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, sample in enumerate(samples):
+            by_size.setdefault(self._target(sample), []).append(i)
+        # Batches of one crop size, `batch_size` crops each: what one call of the encoder takes.
+        order = [chunk for indexes in by_size.values()
+                 for chunk in (indexes[start:start + self.batch_size] for start in range(0, len(indexes), self.batch_size))]
+        batches = [np.stack([crops[i][0] for i in chunk]) for chunk in order]
         spec = self.model_dump()
-        encoded = self._offload(encode_crops, spec, jobs) if self._offload else encode_crops(spec, jobs)
-        for sample, (latent, box) in zip(samples, encoded["latents"]):
-            sample[_PREPARED] = (latent, box, encoded["vae"])
+        encoded = self._offload(encode_batches, spec, batches) if self._offload else encode_batches(spec, batches)
+        for chunk, latents in zip(order, encoded["latents"]):
+            for i, latent in zip(chunk, latents):
+                samples[i][_PREPARED] = (latent, crops[i][1], encoded["vae"])
 
     def keep(self, sample) -> Decision:
         from curate.pipeline.models.latents import (
@@ -98,10 +111,10 @@ class VaeLatents(Filter):
         return True
 
 
-def encode_crops(spec: dict, jobs: list[tuple[bytes, tuple[int, int]]]) -> dict:
-    """The filter's GPU work, run where its `offload` sends it: {"latents": [(latent as fp16, crop
-    box)] for each (stored JPEG, crop size), "vae": what the json says of the VAE}. Crops of one
-    size are encoded together, `batch_size` at a time; the VAE is loaded once per process."""
+def encode_batches(spec: dict, batches: list) -> dict:
+    """The filter's GPU work, run where its `offload` sends it: {"latents": [fp16 latents (B, C,
+    h, w) for each uint8 (B, H, W, 3) batch of crops], "vae": what the json says of the VAE}. The
+    VAE is loaded once per process."""
     import torch
 
     from curate.pipeline.models.latents import encode, pixels_batch
@@ -109,35 +122,15 @@ def encode_crops(spec: dict, jobs: list[tuple[bytes, tuple[int, int]]]) -> dict:
 
     f = VaeLatents(**spec)
     loaded = cached_vae(f.vae, f.tiny_seed, f.device, f.precision, f.compile)
-    out: list = [None] * len(jobs)
-    by_size: dict[tuple[int, int], list[int]] = {}
-    for i, (_, size) in enumerate(jobs):
-        by_size.setdefault(tuple(size), []).append(i)
-    # Every crop is handed to the decoding threads at once, so they decode the next batches while
-    # the GPU encodes this one (a batch at a time would leave the GPU idle while each decodes).
-    pending = {i: _DECODERS.submit(_crop, jobs[i][0], tuple(jobs[i][1])) for i in range(len(jobs))}
-    for size, indexes in by_size.items():
-        for start in range(0, len(indexes), f.batch_size):
-            chunk = indexes[start:start + f.batch_size]
-            crops = [pending.pop(i).result() for i in chunk]
-            images = [crop for crop, _ in crops]
-            if f.compile:  # one batch shape per crop size: a short batch would compile again
-                images += [images[-1]] * (f.batch_size - len(images))
-            with torch.no_grad():
-                latents = encode(loaded.vae, pixels_batch(images, loaded.device, loaded.dtype))[:len(chunk)]
-                # Stored as fp16 (latent_to_bytes): rounded on the device, copied back at half the bytes.
-                latents = latents.float().to(torch.float16).cpu().numpy()
-            for i, (_, box), latent in zip(chunk, crops, latents):
-                out[i] = (latent, box)
+    out = []
+    for batch in batches:
+        n = len(batch)
+        if f.compile and n < f.batch_size:  # one batch shape per crop size: a short batch would compile again
+            batch = np.concatenate([batch, np.repeat(batch[-1:], f.batch_size - n, axis=0)])
+        with torch.no_grad():
+            latents = encode(loaded.vae, pixels_batch(batch, loaded.device, loaded.dtype))[:n]
+            # Stored as fp16 (latent_to_bytes): rounded on the device, copied back at half the bytes.
+            out.append(latents.float().to(torch.float16).cpu().numpy())
     vae = {"name": loaded.name, "fingerprint": loaded.fingerprint,
            "scaling_factor": loaded.vae.config.scaling_factor, "precision": loaded.precision}
     return {"latents": out, "vae": vae}
-
-
-def _crop(jpg: bytes, size: tuple[int, int]):
-    """The stored JPEG decoded and cropped to `size` as training crops it: (image, crop box)."""
-    from PIL import Image
-
-    from curate.pipeline.models.latents import fit_crop
-
-    return fit_crop(Image.open(io.BytesIO(jpg)).convert("RGB"), size)

@@ -42,6 +42,8 @@ def fit_crop(image: Image.Image, size: tuple[int, int], rng: Optional[random.Ran
     else:
         left, top = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
     box = (round(left, 3), round(top, 3), round(left + cw, 3), round(top + ch, 3))
+    if (w, h) == (tw, th) and box == (0, 0, w, h):
+        return image, box  # already the crop (resize would return an equal copy): spares a copy
     # Shrinking by a large factor: PIL's resize filters over the whole source footprint
     # (antialiased), unlike a GPU-style point-sampled bicubic.
     return image.resize((tw, th), Image.BICUBIC, box=box), box
@@ -53,15 +55,24 @@ def to_pixels(image: Image.Image) -> np.ndarray:
     return (array / 127.5 - 1.0).transpose(2, 0, 1)
 
 
-def pixels_batch(images: list[Image.Image], device, dtype):
-    """Same-size RGB images -> a (B, 3, H, W) tensor in [-1, 1] on `device`, of `dtype`: the
-    batched `to_pixels`. The images travel as uint8 (a quarter of the bytes) and are scaled on the
-    device with the same float32 arithmetic as `to_pixels`, so the values are identical. Laid out
-    channels_last (a permute of the NHWC stack), the layout the VAE runs in on a GPU; contiguous
-    NCHW elsewhere."""
+def decode_crop(data: bytes, size: tuple[int, int]) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """A stored image (its encoded bytes) decoded and centre-cropped to `size` as training crops
+    it: the crop as a uint8 (H, W, 3) array, and the crop box in the stored image's pixels."""
+    image = Image.open(io.BytesIO(data))
+    image = image.convert("RGB") if image.mode != "RGB" else image  # convert copies even an RGB image
+    crop, box = fit_crop(image, tuple(size))
+    return np.asarray(crop), box
+
+
+def pixels_batch(crops: np.ndarray, device, dtype):
+    """Same-size uint8 RGB crops (B, H, W, 3) -> a (B, 3, H, W) tensor in [-1, 1] on `device`, of
+    `dtype`: the batched `to_pixels`. They travel as uint8 (a quarter of the bytes) and are scaled
+    on the device with the same float32 arithmetic as `to_pixels`, so the values are identical.
+    Laid out channels_last (a permute of the NHWC batch), the layout the VAE runs in on a GPU;
+    contiguous NCHW elsewhere."""
     import torch
 
-    stacked = torch.from_numpy(np.stack([np.asarray(image.convert("RGB")) for image in images]))
+    stacked = torch.from_numpy(np.ascontiguousarray(crops))
     if device.type == "cuda":
         stacked = stacked.pin_memory()
     pixels = stacked.to(device, non_blocking=True).float().div_(127.5).sub_(1.0).permute(0, 3, 1, 2)

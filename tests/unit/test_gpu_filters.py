@@ -101,6 +101,16 @@ def _write_like_task(resources):
     return offload_runner(resources)(_where_am_i, "sent")
 
 
+def _gpu_target(resources):
+    # Where a write task's runner sends its arguments (scattered there, worker to worker).
+    from distributed import worker_client
+
+    from curate.pipeline.offload import DaskOffload
+
+    with worker_client() as client:
+        return DaskOffload(resources)._next_target(client)
+
+
 def test_offload_runs_the_batch_on_a_gpu_worker_and_never_deadlocks():
     # The embedded GPU layout (real worker processes; no GPU needed to start it): a CPU worker
     # offering CPU slots and "gpu-0" offering GPU=2 with 2 threads.
@@ -115,6 +125,9 @@ def test_offload_runs_the_batch_on_a_gpu_worker_and_never_deadlocks():
         # From a task on the CPU worker, the batch runs on the GPU worker.
         assert client.submit(_write_like_task, {"GPU": 1}, resources={"CPU": 1}, pure=False).result(60) == (
             "sent", "gpu-0")
+        # Its arguments are scattered to that worker itself, not carried through the scheduler.
+        assert client.submit(_gpu_target, {"GPU": 1}, resources={"CPU": 1}, pure=False).result(60) == gpu
+        assert client.submit(_gpu_target, {"TPU": 1}, resources={"CPU": 1}, pure=False).result(60) is None
         # Without resources it runs in the task's own process (the CPU layout).
         assert client.submit(_write_like_task, None, resources={"CPU": 1}, pure=False).result(60) == ("sent", "cpu-0")
         # Writes on every thread of the GPU worker (a cluster whose GPU workers run writes too): each
@@ -131,11 +144,31 @@ def test_pixels_travel_as_uint8_and_scale_as_to_pixels_does():
     from curate.pipeline.models.latents import pixels_batch, to_pixels
 
     rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)) for _ in range(3)]
-    batch = pixels_batch(images, torch.device("cpu"), torch.float32)
+    crops = rng.integers(0, 256, (3, 24, 40, 3), dtype=np.uint8)
+    batch = pixels_batch(crops, torch.device("cpu"), torch.float32)
     assert batch.shape == (3, 3, 24, 40) and batch.dtype == torch.float32 and batch.is_contiguous()
-    np.testing.assert_array_equal(batch.numpy(), np.stack([to_pixels(image) for image in images]))
-    assert pixels_batch(images, torch.device("cpu"), torch.bfloat16).dtype == torch.bfloat16
+    np.testing.assert_array_equal(batch.numpy(), np.stack([to_pixels(Image.fromarray(crop)) for crop in crops]))
+    assert pixels_batch(crops, torch.device("cpu"), torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_decode_crop_is_the_training_crop_of_the_stored_image():
+    # What the filter encodes is what training would crop from the stored JPEG: the same pixels and box
+    # as fit_crop on the decoded image, for a crop of another aspect and for one of the image's own size.
+    from curate.pipeline.models.latents import decode_crop, fit_crop
+
+    rng = np.random.default_rng(1)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    stored = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+    for size in ((16, 16), (50, 30)):
+        array, box = decode_crop(buffer.getvalue(), size)
+        expected, expected_box = fit_crop(stored, size)
+        assert array.dtype == np.uint8 and array.shape == (size[1], size[0], 3) and box == expected_box
+        np.testing.assert_array_equal(array, np.asarray(expected))
+    assert decode_crop(buffer.getvalue(), (50, 30))[1] == (0, 0, 50, 30)
+    gray = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8)).save(gray, "PNG")
+    assert decode_crop(gray.getvalue(), (8, 8))[0].shape == (8, 8, 3)  # other modes become RGB
 
 
 def test_the_latent_cache_records_its_precision_and_bf16_stays_near_fp32():
