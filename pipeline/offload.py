@@ -64,9 +64,12 @@ class DaskOffload:
                     self._targets, target = None, None
             if target is None:  # no worker known to have them: the scheduler places the task (and its bytes)
                 return client.submit(fn, *args, resources=self.resources, pure=False).result()
-            # Dask hands the task the scattered values; leaving this block releases them.
-            return client.submit(fn, *sent, resources=self.resources, workers=[target], allow_other_workers=True,
-                                 pure=False).result()
+            # Dask hands the task the scattered values; leaving this block releases them. Pinned to
+            # the target strictly: with allow_other_workers the scheduler (distributed 2026.8) may
+            # place it on a worker without the resources, whose state machine then fails hard
+            # (KeyError 'GPU', seen on an H200 host). If the target leaves, the scattered values go
+            # with it and the task errs; the write task is then retried like any failed task.
+            return client.submit(fn, *sent, resources=self.resources, workers=[target], pure=False).result()
 
 
 def offload_runner(resources: dict | None) -> Callable:
