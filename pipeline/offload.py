@@ -9,9 +9,9 @@ only the filter's batch goes to a GPU worker, as a task of its own asking for th
 
 A filter gets its runner in the setup context (`context["offload"]`) and calls
 `runner(fn, *args)`: `fn` is a module-level function (sent by reference); its arguments may be
-large (vae_latents sends its crops as uint8 arrays, ~50 MB per 256 crops at 256 px), so they go
-straight to the GPU worker (`scatter(direct=True)`) and never through the scheduler, which would
-carry every byte of them inside the task. Without a GPU worker, or outside Dask, the runner is
+large (vae_latents sends its crops as uint8 arrays, ~50 MB per 256 crops at 256 px), so they
+travel worker to worker (scattered to the calling worker, fetched from it by the GPU worker) and
+never through the scheduler, which would carry every byte of them inside the task. Without a GPU worker, or outside Dask, the runner is
 `run_here`.
 """
 
@@ -26,50 +26,27 @@ def run_here(fn: Callable, *args: Any) -> Any:
 
 
 class DaskOffload:
-    """Runs `fn(*args)` as a Dask task on a worker with `resources` (e.g. {"GPU": 1}) and returns
-    its result.
+    """Runs `fn(*args)` as a Dask task with `resources` (e.g. {"GPU": 1}) and returns its result.
 
     Called from inside a task (the write task): `worker_client` gives the worker's client and
     secedes this thread from the worker's pool while it waits, so a worker whose every thread
-    waits on GPU tasks (a cluster whose GPU workers also run writes) still runs them. The
-    arguments are scattered to the chosen worker first and the task is pinned there: the bytes
-    travel once, worker to worker. The workers that have the resources are asked of the scheduler
-    once per runner (one per write task) and taken in turn."""
+    waits on GPU tasks (a cluster whose GPU workers also run writes) still runs them.
+
+    The arguments are first scattered to this worker itself: the scheduler then holds only their
+    keys, places the task on any worker with the resources (balancing its GPU workers), and that
+    worker fetches the bytes from this one, worker to worker."""
 
     def __init__(self, resources: dict):
         self.resources = resources
-        self._targets: list[str] | None = None
-        self._turn = 0
-
-    def _next_target(self, client) -> str | None:
-        if self._targets is None:
-            workers = client.scheduler_info()["workers"]
-            self._targets = sorted(address for address, info in workers.items()
-                                   if all(info.get("resources", {}).get(name, 0) >= amount
-                                          for name, amount in self.resources.items()))
-        if not self._targets:
-            return None
-        self._turn += 1
-        return self._targets[self._turn % len(self._targets)]
 
     def __call__(self, fn: Callable, *args: Any) -> Any:
-        from distributed import worker_client
+        from distributed import get_worker, worker_client
 
+        here = get_worker().address
         with worker_client() as client:
-            target = self._next_target(client)
-            if target is not None:
-                try:
-                    sent = client.scatter(list(args), workers=[target], direct=True, hash=False)
-                except OSError:  # the worker left: ask for the list again next time, send this one plainly
-                    self._targets, target = None, None
-            if target is None:  # no worker known to have them: the scheduler places the task (and its bytes)
-                return client.submit(fn, *args, resources=self.resources, pure=False).result()
-            # Dask hands the task the scattered values; leaving this block releases them. Pinned to
-            # the target strictly: with allow_other_workers the scheduler (distributed 2026.8) may
-            # place it on a worker without the resources, whose state machine then fails hard
-            # (KeyError 'GPU', seen on an H200 host). If the target leaves, the scattered values go
-            # with it and the task errs; the write task is then retried like any failed task.
-            return client.submit(fn, *sent, resources=self.resources, workers=[target], pure=False).result()
+            sent = client.scatter(list(args), workers=[here], direct=True, hash=False)
+            # Dask hands the task the scattered values; dropping `sent` on return releases them.
+            return client.submit(fn, *sent, resources=self.resources, pure=False).result()
 
 
 def offload_runner(resources: dict | None) -> Callable:

@@ -101,14 +101,17 @@ def _write_like_task(resources):
     return offload_runner(resources)(_where_am_i, "sent")
 
 
-def _gpu_target(resources):
-    # Where a write task's runner sends its arguments (scattered there, worker to worker).
-    from distributed import worker_client
+def _where_and_what(tag, crops):
+    from distributed import get_worker
 
-    from curate.pipeline.offload import DaskOffload
+    return tag, get_worker().name, int(crops.sum())
 
-    with worker_client() as client:
-        return DaskOffload(resources)._next_target(client)
+
+def _send_crops(resources):
+    # A write task sending an array (as vae_latents sends its crops).
+    from curate.pipeline.offload import offload_runner
+
+    return offload_runner(resources)(_where_and_what, "crops", np.full((4, 8, 8, 3), 3, dtype=np.uint8))
 
 
 def test_offload_runs_the_batch_on_a_gpu_worker_and_never_deadlocks():
@@ -125,9 +128,9 @@ def test_offload_runs_the_batch_on_a_gpu_worker_and_never_deadlocks():
         # From a task on the CPU worker, the batch runs on the GPU worker.
         assert client.submit(_write_like_task, {"GPU": 1}, resources={"CPU": 1}, pure=False).result(60) == (
             "sent", "gpu-0")
-        # Its arguments are scattered to that worker itself, not carried through the scheduler.
-        assert client.submit(_gpu_target, {"GPU": 1}, resources={"CPU": 1}, pure=False).result(60) == gpu
-        assert client.submit(_gpu_target, {"TPU": 1}, resources={"CPU": 1}, pure=False).result(60) is None
+        # An array argument arrives whole (scattered by the sending worker, fetched worker to worker).
+        assert client.submit(_send_crops, {"GPU": 1}, resources={"CPU": 1}, pure=False).result(60) == (
+            "crops", "gpu-0", 4 * 8 * 8 * 3 * 3)
         # Without resources it runs in the task's own process (the CPU layout).
         assert client.submit(_write_like_task, None, resources={"CPU": 1}, pure=False).result(60) == ("sent", "cpu-0")
         # Writes on every thread of the GPU worker (a cluster whose GPU workers run writes too): each
