@@ -107,6 +107,10 @@ def e2e(dataset, concept_threshold, nsfw_weights, tmp_path_factory):
                 download={"timeout": 10},
                 clip={"enabled": True, "model": TINY_CLIP, "pretrained": None, "batch_size": 64},
                 filters=chain,
+                # The filters' decisions are what is checked here, not where they run: in this
+                # process, so that the tiny CLIP is imported and loaded once per run rather than in
+                # every worker (tests/e2e/test_dedup_run.py and test_report_run.py score on workers).
+                dask={"in_process": True},
             )
             env = {k: v for k, v in os.environ.items() if k != "DASK_SCHEDULER_ADDRESS"}
             result = run_curate(["run", str(config), "--no-progress", "--set", "output.keep_intermediate=true"],

@@ -20,13 +20,17 @@ pytestmark = pytest.mark.skipif(not (TINY_CLIP_DIR / "open_clip_config.json").ex
 
 @pytest.fixture(scope="module")
 def clip_run(dataset, tmp_path_factory):
-    """`curate run` with the tiny CLIP and an absolute threshold on the served dataset."""
+    """`curate run` with the tiny CLIP and an absolute threshold on the served dataset. The tasks
+    run in the CLI's own process (`dask.in_process`): what is checked is the scores and what the
+    filter keeps, not where they were computed, and the tiny CLIP is then imported and loaded once
+    instead of in every worker (tests/e2e/test_dedup_run.py and test_report_run.py score on workers)."""
     _, urls, _ = dataset
     tmp = tmp_path_factory.mktemp("cliprun")
     config = write_config(
         tmp / "run.yaml", urls, tmp / "out",
         clip={"enabled": True, "model": TINY_CLIP, "pretrained": None, "batch_size": 64},
         filters=[{"name": "clip_similarity", "min_similarity": 0.5}],
+        dask={"in_process": True},
     )
     proc = subprocess.run(curate_command("run", str(config), "--no-progress"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
