@@ -53,7 +53,8 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def pools():
-    """Pools shared by the tests that leave them healthy (a helper takes seconds to start)."""
+    """Pools shared by the tests (a helper takes seconds to start). A test that breaks one leaves
+    it to be restarted by its next use, as the score stage's own pool is."""
     made: dict[int, ReaderPool] = {}
     yield lambda n: made.setdefault(n, ReaderPool(TINY_CLIP, n))
     for pool in made.values():
@@ -128,21 +129,17 @@ def test_an_input_tar_gives_the_same_batches_with_reader_processes(tmp_path, tok
     assert [h.pid for h in pool._helpers] == pids
 
 
-def test_a_sample_without_its_image_is_named(tmp_path, pools):
-    tar = tmp_path / "00000.tar"
-    with TarShardWriter(tar) as w:
-        w.write("k0", {"jpg": b"1", "json": b"{}"})
-        w.write("k1", {"json": b"{}"})
-    with pytest.raises(ReaderError, match="k1 has no jpg"):
-        list(pools(1).batches(tar, 8))
+# The next three tests each leave the shared one-process pool to be restarted (a helper starts in
+# seconds: it imports open_clip), so they run after the tests that need it healthy, and use the
+# pool those left running rather than starting one of their own only to restart it.
 
 
-def test_a_killed_helper_fails_the_shard_and_is_replaced(tmp_path, tokenizer):
+def test_a_killed_helper_fails_the_shard_and_is_replaced(tmp_path, tokenizer, pools):
     # Enough batches that the victim's answers cannot all be waiting in the pipe already.
     tar = _shard(tmp_path / "00000.tar", 1200)
-    pool = ReaderPool(TINY_CLIP, 1)
+    pool = pools(1)  # its helper has served shards before: it is killed mid-shard here
+    batches = pool.batches(tar, 20)
     try:
-        batches = pool.batches(tar, 20)
         next(batches)
         victim = pool._helpers[0]
         victim.kill()
@@ -153,18 +150,19 @@ def test_a_killed_helper_fails_the_shard_and_is_replaced(tmp_path, tokenizer):
         _same(list(pool.batches(tar, 20)), list(read_batches(tar, 20, tokenizer)))
         assert victim.pid not in [h.pid for h in pool._helpers]
     finally:
-        pool.close()
+        batches.close()  # the pool's lock is free for the next test even if this one failed
 
 
-def test_a_consumer_that_stops_early_releases_the_pool(tmp_path, tokenizer):
+def test_a_consumer_that_stops_early_releases_the_pool(tmp_path, tokenizer, pools):
     """An error in the model mid-shard: the prefetch thread stops, the reader is closed and
     its helpers given back, and the next shard reads normally (no lock left held)."""
     tar = _shard(tmp_path / "00000.tar", 40)
-    pool = ReaderPool(TINY_CLIP, 1)
+    pool = pools(1)
+    batches = _prefetched(pool.batches(tar, 2))
     try:
-        batches = _prefetched(pool.batches(tar, 2))
         next(batches)
         helpers = list(pool._helpers)
+        assert helpers and all(h.poll() is None for h in helpers)
         batches.close()
         deadline = time.monotonic() + 10
         while any(h.poll() is None for h in helpers) and time.monotonic() < deadline:
@@ -172,7 +170,16 @@ def test_a_consumer_that_stops_early_releases_the_pool(tmp_path, tokenizer):
         assert all(h.poll() is not None for h in helpers)
         _same(list(pool.batches(tar, 2)), list(read_batches(tar, 2, tokenizer)))
     finally:
-        pool.close()
+        batches.close()
+
+
+def test_a_sample_without_its_image_is_named(tmp_path, pools):
+    tar = tmp_path / "00000.tar"
+    with TarShardWriter(tar) as w:
+        w.write("k0", {"jpg": b"1", "json": b"{}"})
+        w.write("k1", {"json": b"{}"})
+    with pytest.raises(ReaderError, match="k1 has no jpg"):
+        list(pools(1).batches(tar, 8))
 
 
 def test_helpers_exit_with_a_killed_parent(tmp_path):
