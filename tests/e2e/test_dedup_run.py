@@ -91,6 +91,7 @@ def dedup_run(tmp_path_factory):
             clip={"enabled": True, "model": TINY_CLIP, "pretrained": None, "device": "cpu", "batch_size": 16},
             filters=[{"name": "dedup", "phash_max_distance": 4, "semantic_eps": 0.05,
                       "semantic_clusters": 2, "partitions": 2}],
+            dask={"n_workers": 1},  # one worker process scores and dedups the 12 rows: one CLIP import
         )
         data = yaml.safe_load(config.read_text())
         data["output"]["keep_intermediate"] = True  # the rerun test rewrites shards from the raw ones
