@@ -26,6 +26,7 @@ shards (each new crop size compiles once per GPU worker).
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
@@ -39,6 +40,11 @@ from curate.pipeline.errors import require_extra
 _PREPARED = "_vae_latent"
 # Threads that decode and crop a batch's stored images (PIL releases the GIL while it decodes).
 _DECODERS = ThreadPoolExecutor(4, thread_name_prefix="vae-latents-decode")
+# The first encode of each (VAE, batch shape) in a process runs alone: a GPU worker runs two tasks
+# at once, and two threads making the first call of a compiled encoder together compile it twice
+# (two Dynamo graphs; seen with torch 2.11), as they would both run cuDNN's benchmark search.
+_FIRST_CALLS: set = set()
+_FIRST_CALL_LOCK = threading.Lock()
 
 
 class VaeLatents(Filter):
@@ -127,10 +133,22 @@ def encode_batches(spec: dict, batches: list) -> dict:
         n = len(batch)
         if f.compile and n < f.batch_size:  # one batch shape per crop size: a short batch would compile again
             batch = np.concatenate([batch, np.repeat(batch[-1:], f.batch_size - n, axis=0)])
+        pixels = pixels_batch(batch, loaded.device, loaded.dtype)
         with torch.no_grad():
-            latents = encode(loaded.vae, pixels_batch(batch, loaded.device, loaded.dtype))[:n]
+            latents = first_call_alone((id(loaded), tuple(pixels.shape)), lambda: encode(loaded.vae, pixels))[:n]
             # Stored as fp16 (latent_to_bytes): rounded on the device, copied back at half the bytes.
             out.append(latents.float().to(torch.float16).cpu().numpy())
     vae = {"name": loaded.name, "fingerprint": loaded.fingerprint,
            "scaling_factor": loaded.vae.config.scaling_factor, "precision": loaded.precision}
     return {"latents": out, "vae": vae}
+
+
+def first_call_alone(key, call):
+    """`call()`; the first call for `key` in this process holds a lock, so a thread arriving
+    meanwhile waits for it and then runs what it built (a compiled graph, cuDNN's choices)."""
+    if key in _FIRST_CALLS:
+        return call()
+    with _FIRST_CALL_LOCK:
+        result = call()
+        _FIRST_CALLS.add(key)
+    return result

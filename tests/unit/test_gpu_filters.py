@@ -195,3 +195,38 @@ def test_the_latent_cache_records_its_precision_and_bf16_stays_near_fp32():
         scale = np.abs(left).max()
         assert scale > 0.1 and not np.array_equal(left, right)  # really another precision
         assert np.abs(left - right).max() < 0.05 * scale  # bf16 has 8 significant bits
+
+
+def test_the_first_encode_of_a_shape_runs_alone():
+    # Two GPU-worker threads starting together: the first call for a key is not overlapped by
+    # another (a compiled encoder would be compiled twice); later calls overlap freely.
+    import threading
+    import time
+
+    from curate.filters.latents import first_call_alone
+
+    running, overlaps, lock = [], [], threading.Lock()
+
+    def call():
+        with lock:
+            running.append(1)
+            overlaps.append(len(running))
+        time.sleep(0.2)
+        with lock:
+            running.pop()
+        return "latents"
+
+    def two_at_once(key):
+        threads = [threading.Thread(target=first_call_alone, args=(key, call)) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    key = ("vae", (32, 3, 8, 8), object())  # a key no other test made
+    two_at_once(key)
+    assert overlaps == [1, 1]  # the first call held the lock; the second waited for it
+    overlaps.clear()
+    two_at_once(key)
+    assert overlaps == [1, 2]  # warm: they run together
+    assert first_call_alone(key, call) == "latents"
