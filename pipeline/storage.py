@@ -189,11 +189,13 @@ def _temporary(final: Path) -> Path:
     folder = final.parent / TEMPORARY_FOLDER
     tmp = folder / f"{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     for _ in range(5):
-        folder.mkdir(parents=True, exist_ok=True)
         try:
+            # exist_ok still raises FileExistsError when another writer removes the empty folder
+            # between mkdir's failed attempt and its is-a-folder check: then, as below, again.
+            folder.mkdir(parents=True, exist_ok=True)
             tmp.touch(exist_ok=False)
             return tmp
-        except FileNotFoundError:  # another writer removed the folder, empty, in between: again
+        except (FileNotFoundError, FileExistsError):  # another writer removed the folder, empty, in between
             continue
     raise OSError(f"cannot create a temporary file in {folder}")
 
