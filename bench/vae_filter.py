@@ -1,8 +1,9 @@
 """The `vae_latents` filter inside `curate run` at 256 px, beside the VAE encoder alone, same run.
 
 Data: photo-like JPEGs with sides of 256-512 px in img2dataset-style WebDataset tars, made by
-bench/shards_e2e.py's `make_shards` (imported, not copied: `{key}.jpg` / `.txt` / `.json`, 5,000
-samples a tar, 2,000 unique images repeated), once into bench-work/shards-e2e/ and reused.
+bench/shards_e2e.py's `make_shards` (imported, not copied: `{key}.jpg` / `.txt` / `.json`, 1,000
+samples a tar, 2,000 unique images repeated), once into bench-work/shards-e2e/ and reused. Many
+more tars than CPU workers, so that write tasks end spread over the run (the rate once warm).
 VAE: Stable Diffusion 1.5's AutoencoderKL shape (bench/train.py's SD15_VAE, 84M parameters) with
 random weights (speed does not depend on them), saved once with `save_pretrained` into
 bench-work/vae-filter/sd15-vae/ and reused; the filter and the encoder-alone rows load that folder.
@@ -32,10 +33,10 @@ bench-work/vae-filter/sd15-vae/ and reused; the filter and the encoder-alone row
 Target (issue 15 item 8): vae_latents at 256 px >= 1,000 images/s inside `curate run` on one H200
 (end to end: images written / wall seconds).
 
-    python bench/vae_filter.py                      # GPU run: 60,000 images; writes BENCHMARKS.md after each measurement
-    python bench/vae_filter.py --quick --no-write   # CPU dry run: a narrow VAE, 200 images in 2 tars, ~2 min
+    python bench/vae_filter.py                      # GPU run: 120,000 images; writes BENCHMARKS.md after each measurement
+    python bench/vae_filter.py --quick --no-write   # CPU dry run: a narrow VAE, 200 images in 10 tars, ~2 min
 
---quick runs everything on the CPU (the filter with `device: cpu`), 200 images in 2 tars, with
+--quick runs everything on the CPU (the filter with `device: cpu`), 200 images in 10 tars, with
 QUICK_VAE: SD 1.5's VAE layout (four blocks, 8x down, 4 latent channels: the same 4 x 32 x 32
 latents at 256 px) narrowed to 8-16 channels, 0.5 GFLOP per 256-px image, random weights, saved
 the same way into bench-work/vae-filter/quick-vae/, so that the dry run takes the GPU run's path (a
@@ -480,8 +481,8 @@ def render(state: dict, args) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=None, help="images in the tars (default 60000; quick 200)")
-    parser.add_argument("--shard-size", type=int, default=None, help="samples per tar (default 5000; quick 100)")
+    parser.add_argument("--images", type=int, default=None, help="images in the tars (default 120000; quick 200)")
+    parser.add_argument("--shard-size", type=int, default=None, help="samples per tar (default 1000, so that the rate once warm has many tasks to go by; quick 20)")
     parser.add_argument("--unique", type=int, default=None, help="distinct JPEGs, repeated (default 2000; quick 100)")
     parser.add_argument("--vae", default=None,
                         help="the filter's vae: a folder, hub id or 'tiny' (default: SD 1.5's shape, random "
@@ -498,12 +499,12 @@ def main() -> None:
     parser.add_argument("--skip-compile", action="store_true")
     parser.add_argument("--run-timeout", type=float, default=None,
                         help="seconds before the curate run is stopped and marked failed (default 420; quick 240)")
-    parser.add_argument("--quick", action="store_true", help="CPU dry run: a narrow VAE, 200 images in 2 tars")
+    parser.add_argument("--quick", action="store_true", help="CPU dry run: a narrow VAE, 200 images in 10 tars")
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
-    args.images = args.images or (200 if args.quick else 60_000)
-    args.shard_size = args.shard_size or (100 if args.quick else 5_000)
+    args.images = args.images or (200 if args.quick else 120_000)
+    args.shard_size = args.shard_size or (20 if args.quick else 1_000)
     args.unique = min(args.unique or (100 if args.quick else 2_000), args.images)
     args.alone_seconds = args.alone_seconds or (1.0 if args.quick else 5.0)
     args.run_timeout = args.run_timeout or (240 if args.quick else 420)
