@@ -87,10 +87,11 @@ class VaeLatents(Filter):
         no image work, which would compete with that for its GIL."""
         from curate.pipeline.models.latents import decode_crop
 
-        crops = list(_DECODERS.map(lambda sample: decode_crop(sample["jpg"], self._target(sample)), samples))
+        targets = [self._target(sample) for sample in samples]
+        crops = list(_DECODERS.map(lambda sample, target: decode_crop(sample["jpg"], target), samples, targets))
         by_size: dict[tuple[int, int], list[int]] = {}
-        for i, sample in enumerate(samples):
-            by_size.setdefault(self._target(sample), []).append(i)
+        for i, target in enumerate(targets):
+            by_size.setdefault(target, []).append(i)
         # Batches of one crop size, `batch_size` crops each: what one call of the encoder takes.
         order = [chunk for indexes in by_size.values()
                  for chunk in (indexes[start:start + self.batch_size] for start in range(0, len(indexes), self.batch_size))]

@@ -11,8 +11,8 @@ A filter gets its runner in the setup context (`context["offload"]`) and calls
 `runner(fn, *args)`: `fn` is a module-level function (sent by reference); its arguments may be
 large (vae_latents sends its crops as uint8 arrays, ~50 MB per 256 crops at 256 px), so they
 travel worker to worker (scattered to the calling worker, fetched from it by the GPU worker) and
-never through the scheduler, which would carry every byte of them inside the task. Without a GPU worker, or outside Dask, the runner is
-`run_here`.
+never through the scheduler, which would carry every byte of them inside the task. Without a GPU
+worker, or outside Dask, the runner is `run_here`.
 """
 
 from __future__ import annotations
