@@ -17,7 +17,14 @@ worker, or outside Dask, the runner is `run_here`.
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable
+
+# distributed makes a worker's own client the first time a task asks for one, without a lock: two
+# tasks of one worker asking at once can make two clients whose handshakes collide (seen once in
+# CI: `assert len(msg) == 1` in Client._ensure_connected, from two writes starting together on one
+# worker). Asking one at a time, the second task finds the client the first one made.
+_FIRST_CLIENT = threading.Lock()
 
 
 def run_here(fn: Callable, *args: Any) -> Any:
@@ -40,9 +47,11 @@ class DaskOffload:
         self.resources = resources
 
     def __call__(self, fn: Callable, *args: Any) -> Any:
-        from distributed import get_worker, worker_client
+        from distributed import get_client, get_worker, worker_client
 
         here = get_worker().address
+        with _FIRST_CLIENT:
+            get_client()
         with worker_client() as client:
             sent = client.scatter(list(args), workers=[here], direct=True, hash=False)
             # Dask hands the task the scattered values; dropping `sent` on return releases them.
