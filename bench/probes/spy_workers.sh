@@ -5,15 +5,17 @@
 # the busiest other Python process (a CPU worker), the GPU's utilization every 0.5 s, and a `top`
 # of the processes. Output in OUT_DIR. Run it in the background beside the run:
 #     bench/probes/spy_workers.sh OUT_DIR [DELAY=90] [SECONDS=20] &
+# GPU_MIB (default 2048) is the GPU memory that marks the GPU worker: lower it (e.g. 300) to start
+# sampling as soon as a small model is loaded, before its first batch (to see a run's start-up).
 set -u
 out=$1; delay=${2:-90}; seconds=${3:-20}
 spy=${PY_SPY:-py-spy}
 mkdir -p "$out"
 for _ in $(seq 600); do
-    # The process holding the most GPU memory, once it holds 2 GiB: the GPU worker with its model
+    # The process holding the most GPU memory, once it holds GPU_MIB: the GPU worker with its model
     # (a benchmark's own process may hold a small CUDA context of its own).
     gpu=$(nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits \
-          | sort -t, -k2 -n -r | awk -F, '$2 >= 2048 {print $1; exit}' | tr -d ' ')
+          | sort -t, -k2 -n -r | awk -F, -v mib="${GPU_MIB:-2048}" '$2 >= mib {print $1; exit}' | tr -d ' ')
     [ -n "$gpu" ] && break
     sleep 1
 done
