@@ -309,7 +309,7 @@ def run_alone(source: str, device: str, variant: str, batch: int, seconds: float
     else:
         # The filter's own loader (pipeline/models/vae.py), so this row is exactly its encoder.
         loaded = cached_vae(source, device=device, precision="bf16", compile=variant == "compiled")
-        vae = loaded.vae
+        vae = loaded.compiled or loaded.vae
         pixels = pixels.to(loaded.dtype)
         if loaded.device.type == "cuda":
             pixels = pixels.contiguous(memory_format=torch.channels_last)

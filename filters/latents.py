@@ -21,7 +21,8 @@ worker when the run has one: the write task sends the crops there as uint8 array
 (pipeline/offload.py) and stays on its CPU worker. The VAE is loaded once per
 process that encodes (module cache). On a GPU it runs in bf16 and channels_last, and with
 `compile: true` its encoder is compiled: about 2.5x faster once warm, worth it for runs of many
-shards (each new crop size compiles once per GPU worker).
+shards (each new crop size compiles once per GPU worker; while it compiles, that worker's other
+batches are encoded eagerly, so the run does not stop for it).
 """
 
 from __future__ import annotations
@@ -40,11 +41,10 @@ from curate.pipeline.errors import require_extra
 _PREPARED = "_vae_latent"
 # Threads that decode and crop a batch's stored images (PIL releases the GIL while it decodes).
 _DECODERS = ThreadPoolExecutor(4, thread_name_prefix="vae-latents-decode")
-# The first encode of each (VAE, batch shape) in a process runs alone: a GPU worker runs two tasks
-# at once, and two threads making the first call of a compiled encoder together compile it twice
-# (two Dynamo graphs; seen with torch 2.11), as they would both run cuDNN's benchmark search.
-_FIRST_CALLS: set = set()
-_FIRST_CALL_LOCK = threading.Lock()
+# Which (VAE, batch shape) pairs have a compiled encoder ready ("ready") or being built ("building")
+# in this process (`compiled_when_ready`).
+_COMPILED: dict = {}
+_COMPILED_LOCK = threading.Lock()
 
 
 class VaeLatents(Filter):
@@ -136,7 +136,12 @@ def encode_batches(spec: dict, batches: list) -> dict:
             batch = np.concatenate([batch, np.repeat(batch[-1:], f.batch_size - n, axis=0)])
         pixels = pixels_batch(batch, loaded.device, loaded.dtype)
         with torch.no_grad():
-            latents = first_call_alone((id(loaded), tuple(pixels.shape)), lambda: encode(loaded.vae, pixels))[:n]
+            if loaded.compiled is None:
+                latents = encode(loaded.vae, pixels)
+            else:
+                latents = compiled_when_ready((id(loaded), tuple(pixels.shape)), lambda: encode(loaded.compiled, pixels),
+                                              lambda: encode(loaded.vae, pixels))
+            latents = latents[:n]
             # Stored as fp16 (latent_to_bytes): rounded on the device, copied back at half the bytes.
             out.append(latents.float().to(torch.float16).cpu().numpy())
     vae = {"name": loaded.name, "fingerprint": loaded.fingerprint,
@@ -144,12 +149,29 @@ def encode_batches(spec: dict, batches: list) -> dict:
     return {"latents": out, "vae": vae}
 
 
-def first_call_alone(key, call):
-    """`call()`; the first call for `key` in this process holds a lock, so a thread arriving
-    meanwhile waits for it and then runs what it built (a compiled graph, cuDNN's choices)."""
-    if key in _FIRST_CALLS:
-        return call()
-    with _FIRST_CALL_LOCK:
-        result = call()
-        _FIRST_CALLS.add(key)
+def compiled_when_ready(key, compiled, eager):
+    """`compiled()` once the compiled encoder for `key` is built, `eager()` while another thread builds it.
+
+    The first call for a key builds the compiled graph (SD's encoder: about a minute on an H200
+    with cold caches) and returns its result. A GPU worker runs two tasks at once: the other one
+    meanwhile encodes with the eager VAE (the same weights) instead of waiting, so the writes go on
+    through the build; and a compiled encoder is never built twice by two threads at once (each would
+    make its own Dynamo graph). Eager and compiled latents of one VAE and precision agree to within
+    rounding, and the cache records the same VAE and precision for both."""
+    with _COMPILED_LOCK:
+        state = _COMPILED.get(key)
+        if state is None:
+            _COMPILED[key] = "building"
+    if state == "ready":
+        return compiled()
+    if state == "building":
+        return eager()
+    try:
+        result = compiled()
+    except BaseException:
+        with _COMPILED_LOCK:
+            del _COMPILED[key]  # the next call tries again
+        raise
+    with _COMPILED_LOCK:
+        _COMPILED[key] = "ready"
     return result

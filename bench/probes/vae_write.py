@@ -127,7 +127,7 @@ def main() -> None:
 
     # One chunk's parts.
     loaded = cached_vae(latents.vae, latents.tiny_seed, latents.device, latents.precision, latents.compile)
-    vae_model, device = loaded.vae, loaded.device
+    vae_model, device = loaded.compiled or loaded.vae, loaded.device
     chunk = samples()[:32]
     reps = 20
     timed("  decode + crop (4 threads)", lambda: [list(ThreadPoolExecutor(4).map(

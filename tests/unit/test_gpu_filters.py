@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from curate.filters import FILTERS, apply_chain, apply_chain_batched, build_chain
@@ -197,36 +198,62 @@ def test_the_latent_cache_records_its_precision_and_bf16_stays_near_fp32():
         assert np.abs(left - right).max() < 0.05 * scale  # bf16 has 8 significant bits
 
 
-def test_the_first_encode_of_a_shape_runs_alone():
-    # Two GPU-worker threads starting together: the first call for a key is not overlapped by
-    # another (a compiled encoder would be compiled twice); later calls overlap freely.
+def test_a_compiled_encoder_is_built_once_and_other_calls_run_eagerly_meanwhile():
+    # Two GPU-worker threads: the first call for a key builds the compiled encoder; a call arriving
+    # while it builds runs the eager VAE at once (the writes go on) instead of waiting or building
+    # it a second time; once built, every call runs the compiled one. A failed build is tried again.
     import threading
-    import time
 
-    from curate.filters.latents import first_call_alone
-
-    running, overlaps, lock = [], [], threading.Lock()
-
-    def call():
-        with lock:
-            running.append(1)
-            overlaps.append(len(running))
-        time.sleep(0.2)
-        with lock:
-            running.pop()
-        return "latents"
-
-    def two_at_once(key):
-        threads = [threading.Thread(target=first_call_alone, args=(key, call)) for _ in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+    from curate.filters.latents import compiled_when_ready
 
     key = ("vae", (32, 3, 8, 8), object())  # a key no other test made
-    two_at_once(key)
-    assert overlaps == [1, 1]  # the first call held the lock; the second waited for it
-    overlaps.clear()
-    two_at_once(key)
-    assert overlaps == [1, 2]  # warm: they run together
-    assert first_call_alone(key, call) == "latents"
+    building, release, builds = threading.Event(), threading.Event(), []
+
+    def build_slowly():
+        builds.append(1)
+        building.set()
+        assert release.wait(30)
+        return "compiled"
+
+    first = []
+    thread = threading.Thread(target=lambda: first.append(compiled_when_ready(key, build_slowly, lambda: "eager")))
+    thread.start()
+    assert building.wait(30)
+    # While the first call builds: eager, without waiting for it.
+    assert compiled_when_ready(key, build_slowly, lambda: "eager") == "eager"
+    release.set()
+    thread.join(30)
+    assert first == ["compiled"] and builds == [1]
+    assert compiled_when_ready(key, lambda: "compiled", lambda: "eager") == "compiled"
+
+    other = ("vae", (32, 3, 16, 16), object())
+
+    def fail():
+        raise RuntimeError("compile failed")
+
+    with pytest.raises(RuntimeError):
+        compiled_when_ready(other, fail, lambda: "eager")
+    assert compiled_when_ready(other, lambda: "compiled", lambda: "eager") == "compiled"
+
+
+def test_the_compiled_vae_shares_the_eager_ones_weights():
+    # cached_vae(compile=True) keeps the eager VAE usable beside the compiled one: the same modules
+    # and weights (nothing copied), only the twin's encoder compiled, and the two encode alike.
+    import torch
+
+    from curate.pipeline.models.cache import forget
+    from curate.pipeline.models.latents import encode
+    from curate.pipeline.models.vae import cached_vae
+
+    loaded = cached_vae("tiny", device="cpu", precision="fp32", compile=True)
+    try:
+        eager, twin = loaded.vae, loaded.compiled
+        assert twin is not eager and twin.encoder._orig_mod is eager.encoder
+        assert not hasattr(eager.encoder, "_orig_mod")  # the eager VAE stays eager
+        assert twin.decoder is eager.decoder and twin.quant_conv is eager.quant_conv
+        assert [p.data_ptr() for p in twin.parameters()] == [p.data_ptr() for p in eager.parameters()]
+        pixels = torch.rand(2, 3, 16, 16) * 2 - 1
+        with torch.no_grad():
+            torch.testing.assert_close(encode(twin, pixels), encode(eager, pixels), rtol=1e-4, atol=1e-4)
+    finally:
+        forget("vae")
