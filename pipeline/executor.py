@@ -5,8 +5,8 @@ Both executors offer two calls:
 
 - `run_chains(phase, chains)`: for each shard a chain of tasks (download → score → write,
   or a part of it), each task ordered after the one before it. At most `bound` shards are
-  in flight at once; more are started as shards finish, so the driver holds a bounded
-  number of tasks whatever the number of shards. A shard whose chain fails (after Dask's
+  in flight at once; more are started as shards finish (on Dask, several in one call), so the
+  driver holds a bounded number of tasks whatever the number of shards. A shard whose chain fails (after Dask's
   retries) comes back as a failure naming its step and error; the run goes on. A full disk
   (OSError) or a UserError still stops the run: no other shard would fare better.
   The chains may be a generator that is not always ready: it yields `Wait(handles)` when no
@@ -149,7 +149,11 @@ def run_serially(step: str, fn: Callable, arg_tuples: Iterable[tuple]) -> list:
 
 # Shards in flight per task slot of the cluster: enough that a slot never waits for the driver
 # to submit the next shard, few enough that the driver and the scheduler hold a bounded graph.
-SHARDS_PER_SLOT = 2
+SHARDS_PER_SLOT = 4
+# New shards are sent once half the bound is free, all in one call: the scheduler keeps an entry
+# of metadata per call for as long as the client is connected, so a call of k shards costs it
+# about what one shard's call did (bench/probes/scheduler_growth.py --per-call). In flight then
+# stays between half the bound and the bound: two to four shards per slot.
 # Seconds between two asks of the scheduler for the cluster's task slots. Each ask returns every
 # worker's description (about a kilobyte each); asked at every finished shard, a run of 50,000
 # shards on a 1,000-worker cluster would move ~50 GB through the scheduler.
@@ -159,6 +163,7 @@ BOUND_REFRESH_S = 5.0
 class DaskExecutor:
     def __init__(self, client, retries: int = 2, shards_per_slot: int = SHARDS_PER_SLOT,
                  bound_refresh_s: float = BOUND_REFRESH_S):
+        self.calls = 0  # calls that sent chains to the scheduler (a test counts them)
         self.client = client
         self.retries = retries
         self.shards_per_slot = shards_per_slot
@@ -190,23 +195,28 @@ class DaskExecutor:
             def fill() -> None:
                 nonlocal exhausted
                 bound = self.bound
-                while not exhausted and len(in_flight) < bound:
+                if in_flight and bound - len(in_flight) < max(1, bound // 2):
+                    return  # too few free places yet for a call worth making (see SHARDS_PER_SLOT)
+                batch = []
+                while not exhausted and len(in_flight) + len(batch) < bound:
                     item = next(source, None)
                     if item is None:
                         exhausted = True
-                        return
+                        break
                     if isinstance(item, Wait):
                         for handle in item.handles:
                             if handle.key not in waiting:
                                 waiting[handle.key] = handle
                                 done.add(handle)
-                        return
-                    shard, tasks = item
-                    futures = self._submit_chain(shard, tasks)
+                        break
+                    batch.append(item)
+                if not batch:
+                    return
+                for shard, futures in self._submit_chains(batch):
                     last = futures[-1][1]
                     in_flight[last.key] = (shard, futures)
                     done.add(last)
-                    self.peak_in_flight = max(self.peak_in_flight, len(in_flight))
+                self.peak_in_flight = max(self.peak_in_flight, len(in_flight))
 
             fill()
             while in_flight or waiting:
@@ -223,26 +233,31 @@ class DaskExecutor:
             if close is not None:
                 close()
 
-    def _submit_chain(self, shard: int, tasks: list[Task]) -> list[tuple[str, Any]]:
-        """A shard's chain as one graph in one call: [(step, future)]. The scheduler keeps an
-        entry of metadata per call for as long as the client is connected, so one call per
-        shard instead of one per task halves its growth over a long run (0.71 against 1.46 KB
-        per three-task chain: bench/probes/scheduler_growth.py). Each task is its own layer,
-        so that it keeps its own options (a score task's GPU, a write's CPU slot)."""
+    def _submit_chains(self, chains: list[tuple[int, list[Task]]]) -> list[tuple[int, list[tuple[str, Any]]]]:
+        """Shards' chains as one graph in one call: [(shard, [(step, future)])]. The scheduler keeps
+        an entry of metadata per call for as long as the client is connected (0.71 KB for a call
+        of one three-task chain against 1.46 for three calls of one task: bench/probes/
+        scheduler_growth.py), so the calls are few. Each task is its own layer, so that it keeps
+        its own options (a score task's GPU, a write's CPU slot)."""
         from dask._task_spec import Task as GraphTask, TaskRef
         from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
-        layers, dependencies, keys, previous = {}, {}, [], None
-        for task in tasks:
-            key = f"{task.step}-{self.token}-{shard}"
-            args = [TaskRef(previous) if a is UPSTREAM else a for a in task.args]
-            layers[key] = MaterializedLayer({key: GraphTask(key, task.fn, *args)},
-                                            annotations={"retries": self.retries, **task.options})
-            dependencies[key] = {previous} if previous else set()
-            keys.append(key)
-            previous = key
+        layers, dependencies, keys = {}, {}, []
+        for shard, tasks in chains:
+            chain_keys, previous = [], None
+            for task in tasks:
+                key = f"{task.step}-{self.token}-{shard}"
+                args = [TaskRef(previous) if a is UPSTREAM else a for a in task.args]
+                layers[key] = MaterializedLayer({key: GraphTask(key, task.fn, *args)},
+                                                annotations={"retries": self.retries, **task.options})
+                dependencies[key] = {previous} if previous else set()
+                chain_keys.append(key)
+                previous = key
+            keys.append(chain_keys)
         futures = self.client.get(HighLevelGraph(layers, dependencies), keys, sync=False)
-        return [(task.step, future) for task, future in zip(tasks, futures)]
+        self.calls += 1
+        return [(shard, [(task.step, future) for task, future in zip(tasks, chain_futures)])
+                for (shard, tasks), chain_futures in zip(chains, futures)]
 
     def submit(self, step: str, fn: Callable, args: tuple, index: int):
         return self.client.submit(fn, *args, key=f"{step}-{self.token}-{index}", retries=self.retries)

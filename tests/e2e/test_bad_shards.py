@@ -92,10 +92,11 @@ def test_a_rerun_retries_only_the_failed_shard(poisoned):
 
 
 def test_shards_in_flight_never_exceed_the_bound(dataset, tmp_path):
-    """One worker thread: the bound is 2 shards. The test watches the scheduler's tasks while a
-    run of 15 shards uses the cluster; the run submits more only as shards finish."""
+    """One worker thread: the bound is SHARDS_PER_SLOT shards. The test watches the scheduler's
+    tasks while a run of 15 shards uses the cluster; the run submits more only as shards finish."""
     from distributed import LocalCluster
 
+    from curate.pipeline.executor import SHARDS_PER_SLOT
     from curate.pipeline.run import run
 
     server, urls, _ = dataset
@@ -126,7 +127,7 @@ def test_shards_in_flight_never_exceed_the_bound(dataset, tmp_path):
             watcher.join()
     assert stats["shards"] == 15 and "failed_shards" not in stats
     assert len(set().union(*seen)) == 15  # the watcher saw every shard's tasks come and go
-    assert max(len(s) for s in seen) <= 2
+    assert max(len(s) for s in seen) <= SHARDS_PER_SLOT
 
 
 def test_the_failed_shard_is_in_the_log_file_with_its_shard_named(poisoned):
