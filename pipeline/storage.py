@@ -132,22 +132,24 @@ def open_file(path: str | os.PathLike, mode: str = "rb"):
     return fsspec.open(str(path), mode).open()
 
 
-def listing(folder: str | os.PathLike, prefix: str | tuple[str, ...] = "") -> list[str]:
-    """Full paths of the files directly in `folder` whose names start with `prefix`, sorted.
-    A folder that does not exist lists nothing."""
+def listing(folder: str | os.PathLike, prefix: str | tuple[str, ...] = "", suffix: str | tuple[str, ...] = "") -> list[str]:
+    """Full paths of the files directly in `folder` whose names start with `prefix` and end with
+    `suffix`, sorted. A folder that does not exist lists nothing. (Filtered as the folder is read:
+    a run's shards/ holds four files a shard, and the report wants one kind, so at 50,000 shards
+    the list it keeps is 5 MB instead of 20.)"""
     if not is_url(folder):
         if not os.path.isdir(folder):
             return []
         with os.scandir(folder) as entries:
-            return sorted(e.path for e in entries if e.name.startswith(prefix) and e.is_file())
+            return sorted(e.path for e in entries if e.name.startswith(prefix) and e.name.endswith(suffix) and e.is_file())
     fs, inner = filesystem(str(folder))
     try:
         entries = fs.ls(inner, detail=True, refresh=True)
     except FileNotFoundError:
         return []
     protocol = str(folder).split("://", 1)[0]
-    return sorted(f"{protocol}://{e['name']}" for e in entries
-                  if e.get("type") == "file" and posixpath.basename(e["name"]).startswith(prefix))
+    names = ((e, posixpath.basename(e["name"])) for e in entries if e.get("type") == "file")
+    return sorted(f"{protocol}://{e['name']}" for e, name in names if name.startswith(prefix) and name.endswith(suffix))
 
 
 def remove(path: str | os.PathLike) -> None:

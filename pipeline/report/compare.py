@@ -178,7 +178,7 @@ def build_comparison(a: str | Path, b: str | Path, output: Optional[str | Path] 
     layouts = {"a": open_run(a), "b": open_run(b)}
     stats = {run: read_stats(layouts[run]) for run in RUNS}
     config = {run: read_config(layouts[run]) for run in RUNS}
-    files = {run: [p for p in storage.listing(layouts[run].shards) if p.endswith(".parquet")] for run in RUNS}
+    files = {run: storage.listing(layouts[run].shards, suffix=".parquet") for run in RUNS}
     names = {"a": "A", "b": "B"}
     folders = {run: _shown(layouts[run].root) for run in RUNS}
     path = str(output) if output is not None else storage.join(layouts["a"].root, f"compare-{storage.name(folders['b'])}.html")

@@ -526,7 +526,7 @@ def choose_samples(folder: str, kept_shown: int = KEPT_SHOWN, per_reason: int = 
     kept = BottomK(kept_shown)
     dropped: dict[str, BottomK] = {}
     near: dict[tuple[str, Rule], BottomK] = {}
-    for _, table in storage.read_ahead([p for p in storage.listing(folder) if p.endswith(".parquet")],
+    for _, table in storage.read_ahead(storage.listing(folder, suffix=".parquet"),
                                        storage.read_parquet):
         for row in table.to_pylist():
             if is_safety_reason(row["reason"]):
@@ -729,7 +729,7 @@ class DownloadFailures:
 def stage_seconds(layout: RunLayout) -> dict[str, list[float]]:
     """Per stage, each shard's task seconds (from the done-markers)."""
     seconds: dict[str, list[float]] = {}
-    for _, text in storage.read_ahead([p for p in storage.listing(layout.shards) if p.endswith(".done.json")],
+    for _, text in storage.read_ahead(storage.listing(layout.shards, suffix=".done.json"),
                                       storage.read_text):
         for stage, value in (json.loads(text).get("seconds") or {}).items():
             seconds.setdefault(stage, []).append(float(value))
@@ -808,7 +808,7 @@ def build_report(root: str | Path) -> str:
     """Write OUTPUT/report.html from a finished run; returns its path."""
     layout = open_run(root)
     stats, config = read_stats(layout), read_config(layout)
-    files = [p for p in storage.listing(layout.shards) if p.endswith(".parquet")]
+    files = storage.listing(layout.shards, suffix=".parquet")
     steps = funnel(stats, config)
 
     charts = plan_histograms(files, stats, config)

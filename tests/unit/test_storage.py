@@ -72,6 +72,8 @@ def test_listing_removal_and_reading_of_local_folders(tmp_path):
     for name in ("00001.tar", "00000.tar", "00000.done.json"):
         (tmp_path / name).write_bytes(name.encode())
     assert [storage.name(p) for p in storage.listing(tmp_path, "00000")] == ["00000.done.json", "00000.tar"]
+    assert [storage.name(p) for p in storage.listing(tmp_path, suffix=".tar")] == ["00000.tar", "00001.tar"]
+    assert [storage.name(p) for p in storage.listing(tmp_path, "00000", ".json")] == ["00000.done.json"]
     assert storage.read_text(tmp_path / "00001.tar") == "00001.tar" and storage.exists(tmp_path / "00001.tar")
     storage.remove(tmp_path / "00001.tar")
     storage.remove(tmp_path / "00001.tar")  # a missing file is not an error
