@@ -21,6 +21,7 @@ import json
 import logging
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,8 +91,20 @@ def _prepare_output(layout: RunLayout, resolved: str, overwrite: bool) -> None:
             storage.make_dirs(folder)
     except OSError as exc:  # e.g. a parent is a file, or not writable
         raise UserError(f"cannot create the output folder {layout.root}: {exc.strerror or exc}") from exc
-    with atomic_path(layout.config) as tmp:
+    with full_disk_stops_the_run(layout), atomic_path(layout.config) as tmp:
         tmp.write_text(resolved)
+
+
+@contextmanager
+def full_disk_stops_the_run(layout: RunLayout):
+    """A full disk or quota, wherever the run writes (its config, a shard, stats.json, the report),
+    is one clear error: no other shard would fare better, and a rerun resumes."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"no space left on the device holding {layout.root}; free some and rerun to resume") from exc
+        raise
 
 
 @dataclass
@@ -215,7 +228,8 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=prin
     progress_options = {"enabled": progress, "every": progress_every}
     if cfg.dask.in_process:
         _prepare_output(layout, resolved_config, overwrite)
-        return _run(cfg, layout, files, InProcessExecutor(), {}, {}, progress_options, started)
+        with full_disk_stops_the_run(layout):
+            return _run(cfg, layout, files, InProcessExecutor(), {}, {}, progress_options, started)
     gpus = local_gpu_count() if uses_gpu(cfg) else 0
     logger.debug(f"inputs checked ({len(files)} files) in {time.time() - started:.1f} s; starting the Dask client")
     with dask_client(cfg.dask, gpus) as client:  # an unreachable scheduler fails here, before anything is written
@@ -233,24 +247,21 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=prin
         gpu_options = {"resources": gpu} if gpu else {}
         cpu = cpu_resources(client)  # {"CPU": 1} where CPU workers say so: other tasks keep off the GPU workers
         cpu_options = {"resources": cpu} if cpu else {}
-        return _run(cfg, layout, files, DaskExecutor(client, retries=cfg.dask.retries), gpu_options, cpu_options,
-                    progress_options, started)
+        with full_disk_stops_the_run(layout):
+            return _run(cfg, layout, files, DaskExecutor(client, retries=cfg.dask.retries), gpu_options, cpu_options,
+                        progress_options, started)
 
 
 def _run(cfg: RunConfig, layout: RunLayout, files: list[str], executor, gpu_options: dict, cpu_options: dict,
          progress: dict, started: float) -> dict:
     tars = cfg.input.format == "webdataset"
-    try:
-        if tars:  # each tar is a shard, recorded in work/input/_done.json
-            inputs = _InputTars(write_input_shards(cfg.input, files, layout.input))
-        else:  # cut by tasks on the executor, file by file, while the first shards already download
-            inputs = InputShards(cfg.input, files, layout.input, executor)
-        plan = Plan(cfg, layout, None, gpu_options, inputs.tars if tars else None, cpu_options)
-        totals, resolved, finished_passes = _execute(plan, inputs, executor, progress)
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk, or a full quota
-            raise UserError(f"no space left on the device holding {layout.root}; free some and rerun to resume") from exc
-        raise
+    if tars:  # each tar is a shard, recorded in work/input/_done.json
+        inputs = _InputTars(write_input_shards(cfg.input, files, layout.input))
+    else:  # cut by tasks on the executor, file by file, while the first shards already download
+        inputs = InputShards(cfg.input, files, layout.input, executor)
+    plan = Plan(cfg, layout, None, gpu_options, inputs.tars if tars else None, cpu_options)
+    totals, resolved, finished_passes = _execute(plan, inputs, executor, progress)
+
     def rows(shards) -> int:
         if tars:  # input tars: a tar's samples are counted by the read stage that reads it
             return sum(read_marker(layout.download, int(s))["rows"] for s in shards if is_done(layout.download, int(s)))

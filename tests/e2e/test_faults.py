@@ -258,6 +258,9 @@ mount -t tmpfs -o size=600k curate-test {disk} || exit 97
 run() {{ {curate} run {config} --no-progress --set output.path={disk}/out >{res}/$1.out 2>{res}/$1.err; echo $? >{res}/$1.rc; }}
 run full
 run still_full
+dd if=/dev/zero of={disk}/filler bs=4k 2>/dev/null  # not a byte left: the run fails at its first write
+run no_room
+rm -f {disk}/filler
 (cd {disk}/out && find . | sort) >{res}/after_full.files
 mount -o remount,size=64m {disk} || exit 98
 run resumed
@@ -286,7 +289,8 @@ def test_disk_full_is_one_clear_error_and_the_next_run_resumes(faults, reference
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
     assert proc.returncode == 0, proc.stderr
 
-    for name in ("full", "still_full"):  # failing, and failing again while the disk is still full
+    # failing; failing again while the disk is still full; and with no byte left, at the run's first write
+    for name in ("full", "still_full", "no_room"):
         rc = int((res / f"{name}.rc").read_text())
         lines = (res / f"{name}.err").read_text().strip().splitlines()
         assert rc == 2, (name, lines)
