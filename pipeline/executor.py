@@ -5,10 +5,11 @@ Both executors offer two calls:
 
 - `run_chains(phase, chains)`: for each shard a chain of tasks (download → score → write,
   or a part of it), each task ordered after the one before it. At most `bound` shards are
-  in flight at once; more are started as shards finish (on Dask, several in one call), so the
-  driver holds a bounded number of tasks whatever the number of shards. A shard whose chain fails (after Dask's
-  retries) comes back as a failure naming its step and error; the run goes on. A full disk
-  (OSError) or a UserError still stops the run: no other shard would fare better.
+  in flight at once; more are started as shards finish (on Dask, several in one call), so
+  the driver holds a bounded number of tasks whatever the number of shards. A shard whose
+  chain fails (after Dask's retries) comes back as a failure naming its step and error; the
+  run goes on. A full disk (OSError) or a UserError still stops the run: no other shard would
+  fare better.
   The chains may be a generator that is not always ready: it yields `Wait(handles)` when no
   shard can start until one of those tasks (started with `submit`) finishes, e.g. the cut of
   the next input file; the executor then waits for that, or for a shard, and asks again.
@@ -149,11 +150,12 @@ def run_serially(step: str, fn: Callable, arg_tuples: Iterable[tuple]) -> list:
 
 # Shards in flight per task slot of the cluster: enough that a slot never waits for the driver
 # to submit the next shard, few enough that the driver and the scheduler hold a bounded graph.
+# New shards are sent once half of this bound is free, all in one call (`fill` in run_chains):
+# the scheduler keeps metadata per call for as long as the client is connected, and a three-task
+# chain grew it by 0.69 KB sent alone against 0.51 KB with four chains a call
+# (bench/probes/scheduler_growth.py --per-call). In flight stays between two and four shards a slot.
 SHARDS_PER_SLOT = 4
-# New shards are sent once half the bound is free, all in one call: the scheduler keeps an entry
-# of metadata per call for as long as the client is connected, so a call of k shards costs it
-# about what one shard's call did (bench/probes/scheduler_growth.py --per-call). In flight then
-# stays between half the bound and the bound: two to four shards per slot.
+
 # Seconds between two asks of the scheduler for the cluster's task slots. Each ask returns every
 # worker's description (about a kilobyte each); asked at every finished shard, a run of 50,000
 # shards on a 1,000-worker cluster would move ~50 GB through the scheduler.
@@ -163,13 +165,13 @@ BOUND_REFRESH_S = 5.0
 class DaskExecutor:
     def __init__(self, client, retries: int = 2, shards_per_slot: int = SHARDS_PER_SLOT,
                  bound_refresh_s: float = BOUND_REFRESH_S):
-        self.calls = 0  # calls that sent chains to the scheduler (a test counts them)
         self.client = client
         self.retries = retries
         self.shards_per_slot = shards_per_slot
         self.bound_refresh_s = bound_refresh_s
         self._bound: Optional[tuple[float, int]] = None  # (when asked, the bound then)
         self.token = uuid.uuid4().hex[:8]  # task keys unique per run, so runs can share a cluster
+        self.calls = 0  # calls that sent chains to the scheduler (a test counts them)
         self.peak_in_flight = 0  # the most shards in flight at once, over the run (reported in stats)
 
     @property

@@ -228,8 +228,7 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=prin
     progress_options = {"enabled": progress, "every": progress_every}
     if cfg.dask.in_process:
         _prepare_output(layout, resolved_config, overwrite)
-        with full_disk_stops_the_run(layout):
-            return _run(cfg, layout, files, InProcessExecutor(), {}, {}, progress_options, started)
+        return _run(cfg, layout, files, InProcessExecutor(), {}, {}, progress_options, started)
     gpus = local_gpu_count() if uses_gpu(cfg) else 0
     logger.debug(f"inputs checked ({len(files)} files) in {time.time() - started:.1f} s; starting the Dask client")
     with dask_client(cfg.dask, gpus) as client:  # an unreachable scheduler fails here, before anything is written
@@ -247,43 +246,44 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=prin
         gpu_options = {"resources": gpu} if gpu else {}
         cpu = cpu_resources(client)  # {"CPU": 1} where CPU workers say so: other tasks keep off the GPU workers
         cpu_options = {"resources": cpu} if cpu else {}
-        with full_disk_stops_the_run(layout):
-            return _run(cfg, layout, files, DaskExecutor(client, retries=cfg.dask.retries), gpu_options, cpu_options,
-                        progress_options, started)
+        return _run(cfg, layout, files, DaskExecutor(client, retries=cfg.dask.retries), gpu_options, cpu_options,
+                    progress_options, started)
 
 
 def _run(cfg: RunConfig, layout: RunLayout, files: list[str], executor, gpu_options: dict, cpu_options: dict,
          progress: dict, started: float) -> dict:
-    tars = cfg.input.format == "webdataset"
-    if tars:  # each tar is a shard, recorded in work/input/_done.json
-        inputs = _InputTars(write_input_shards(cfg.input, files, layout.input))
-    else:  # cut by tasks on the executor, file by file, while the first shards already download
-        inputs = InputShards(cfg.input, files, layout.input, executor)
-    plan = Plan(cfg, layout, None, gpu_options, inputs.tars if tars else None, cpu_options)
-    totals, resolved, finished_passes = _execute(plan, inputs, executor, progress)
+    with full_disk_stops_the_run(layout):  # wherever it writes: the input cut, a shard, stats.json, the report
+        tars = cfg.input.format == "webdataset"
+        if tars:  # each tar is a shard, recorded in work/input/_done.json
+            inputs = _InputTars(write_input_shards(cfg.input, files, layout.input))
+        else:  # cut by tasks on the executor, file by file, while the first shards already download
+            inputs = InputShards(cfg.input, files, layout.input, executor)
+        plan = Plan(cfg, layout, None, gpu_options, inputs.tars if tars else None, cpu_options)
+        totals, resolved, finished_passes = _execute(plan, inputs, executor, progress)
 
-    def rows(shards) -> int:
-        if tars:  # input tars: a tar's samples are counted by the read stage that reads it
-            return sum(read_marker(layout.download, int(s))["rows"] for s in shards if is_done(layout.download, int(s)))
-        return sum(inputs.rows_of(int(s)) for s in shards)  # from the per-file counts of the cut
+        def rows(shards) -> int:
+            if tars:  # input tars: a tar's samples are counted by the read stage that reads it
+                return sum(read_marker(layout.download, int(s))["rows"] for s in shards
+                           if is_done(layout.download, int(s)))
+            return sum(inputs.rows_of(int(s)) for s in shards)  # from the per-file counts of the cut
 
-    failed_rows, waiting_rows = rows(f["shard"] for f in totals.failed), rows(totals.waiting)
-    rows_in = totals.rows + failed_rows + waiting_rows if tars else inputs.total_rows
-    stats = totals.stats(rows_in, failed_rows, waiting_rows, time.time() - started)
-    # The fields the report charts as scores: the score stage's and those the filters declare.
-    clip_fields = [CLIP_SIMILARITY] if cfg.clip.enabled else []
-    stats["score_fields"] = list(dict.fromkeys(clip_fields + score_fields(build_chain(cfg.filter_specs()))))
-    if resolved:
-        stats["resolved_thresholds"] = resolved
-    if not totals.failed:
-        for name, finish in finished_passes:
-            pass_stats = finish()
-            if pass_stats:
-                stats[name] = pass_stats
-    with atomic_path(layout.stats) as tmp:
-        tmp.write_text(json.dumps(stats, indent=1))
-    build_report(layout.root)  # report.html; `curate report` rebuilds it
-    return stats
+        failed_rows, waiting_rows = rows(f["shard"] for f in totals.failed), rows(totals.waiting)
+        rows_in = totals.rows + failed_rows + waiting_rows if tars else inputs.total_rows
+        stats = totals.stats(rows_in, failed_rows, waiting_rows, time.time() - started)
+        # The fields the report charts as scores: the score stage's and those the filters declare.
+        clip_fields = [CLIP_SIMILARITY] if cfg.clip.enabled else []
+        stats["score_fields"] = list(dict.fromkeys(clip_fields + score_fields(build_chain(cfg.filter_specs()))))
+        if resolved:
+            stats["resolved_thresholds"] = resolved
+        if not totals.failed:
+            for name, finish in finished_passes:
+                pass_stats = finish()
+                if pass_stats:
+                    stats[name] = pass_stats
+        with atomic_path(layout.stats) as tmp:
+            tmp.write_text(json.dumps(stats, indent=1))
+        build_report(layout.root)  # report.html; `curate report` rebuilds it
+        return stats
 
 
 def _execute(plan: Plan, inputs, executor, progress: dict) -> tuple[RunTotals, dict, list]:

@@ -146,7 +146,8 @@ def architecture_config(model: str) -> Optional[dict]:
     """open_clip's config of a built-in architecture (`open_clip.get_model_config(model)`), or None
     for a name it does not know, read from the JSON file open_clip ships for it without importing
     open_clip: the driver checks the name before a run, and that import (torch, torchvision, timm,
-    transformers) took 9 s of its start on a 2-core machine and ~12 s on an H200 host."""
+    transformers) took 8.8 s on a busy 2-core machine; on an H200 host the driver spent 12-15 s
+    before starting its Dask client, most of it there."""
     import importlib.util
     import json
 
