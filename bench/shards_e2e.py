@@ -385,20 +385,25 @@ def _score_window(out: Path, started_epoch: float) -> dict:
     """From the score stage's done markers (work/score/NNNNN.done.json: `seconds` of the task,
     written at its end): when the first score task started and the last ended, relative to the
     start of the subprocess, and the images scored in between (those the header filter kept)."""
-    spans, scored = [], 0
+    spans, scored, tasks = [], 0, []
     try:
         for marker in (out / "work" / "score").glob("*.done.json"):
             info = json.loads(marker.read_text())
             end = marker.stat().st_mtime - started_epoch
             spans.append((end - float(info["seconds"]), end))
             scored += int(info.get("scored", 0)) + int(info.get("decode_errors", 0))
+            tasks.append({"shard": marker.name.split(".")[0], "start": round(end - float(info["seconds"]), 1),
+                          "seconds": round(float(info["seconds"]), 2), "embed": info.get("embed_seconds"),
+                          "retries": info.get("gpu_alloc_retries"), "reserved": info.get("gpu_peak_reserved_gib")})
     except Exception as exc:
         return {"score_window_error": _short_error(exc)}
     if not spans:
         return {}
     first, last = min(a for a, _ in spans), max(b for _, b in spans)
     return {"score_first_start": first, "score_last_end": last, "score_scored": scored,
-            "score_rate": scored / (last - first) if last > first else None, "score_tasks": len(spans)}
+            "score_rate": scored / (last - first) if last > first else None, "score_tasks": len(spans),
+            # The slowest score tasks (outliers of 23-32 s against ~2 s were seen in earlier runs).
+            "score_slowest": sorted(tasks, key=lambda t: -t["seconds"])[:4]}
 
 
 class CurateRunFailed(RuntimeError):
@@ -607,6 +612,10 @@ def render(rows: list[dict], args, info: dict, device: str, device_name: str, to
         if c and c["stats"].get("task_seconds_by_stage"):
             notes.append(f"{r['label']}: task seconds by stage {c['stats']['task_seconds_by_stage']}, "
                          f"stats.json {c['stats'].get('images_per_second')} images written/s")
+        if c and c.get("score_slowest"):
+            notes.append(f"{r['label']}: slowest score tasks " + ", ".join(
+                f"{t['shard']} {t['seconds']} s (embedding {t['embed']} s, from {t['start']} s, "
+                f"{t['retries']} allocator retries, {t['reserved']} GiB reserved)" for t in c["score_slowest"]))
         if "alone_trim_error" in r and "alone" in r:
             notes.append(f"{r['label']}: model alone, trimmed: failed: {_cell(r['alone_trim_error'])}")
         part = r.get("curate") or r.get("curate_partial") or {}

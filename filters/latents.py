@@ -69,7 +69,7 @@ class VaeLatents(Filter):
 
     def check(self, context: dict[str, Any]) -> None:
         # diffusers (the VAE) comes with the train extra: say so when the config is read, not on a worker.
-        require_extra("train", "the vae_latents filter", ("diffusers",))
+        require_extra("train", "the vae_latents filter", ("diffusers",), import_now=False)
 
     def setup(self, context: dict[str, Any]) -> None:
         # Where `prepare`'s encoding runs: a GPU worker's task in a Dask run with GPU workers;
@@ -101,6 +101,12 @@ class VaeLatents(Filter):
         for chunk, latents in zip(order, encoded["latents"]):
             for i, latent in zip(chunk, latents):
                 samples[i][_PREPARED] = (latent, crops[i][1], encoded["vae"])
+
+    def warm_up(self) -> None:
+        """Load the VAE and encode one batch of the square crop size where the GPU is (with
+        `compile`, that builds the compiled encoder for the shape every full batch has)."""
+        blank = np.zeros((self.batch_size, self.resolution, self.resolution, 3), np.uint8)
+        encode_batches(self.model_dump(), [blank])
 
     def keep(self, sample) -> Decision:
         from curate.pipeline.models.latents import (

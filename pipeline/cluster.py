@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
-from typing import Iterator
+import sys
+import threading
+from typing import Callable, Iterator
 
 from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -37,12 +40,33 @@ def scheduler_address(cfg: DaskConfig) -> str | None:
 
 
 def local_gpu_count() -> int:
-    """CUDA devices on this machine (0 without torch or without a GPU)."""
+    """CUDA devices this process may use (CUDA_VISIBLE_DEVICES applies): 0 without a GPU.
+
+    Asked of the CUDA driver library directly when torch is not imported yet: importing torch
+    costs the driver process seconds before its cluster can start, and this process never
+    computes on a GPU itself (its workers do). Without the driver library (no NVIDIA driver, or
+    another GPU stack), torch is asked."""
+    if "torch" not in sys.modules:
+        count = _cuda_driver_device_count()
+        if count is not None:
+            return count
     try:
         import torch
     except ImportError:
         return 0
     return torch.cuda.device_count()
+
+
+def _cuda_driver_device_count() -> int | None:
+    """cuDeviceGetCount of libcuda (no CUDA context is made), or None when there is no such library."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    if cuda.cuInit(0) != 0:  # e.g. CUDA_ERROR_NO_DEVICE: the library is there, no usable GPU
+        return 0
+    count = ctypes.c_int(0)
+    return count.value if cuda.cuDeviceGetCount(ctypes.byref(count)) == 0 else 0
 
 
 def _one_of(client: Client, resource: str) -> dict | None:
@@ -152,6 +176,36 @@ class StorageOptions(WorkerPlugin):
 
     def setup(self, worker) -> None:
         storage.configure(self.options)
+
+
+class WarmUp(WorkerPlugin):
+    """Starts a run's GPU warm-up calls (pipeline/plan.py `warm_ups`: imports, model loads,
+    compiling) on each GPU worker when it joins, in a thread of its own: they then run beside the
+    first reads and writes instead of inside the first GPU task, and leave the worker's task
+    threads free. What they build goes into the process's model cache, where the tasks find it (or
+    wait for it, if still under way). A failure is left for the first task that needs the same
+    thing: it fails there, with the shard named."""
+
+    name = "curate-warm-up"
+
+    def __init__(self, calls: list[tuple[Callable, tuple]]):
+        self.calls = calls
+
+    def setup(self, worker) -> None:
+        if worker.state.total_resources.get("GPU"):
+            threading.Thread(target=self._run, name="curate-warm-up", daemon=True).start()
+
+    def _run(self) -> None:
+        for fn, args in self.calls:
+            try:
+                fn(*args)
+            except Exception as exc:
+                logging.getLogger("curate").debug(f"warm-up {fn.__name__} failed: {type(exc).__name__}: {exc}")
+
+
+def warm_up_gpu_workers(client: Client, calls: list[tuple[Callable, tuple]]) -> None:
+    if calls:
+        client.register_plugin(WarmUp(calls))
 
 
 def share_storage_options(client: Client, options: dict) -> None:

@@ -23,7 +23,7 @@ from curate.pipeline.executor import UPSTREAM, Task
 from curate.pipeline.layout import RunLayout
 from curate.pipeline.stages.download import download_shard
 from curate.pipeline.stages.read import read_shard
-from curate.pipeline.stages.score import score_shard
+from curate.pipeline.stages.score import score_shard, warm_up_scoring
 from curate.pipeline.stages.write import write_shard
 
 
@@ -38,6 +38,24 @@ def uses_gpu(cfg: RunConfig) -> bool:
     """Whether the run has GPU work, so that the embedded cluster gets GPU workers and GPU tasks
     ask for them: CLIP scoring (unless put on the CPU), or a sample filter that needs a GPU."""
     return (cfg.clip.enabled and cfg.clip.device in ("auto", "cuda")) or needs_gpu_filter(cfg.filter_specs())
+
+
+def warm_ups(cfg: RunConfig) -> list[tuple]:
+    """(function, args) calls a GPU worker makes as soon as it joins the run (pipeline/cluster.py
+    `WarmUp`): the imports, model loads and compiling its first GPU task would otherwise wait for."""
+    calls = []
+    if cfg.clip.enabled and cfg.clip.device in ("auto", "cuda"):
+        calls.append((warm_up_scoring, (cfg.clip,)))
+    gpu_filters = [spec for spec in cfg.filter_specs()
+                   if FILTERS[spec["name"]].needs_gpu and FILTERS[spec["name"]].stage == "sample"]
+    if gpu_filters:
+        calls.append((warm_up_filters, (gpu_filters,)))
+    return calls
+
+
+def warm_up_filters(specs: list[dict]) -> None:
+    for f in build_chain(specs):
+        f.warm_up()
 
 
 @dataclass

@@ -29,14 +29,16 @@ import yaml
 
 from curate.filters import build_chain, score_fields
 from curate.pipeline import storage
-from curate.pipeline.cluster import cpu_resources, dask_client, gpu_resources, local_gpu_count, share_storage_options
+from curate.pipeline.cluster import (
+    cpu_resources, dask_client, gpu_resources, local_gpu_count, share_storage_options, warm_up_gpu_workers,
+)
 from curate.pipeline.config import RunConfig, changed_settings, dump_config
 from curate.pipeline.errors import UserError
 from curate.pipeline.executor import DaskExecutor, InProcessExecutor, ShardOutcome, Wait
 from curate.pipeline.layout import RunLayout
 from curate.pipeline.models.clip import check_model_source
 from curate.pipeline.passes import PASSES, PassContext
-from curate.pipeline.plan import Plan, uses_gpu
+from curate.pipeline.plan import Plan, uses_gpu, warm_ups
 from curate.pipeline.progress import Progress
 from curate.pipeline.reader import InputShards, check_inputs, has_rows, write_input_shards
 from curate.pipeline.records import CLIP_SIMILARITY
@@ -235,6 +237,9 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=prin
         logger.debug(f"Dask client ready after {time.time() - started:.1f} s: "
                     f"{len(client.scheduler_info().get('workers', {}))} workers")
         share_storage_options(client, cfg.storage)
+        gpu = gpu_resources(client) if uses_gpu(cfg) else None  # {"GPU": 1} when a worker offers one
+        if gpu:  # the GPU workers load their models while the first shards are read
+            warm_up_gpu_workers(client, warm_ups(cfg))
         _prepare_output(layout, resolved_config, overwrite)
         if client.dashboard_link:
             log(f"dask dashboard: {client.dashboard_link}")
@@ -242,7 +247,6 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=prin
             client.forward_logging("curate", level=logging.WARNING)
         except (AttributeError, TypeError):  # an older distributed
             pass
-        gpu = gpu_resources(client) if uses_gpu(cfg) else None  # {"GPU": 1} when a worker offers one
         gpu_options = {"resources": gpu} if gpu else {}
         cpu = cpu_resources(client)  # {"CPU": 1} where CPU workers say so: other tasks keep off the GPU workers
         cpu_options = {"resources": cpu} if cpu else {}

@@ -144,19 +144,21 @@ class ReaderPool:
                 if not finished:  # an error, or the consumer stopped early: answers are still in the pipes
                     self.close()
 
-    def tokenized(self, captions: list[str], batch_size: int) -> Iterator[Any]:
+    def tokenize(self, captions: list[str], batch_size: int) -> list[Any]:
         """Token ids of `captions` in batches of `batch_size`, in order, made by the helpers (batch b
         by helper b % processes): for shards whose images need no reading by them (input tars,
-        pipeline/sources.py), so this process still does none of the tokenizing."""
+        pipeline/sources.py), so this process still does none of the tokenizing.
+
+        All of a shard's batches at once (10,000 captions: a few MB of ids, a fraction of a second):
+        the pool is held only that long, so the GPU worker's other score task gets its tokens
+        without waiting for this shard's images to be embedded."""
         with self._lock:
             self._ensure_started()
-            finished = False
             try:
-                yield from self._tokenize(captions, batch_size)
-                finished = True
-            finally:
-                if not finished:  # an error, or the consumer stopped early: answers are still in the pipes
-                    self.close()
+                return list(self._tokenize(captions, batch_size))
+            except BaseException:  # answers may still be in the pipes
+                self.close()
+                raise
 
     def _tokenize(self, captions: list[str], batch_size: int) -> Iterator[Any]:
         chunks = list(_in_batches(captions, batch_size))

@@ -354,8 +354,11 @@ def _gpu_memory(scorer: ClipScorer) -> dict:
     import torch
 
     device = torch.device(scorer.clip.device)
+    # Retries: allocations that met the cap, so the allocator returned its cached blocks (which
+    # waits for the GPU) and tried again. Many of them mean the cap is too low for the batch size.
     return {"gpu_peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
-            "gpu_peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 2)}
+            "gpu_peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 2),
+            "gpu_alloc_retries": int(torch.cuda.memory_stats(device).get("num_alloc_retries", 0))}
 
 
 def _reader_pool(cfg: ClipConfig) -> Optional[ReaderPool]:
@@ -371,6 +374,19 @@ def _reader_pool(cfg: ClipConfig) -> Optional[ReaderPool]:
     return pool
 
 
+def _scorer(cfg: ClipConfig) -> ClipScorer:
+    key = (cfg.model, cfg.pretrained, cfg.device, cfg.precision, cfg.gpu_decode)
+    return cached(("scorer", *key), lambda: ClipScorer(cfg))
+
+
+def warm_up_scoring(cfg: ClipConfig) -> None:
+    """What the first score task of a process would wait for, done before it comes (a GPU worker
+    joining the run: pipeline/cluster.py `WarmUp`): the reader processes started, torch and
+    open_clip imported, the model loaded onto the device."""
+    _reader_pool(cfg)
+    _scorer(cfg).clip
+
+
 def score_shard(shard_id: int, downloaded: dict, download_dir: str, emb_dir: str, marker_dir: str, cfg: ClipConfig) -> dict:
     """Score one downloaded shard. Returns its stats (with a similarity histogram); done shards
     are not redone. `downloaded` orders this task after the shard's download."""
@@ -381,8 +397,7 @@ def score_shard(shard_id: int, downloaded: dict, download_dir: str, emb_dir: str
             storage.make_dirs(storage.parent(path))
         started = time.time()
         pool = _reader_pool(cfg)
-        key = (cfg.model, cfg.pretrained, cfg.device, cfg.precision, cfg.gpu_decode)
-        scorer = cached(("scorer", *key), lambda: ClipScorer(cfg))
+        scorer = _scorer(cfg)
         keys, sims, img_parts, txt_parts = [], [], [], []
         # The readers map the tar (the download's, or the input tar: pipeline/sources.py), a local file
         # (in object storage, a temporary copy of it). Reading the tar and tokenizing run beside the

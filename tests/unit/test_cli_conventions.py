@@ -133,12 +133,19 @@ def test_the_configs_are_in_the_wheel(tmp_path):
 
 @pytest.fixture()
 def without_diffusers(tmp_path):
-    """An environment in which `import diffusers` fails, as where the train extra is not installed:
-    a folder first on PYTHONPATH whose diffusers package raises ImportError."""
-    shim = tmp_path / "shim" / "diffusers"
-    shim.mkdir(parents=True)
-    (shim / "__init__.py").write_text("raise ImportError('diffusers is not installed here (test shim)')\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(shim.parent), os.environ.get("PYTHONPATH", "")]))
+    """An environment in which diffusers is not found, as where the train extra is not installed: a
+    folder first on PYTHONPATH whose sitecustomize puts a finder first that finds no diffusers (so
+    both `import diffusers` and a mere look for it, importlib.util.find_spec, fail)."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _NoDiffusers:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'diffusers' or name.startswith('diffusers.'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, _NoDiffusers())\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(shim), os.environ.get("PYTHONPATH", "")]))
     env.pop("DASK_SCHEDULER_ADDRESS", None)
     return env
 

@@ -40,6 +40,29 @@ def test_gpu_cluster_layout_each_gpu_worker_sees_one_device_and_cpu_workers_none
         assert niceness["cpu-0"] == CPU_WORKER_NICENESS + os.nice(0)
         assert niceness["gpu-0"] == niceness["gpu-1"] == os.nice(0)
 
+        # A run's warm-up calls run on each GPU worker, in a thread of their own, and on no CPU
+        # worker; one that fails leaves the next to run.
+        import tempfile
+        import time
+        from pathlib import Path
+
+        from curate.pipeline.cluster import warm_up_gpu_workers
+
+        with tempfile.TemporaryDirectory() as folder:
+            def fails():
+                raise RuntimeError("no such model")
+
+            def mark(where):
+                import threading
+                Path(where, f"gpu{os.environ['CUDA_VISIBLE_DEVICES']}-{threading.current_thread().name}").touch()
+
+            warm_up_gpu_workers(client, [(fails, ()), (mark, (folder,))])
+            deadline = time.time() + 30
+            while len(list(Path(folder).iterdir())) < 2 and time.time() < deadline:
+                time.sleep(0.1)
+            time.sleep(0.5)  # a CPU worker's mark, were there one, would be there by now
+            assert sorted(p.name for p in Path(folder).iterdir()) == ["gpu0-curate-warm-up", "gpu1-curate-warm-up"]
+
 
 def test_gpu_cluster_layout_leaves_cores_to_each_gpu_worker(monkeypatch):
     from curate.pipeline.cluster import CORES_PER_GPU_WORKER, gpu_layout

@@ -257,3 +257,51 @@ def test_the_compiled_vae_shares_the_eager_ones_weights():
             torch.testing.assert_close(encode(twin, pixels), encode(eager, pixels), rtol=1e-4, atol=1e-4)
     finally:
         forget("vae")
+
+
+def test_warm_up_loads_what_the_first_gpu_task_would(monkeypatch):
+    """The calls a GPU worker makes when it joins a run (pipeline/plan.py `warm_ups`) build the
+    very cache entries the tasks then use: after them, the first batch loads nothing."""
+    from curate.pipeline.models import cache, vae as vae_module
+    from curate.pipeline.plan import warm_ups
+
+    cache.forget()
+    spec = {"name": "vae_latents", "vae": "tiny", "resolution": 16, "batch_size": 3, "tiny_seed": 5}
+    cfg = RunConfig.model_validate({"input": {"paths": ["x.parquet"]}, "output": {"path": "out"},
+                                    "clip": {"enabled": False}, "filters": [{"name": "caption_length"}, spec]})
+    calls = warm_ups(cfg)
+    assert len(calls) == 1  # the GPU filter only: no CLIP scoring in this run
+    for fn, args in calls:
+        fn(*args)
+
+    def no_second_load(*a, **k):
+        raise AssertionError("the VAE was loaded again after the warm-up")
+
+    monkeypatch.setattr(vae_module, "load_vae", no_second_load)
+    f = build_chain([spec])[0]
+    f.setup({})
+    samples = _samples(3)
+    f.prepare(samples)
+    assert all(f.keep(s) is True and "latent.npy" in s["extra"] for s in samples)
+    cache.forget()
+
+
+def test_warm_up_of_a_scoring_run_loads_the_scorer_model():
+    from curate.pipeline.models import cache
+    from curate.pipeline.models.clip import TINY_CLIP
+    from curate.pipeline.plan import warm_ups
+    from curate.pipeline.stages.score import _scorer, warm_up_scoring
+
+    cache.forget()
+    cfg = RunConfig.model_validate({"input": {"paths": ["x.parquet"]}, "output": {"path": "out"},
+                                    "clip": {"enabled": True, "model": TINY_CLIP, "pretrained": None}})
+    calls = warm_ups(cfg)
+    assert [fn for fn, _ in calls] == [warm_up_scoring]
+    assert _scorer(cfg.clip)._clip is None
+    for fn, args in calls:
+        fn(*args)
+    assert _scorer(cfg.clip)._clip is not None and _scorer(cfg.clip).clip.name
+    # Scoring on the CPU by choice: no GPU worker, nothing to warm up.
+    assert warm_ups(RunConfig.model_validate({"input": {"paths": ["x.parquet"]}, "output": {"path": "out"},
+                                              "clip": {"enabled": True, "model": TINY_CLIP, "pretrained": None, "device": "cpu"}})) == []
+    cache.forget()

@@ -91,7 +91,7 @@ def test_reader_processes_tokenize_captions_they_are_given(tmp_path, tokenizer, 
     """Input tars: the images come from the parquet's offsets, the captions go to the helpers."""
     captions = [CAPTIONS[i % len(CAPTIONS)] + f" {i}" for i in range(n)]
     pool = pools(processes)
-    got = list(pool.tokenized(captions, 4))
+    got = pool.tokenize(captions, 4)
     expected = [tokenizer(captions[i:i + 4]) for i in range(0, n, 4)]
     assert len(got) == len(expected) and all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(got, expected))
     tar = _shard(tmp_path / "00000.tar", 5)  # and the pool still reads tars after it
@@ -127,6 +127,31 @@ def test_an_input_tar_gives_the_same_batches_with_reader_processes(tmp_path, tok
     with score_batches(str(tmp_path / "stage"), 0, 4, None, pool) as batches:
         _same(list(batches), expected)
     assert [h.pid for h in pool._helpers] == pids
+
+
+def test_two_input_shards_scored_at_once_share_the_pool_without_waiting(tmp_path, tokenizer, pools):
+    """A GPU worker scores two shards at once through one pool: the second shard's tokens must not
+    wait until the first shard's batches are all consumed (the pool is held only while tokenizing)."""
+    import threading
+
+    from curate.pipeline.sources import _input_batches
+
+    tar = np.zeros(64, np.uint8)
+    keys = [f"k{i}" for i in range(9)]
+    offsets, sizes = np.zeros(9, np.int64), np.ones(9, np.int64)
+    captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(9)]
+    pool = pools(2)
+    first = _input_batches(tar, keys, offsets, sizes, captions, 4, None, pool)
+    next(first)  # the first shard is being embedded: two of its batches are still to come
+    got = []
+    other = threading.Thread(target=lambda: got.extend(_input_batches(tar, keys, offsets, sizes, captions, 4, None, pool)))
+    other.start()
+    other.join(timeout=30)
+    assert not other.is_alive(), "the second shard waited for the first one's batches"
+    assert [b.keys for b in got] == [keys[0:4], keys[4:8], keys[8:9]]
+    expected = [tokenizer(captions[i:i + 4]) for i in range(0, 9, 4)]
+    assert all(np.array_equal(np.asarray(b.tokens), np.asarray(e)) for b, e in zip(got, expected))
+    assert len(list(first)) == 2
 
 
 # The next three tests each leave the shared one-process pool to be restarted (a helper starts in
