@@ -290,7 +290,6 @@ def gpu_preprocess(images: list, clip: LoadedClip):
     device = images[0].device
     mean = _on_device(list(cfg["mean"]), device).view(1, 3, 1, 1)
     std = _on_device(list(cfg["std"]), device).view(1, 3, 1, 1)
-    out = torch.empty((len(images), 3, size, size), device=device)
     groups: dict[tuple[int, int], list[int]] = {}
     crops = []
     for i, im in enumerate(images):
@@ -301,14 +300,25 @@ def gpu_preprocess(images: list, clip: LoadedClip):
             im = im[:, top:top + side, left:left + side]
         crops.append(im)
         groups.setdefault(tuple(im.shape[1:]), []).append(i)
+    # Each group's resized images go to consecutive rows, then one gather puts them in batch order:
+    # an input tar's images come in hundreds of sizes, and an index copied to the GPU per group
+    # cost more than the resizes.
+    grouped = torch.empty((len(images), 3, size, size), device=device)
+    order: list[int] = []
     for shape, idx in groups.items():
-        batch = torch.stack([crops[i] for i in idx]).float()
+        batch = torch.stack([crops[i] for i in idx]) if len(idx) > 1 else crops[idx[0]][None]
+        batch = batch.float()
         if shape != (size, size):
             batch = F.interpolate(batch, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-        if len(idx) == len(images):
-            out = batch
-        else:
-            out[_on_device(idx, device)] = batch
+        grouped[len(order):len(order) + len(idx)] = batch
+        order.extend(idx)
+    if order == list(range(len(images))):
+        out = grouped
+    else:
+        row_of = [0] * len(images)  # image i lies in row row_of[i] of `grouped`
+        for row, i in enumerate(order):
+            row_of[i] = row
+        out = grouped[_on_device(row_of, device)]
     return (out.clamp_(0, 255) / 255.0 - mean) / std
 
 

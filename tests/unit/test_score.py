@@ -126,3 +126,43 @@ def test_decode_batch_tries_each_jpeg_alone_when_the_batch_fails():
     images, errors = decode_batch([good, good[: len(good) // 3], good], "cpu")
     assert errors[0] is None and errors[2] is None and errors[1] is not None
     assert images[1] is None and tuple(images[0].shape) == tuple(images[2].shape) == (3, 16, 24)
+
+
+def test_gpu_preprocess_of_images_of_many_sizes_keeps_each_image_in_its_row():
+    """The GPU path's crop-resize-normalize over a batch whose images come in several sizes (an input
+    tar's), in the batch's order: each row as if that image were preprocessed alone."""
+    import torch
+    import torch.nn.functional as F
+
+    from curate.pipeline.models.clip import TINY_CLIP, load_clip
+    from curate.pipeline.stages.score import gpu_preprocess
+
+    clip = load_clip(TINY_CLIP, None, "cpu", "fp32")
+    size = clip.image_size
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(40, 50), (size, size), (40, 50), (64, 33), (size, size + 7), (64, 33), (31, 31)]
+    images = [torch.randint(0, 256, (3, h, w), generator=gen, dtype=torch.uint8) for h, w in shapes]
+    cfg = clip.model.visual.preprocess_cfg
+    mean, std = torch.tensor(cfg["mean"]).view(1, 3, 1, 1), torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+
+    def alone(im, squash):
+        _, h, w = im.shape
+        if not squash:
+            side = min(h, w)
+            top, left = (h - side) // 2, (w - side) // 2
+            im = im[:, top:top + side, left:left + side]
+        x = im[None].float()
+        if x.shape[2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+        return (x.clamp(0, 255) / 255.0 - mean) / std
+
+    try:
+        for mode in ("shortest", "squash"):  # open_clip's default, and the tiny model's own
+            clip.model.visual.preprocess_cfg = {**cfg, "resize_mode": mode}
+            expected = torch.cat([alone(im, mode == "squash") for im in images])
+            got = gpu_preprocess(images, clip)
+            assert got.shape == (len(images), 3, size, size)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(gpu_preprocess(images[1:2], clip), expected[1:2], atol=1e-5, rtol=1e-5)
+    finally:
+        clip.model.visual.preprocess_cfg = cfg
