@@ -7,6 +7,7 @@
 #     bench/probes/spy_workers.sh OUT_DIR [DELAY=90] [SECONDS=20] &
 # GPU_MIB (default 2048) is the GPU memory that marks the GPU worker: lower it (e.g. 300) to start
 # sampling as soon as a small model is loaded, before its first batch (to see a run's start-up).
+# SPY_FLAGS (default --idle) replaces py-spy's sampling flag: --gil samples only the thread holding the GIL.
 set -u
 out=$1; delay=${2:-90}; seconds=${3:-20}
 spy=${PY_SPY:-py-spy}
@@ -25,7 +26,7 @@ cpu=$(ps -eo pid,pcpu,comm --sort=-pcpu | awk -v g="$gpu" '$3 ~ /python/ && $1 !
 echo "gpu worker $gpu, cpu process $cpu" > "$out/spy.txt"
 top -b -n 1 -w 200 | head -30 >> "$out/spy.txt"
 timeout $((seconds + 2)) nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -lms 500 > "$out/gpu_util.csv" &
-"$spy" record --idle --threads --format raw -r 50 -d "$seconds" -p "$gpu" -o "$out/gpu_worker.txt" > /dev/null 2>&1 &
-[ -n "$cpu" ] && "$spy" record --idle --threads --format raw -r 50 -d "$seconds" -p "$cpu" -o "$out/cpu_process.txt" > /dev/null 2>&1 &
+"$spy" record ${SPY_FLAGS:---idle} --threads --format raw -r 50 -d "$seconds" -p "$gpu" -o "$out/gpu_worker.txt" > /dev/null 2>&1 &
+[ -n "$cpu" ] && "$spy" record ${SPY_FLAGS:---idle} --threads --format raw -r 50 -d "$seconds" -p "$cpu" -o "$out/cpu_process.txt" > /dev/null 2>&1 &
 wait
 echo "done" >> "$out/spy.txt"
