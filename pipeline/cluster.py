@@ -29,6 +29,11 @@ SCORE_TASKS_PER_GPU = 2
 # CPU) and its two reader processes (tar headers, tokenizing). With a CPU worker per core, the
 # write and read tasks took every core and the scorer ran 3x below its speed alone.
 CORES_PER_GPU_WORKER = 4
+# Dask's statistical profiler walks every thread's stack 100 times a second, holding the GIL: in a
+# GPU worker (two score tasks, each with its decoding threads) py-spy found it holding the GIL
+# for ~11% of the time any thread held it (H200 host, ViT-B-32), time the threads feeding the GPU
+# wait for. Off in the embedded GPU workers (their dashboard's profile page stays empty).
+GPU_WORKER_CONFIG = {"distributed.worker.profile.enabled": False}
 # And the CPU workers beside a GPU run at a lower CPU priority (a nice value: this module's
 # `dask_setup`, preloaded), so that when the cores are all busy the work that keeps the GPU fed
 # runs first. Downloads wait on the network anyway; writes catch up when the GPU is done.
@@ -133,7 +138,7 @@ def gpu_layout(cfg: DaskConfig, gpus: int) -> dict:
     for j in range(gpus):
         workers[f"gpu-{j}"] = {"cls": Nanny, "options": {
             **worker, "nthreads": SCORE_TASKS_PER_GPU, "resources": {"GPU": SCORE_TASKS_PER_GPU},
-            "env": {"CUDA_VISIBLE_DEVICES": str(j)},
+            "env": {"CUDA_VISIBLE_DEVICES": str(j)}, "config": GPU_WORKER_CONFIG,
         }}
     return workers
 

@@ -24,6 +24,11 @@ def test_gpu_cluster_layout_each_gpu_worker_sees_one_device_and_cpu_workers_none
         seen = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
         by_name = {info["name"]: seen[addr] for addr, info in client.scheduler_info()["workers"].items()}
         assert by_name == {"cpu-0": "", "gpu-0": "0", "gpu-1": "1"}
+        import dask
+
+        profiling = client.run(lambda: dask.config.get("distributed.worker.profile.enabled"))
+        by_name = {info["name"]: profiling[addr] for addr, info in client.scheduler_info()["workers"].items()}
+        assert by_name == {"cpu-0": True, "gpu-0": False, "gpu-1": False}
         assert gpu_resources(client) == {"GPU": 1}
         # Each GPU worker runs SCORE_TASKS_PER_GPU score tasks at once; the CPU worker none.
         infos = {info["name"]: info for info in client.scheduler_info()["workers"].values()}
