@@ -394,6 +394,7 @@ def _score_window(out: Path, started_epoch: float) -> dict:
             scored += int(info.get("scored", 0)) + int(info.get("decode_errors", 0))
             tasks.append({"shard": marker.name.split(".")[0], "start": round(end - float(info["seconds"]), 1),
                           "seconds": round(float(info["seconds"]), 2), "embed": info.get("embed_seconds"),
+                          "ready": info.get("ready_seconds"),
                           "retries": info.get("gpu_alloc_retries"), "reserved": info.get("gpu_peak_reserved_gib")})
     except Exception as exc:
         return {"score_window_error": _short_error(exc)}
@@ -614,7 +615,8 @@ def render(rows: list[dict], args, info: dict, device: str, device_name: str, to
                          f"stats.json {c['stats'].get('images_per_second')} images written/s")
         if c and c.get("score_slowest"):
             notes.append(f"{r['label']}: slowest score tasks " + ", ".join(
-                f"{t['shard']} {t['seconds']} s (embedding {t['embed']} s, from {t['start']} s, "
+                f"{t['shard']} {t['seconds']} s (embedding {t['embed']} s, of which {t['ready']} s until the model was "
+                f"ready, from {t['start']} s, "
                 f"{t['retries']} allocator retries, {t['reserved']} GiB reserved)" for t in c["score_slowest"]))
         if "alone_trim_error" in r and "alone" in r:
             notes.append(f"{r['label']}: model alone, trimmed: failed: {_cell(r['alone_trim_error'])}")

@@ -408,6 +408,8 @@ def score_shard(shard_id: int, downloaded: dict, download_dir: str, emb_dir: str
         started = time.time()
         pool = _reader_pool(cfg)
         scorer = _scorer(cfg)
+        scorer.clip  # loaded (or its loading, by the warm-up or the other task, waited for)
+        ready = time.time() - started
         keys, sims, img_parts, txt_parts = [], [], [], []
         # The readers map the tar (the download's, or the input tar: pipeline/sources.py), a local file
         # (in object storage, a temporary copy of it). Reading the tar and tokenizing run beside the
@@ -447,6 +449,7 @@ def score_shard(shard_id: int, downloaded: dict, download_dir: str, emb_dir: str
             "model": scorer.clip.name,
             "device": scorer.clip.device,
             "embed_seconds": round(embedded, 3),
+            "ready_seconds": round(ready, 3),  # of embed_seconds: until the model and reader processes were there
             **_gpu_memory(scorer),
         }
 

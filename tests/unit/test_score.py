@@ -47,6 +47,7 @@ def test_score_shard_writes_row_aligned_embeddings_and_separates_captions(tmp_pa
     assert [m["key"] for m in meta] == [sample_key(0, i, 40) for i in range(40)]
     assert stats["scored"] == 39 and stats["decode_errors"] == 1
     assert 0 < stats["embed_seconds"] <= stats["seconds"]  # embedding, then writing the files
+    assert 0 <= stats["ready_seconds"] <= stats["embed_seconds"]  # the model loaded, then the batches
     assert meta[5]["reason"] == "decode_error" and meta[5]["clip_similarity"] is None
 
     # The saved similarity is the cosine of the saved (normalized) embeddings.
