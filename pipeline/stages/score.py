@@ -301,8 +301,9 @@ def gpu_preprocess(images: list, clip: LoadedClip):
         crops.append(im)
         groups.setdefault(tuple(im.shape[1:]), []).append(i)
     # Each group's resized images go to consecutive rows, then one gather puts them in batch order:
-    # an input tar's images come in hundreds of sizes, and an index copied to the GPU per group
-    # cost more than the resizes.
+    # an input tar's batch comes in hundreds of sizes, and this copies one index to the GPU per
+    # batch instead of one per group (py-spy showed those copies in the preparing threads; the
+    # run's rate on an H200 did not measurably change).
     grouped = torch.empty((len(images), 3, size, size), device=device)
     order: list[int] = []
     for shape, idx in groups.items():
