@@ -617,7 +617,7 @@ def render(rows: list[dict], args, info: dict, device: str, device_name: str, to
             notes.append(f"{r['label']}: slowest score tasks " + ", ".join(
                 f"{t['shard']} {t['seconds']} s (embedding {t['embed']} s, of which {t['ready']} s until the model was "
                 f"ready, from {t['start']} s, "
-                f"{t['retries']} allocator retries, {t['reserved']} GiB reserved)" for t in c["score_slowest"]))
+                f"{t['retries']} allocator retries in the process so far, {t['reserved']} GiB reserved)" for t in c["score_slowest"]))
         if "alone_trim_error" in r and "alone" in r:
             notes.append(f"{r['label']}: model alone, trimmed: failed: {_cell(r['alone_trim_error'])}")
         part = r.get("curate") or r.get("curate_partial") or {}

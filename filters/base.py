@@ -90,10 +90,12 @@ class Filter(BaseModel):
         `offload` (see `needs_gpu`).
         Load models lazily here, cached per process, never per sample."""
 
-    def warm_up(self) -> None:
+    def warm_up(self, context: dict[str, Any]) -> None:
         """A `needs_gpu` filter's costly start that needs no data (its model loaded, compiled for the
         usual batch shape), done on each GPU worker as it joins a run (pipeline/cluster.py `WarmUp`),
-        beside the first reads and writes instead of inside the first batch. Nothing by default."""
+        beside the first reads and writes instead of inside the first batch. `context["buckets"]`:
+        whether the run crops samples to aspect buckets (their batches then come in the buckets'
+        shapes). Nothing by default."""
 
     def input_columns(self) -> list[str]:
         """Input columns this filter reads from `sample["meta"]`: the config must list them

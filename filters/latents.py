@@ -102,11 +102,13 @@ class VaeLatents(Filter):
             for i, latent in zip(chunk, latents):
                 samples[i][_PREPARED] = (latent, crops[i][1], encoded["vae"])
 
-    def warm_up(self) -> None:
-        """Load the VAE and encode one batch of the square crop size where the GPU is (with
-        `compile`, that builds the compiled encoder for the shape every full batch has)."""
-        blank = np.zeros((self.batch_size, self.resolution, self.resolution, 3), np.uint8)
-        encode_batches(self.model_dump(), [blank])
+    def warm_up(self, context: dict[str, Any]) -> None:
+        """Load the VAE where the GPU is and, unless the run crops to aspect buckets, encode one blank
+        batch of the square crop (with `compile`, that builds the compiled encoder for the shape every
+        full batch has). With buckets no batch has that shape: compiling it would take the compiler
+        from the first real shape for a minute, for nothing."""
+        square = [] if context.get("buckets") else [np.zeros((self.batch_size, self.resolution, self.resolution, 3), np.uint8)]
+        encode_batches(self.model_dump(), square)
 
     def keep(self, sample) -> Decision:
         from curate.pipeline.models.latents import (
@@ -128,6 +130,8 @@ def encode_batches(spec: dict, batches: list) -> dict:
     """The filter's GPU work, run where its `offload` sends it: {"latents": [fp16 latents (B, C,
     h, w) for each uint8 (B, H, W, 3) batch of crops], "vae": what the json says of the VAE}. The
     VAE is loaded once per process."""
+    # Where it runs: diffusers that is there but does not import is one clear line per shard here.
+    require_extra("train", "the vae_latents filter", ("diffusers",))
     import torch
 
     from curate.pipeline.models.latents import encode, pixels_batch

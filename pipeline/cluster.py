@@ -10,6 +10,7 @@ import sys
 import threading
 from typing import Callable, Iterator
 
+import dask
 from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
 from distributed.diagnostics.plugin import WorkerPlugin
 
@@ -33,6 +34,8 @@ CORES_PER_GPU_WORKER = 4
 # GPU worker (two score tasks, each with its decoding threads) py-spy found it holding the GIL
 # for ~11% of the time any thread held it (H200 host, ViT-B-32), time the threads feeding the GPU
 # wait for. Off in the embedded GPU workers (their dashboard's profile page stays empty).
+# (A dotted key: the worker process applies it with dask.config.set over the nanny's whole config; a
+# nested {"distributed": ...} there would replace all of distributed's settings.)
 GPU_WORKER_CONFIG = {"distributed.worker.profile.enabled": False}
 # And the CPU workers beside a GPU run at a lower CPU priority (a nice value: this module's
 # `dask_setup`, preloaded), so that when the cores are all busy the work that keeps the GPU fed
@@ -51,7 +54,9 @@ def local_gpu_count() -> int:
     costs the driver process seconds before its cluster can start, and this process never
     computes on a GPU itself (its workers do). Without the driver library (no NVIDIA driver, or
     another GPU stack), torch is asked."""
-    if "torch" not in sys.modules:
+    # cuInit makes a process unfit to fork CUDA users from: only where workers are spawned (Dask's default).
+    spawned = dask.config.get("distributed.worker.multiprocessing-method", "spawn") != "fork"
+    if "torch" not in sys.modules and spawned:
         count = _cuda_driver_device_count()
         if count is not None:
             return count
@@ -135,10 +140,14 @@ def gpu_layout(cfg: DaskConfig, gpus: int) -> dict:
                                                "preload": [BACKGROUND_PRELOAD]}}
         for i in range(cpu_workers)
     }
+    # The devices this process was given (CUDA_VISIBLE_DEVICES: indexes, UUIDs or MIG names), one per
+    # GPU worker: with "2,3" the workers get GPUs 2 and 3, not 0 and 1.
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    devices = visible if len(visible) >= gpus else [str(j) for j in range(gpus)]
     for j in range(gpus):
         workers[f"gpu-{j}"] = {"cls": Nanny, "options": {
             **worker, "nthreads": SCORE_TASKS_PER_GPU, "resources": {"GPU": SCORE_TASKS_PER_GPU},
-            "env": {"CUDA_VISIBLE_DEVICES": str(j)}, "config": GPU_WORKER_CONFIG,
+            "env": {"CUDA_VISIBLE_DEVICES": devices[j]}, "config": GPU_WORKER_CONFIG,
         }}
     return workers
 
@@ -208,9 +217,21 @@ class WarmUp(WorkerPlugin):
                 logging.getLogger("curate").debug(f"warm-up {fn.__name__} failed: {type(exc).__name__}: {exc}")
 
 
-def warm_up_gpu_workers(client: Client, calls: list[tuple[Callable, tuple]]) -> None:
-    if calls:
-        client.register_plugin(WarmUp(calls))
+@contextlib.contextmanager
+def gpu_workers_warmed_up(client: Client, calls: list[tuple[Callable, tuple]]) -> Iterator[None]:
+    """`WarmUp` registered for the duration of a run, then taken off the scheduler: on a cluster that
+    outlives the run, a GPU worker joining later must not load this run's models."""
+    if not calls:
+        yield
+        return
+    client.register_plugin(WarmUp(calls))
+    try:
+        yield
+    finally:
+        try:
+            client.unregister_worker_plugin(WarmUp.name)
+        except Exception as exc:  # the cluster is going down with the run: nothing left to warm
+            logging.getLogger("curate").debug(f"warm-up plugin not removed: {type(exc).__name__}: {exc}")
 
 
 def share_storage_options(client: Client, options: dict) -> None:

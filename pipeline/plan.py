@@ -49,13 +49,13 @@ def warm_ups(cfg: RunConfig) -> list[tuple]:
     gpu_filters = [spec for spec in cfg.filter_specs()
                    if FILTERS[spec["name"]].needs_gpu and FILTERS[spec["name"]].stage == "sample"]
     if gpu_filters:
-        calls.append((warm_up_filters, (gpu_filters,)))
+        calls.append((warm_up_filters, (gpu_filters, {"buckets": cfg.resize.mode == "buckets"})))
     return calls
 
 
-def warm_up_filters(specs: list[dict]) -> None:
+def warm_up_filters(specs: list[dict], context: dict) -> None:
     for f in build_chain(specs):
-        f.warm_up()
+        f.warm_up(context)
 
 
 @dataclass

@@ -30,7 +30,7 @@ import yaml
 from curate.filters import build_chain, score_fields
 from curate.pipeline import storage
 from curate.pipeline.cluster import (
-    cpu_resources, dask_client, gpu_resources, local_gpu_count, share_storage_options, warm_up_gpu_workers,
+    cpu_resources, dask_client, gpu_resources, gpu_workers_warmed_up, local_gpu_count, share_storage_options,
 )
 from curate.pipeline.config import RunConfig, changed_settings, dump_config
 from curate.pipeline.errors import UserError
@@ -237,9 +237,6 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=prin
         logger.debug(f"Dask client ready after {time.time() - started:.1f} s: "
                     f"{len(client.scheduler_info().get('workers', {}))} workers")
         share_storage_options(client, cfg.storage)
-        gpu = gpu_resources(client) if uses_gpu(cfg) else None  # {"GPU": 1} when a worker offers one
-        if gpu:  # the GPU workers load their models while the first shards are read
-            warm_up_gpu_workers(client, warm_ups(cfg))
         _prepare_output(layout, resolved_config, overwrite)
         if client.dashboard_link:
             log(f"dask dashboard: {client.dashboard_link}")
@@ -247,11 +244,14 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=prin
             client.forward_logging("curate", level=logging.WARNING)
         except (AttributeError, TypeError):  # an older distributed
             pass
+        gpu = gpu_resources(client) if uses_gpu(cfg) else None  # {"GPU": 1} when a worker offers one
         gpu_options = {"resources": gpu} if gpu else {}
         cpu = cpu_resources(client)  # {"CPU": 1} where CPU workers say so: other tasks keep off the GPU workers
         cpu_options = {"resources": cpu} if cpu else {}
-        return _run(cfg, layout, files, DaskExecutor(client, retries=cfg.dask.retries), gpu_options, cpu_options,
-                    progress_options, started)
+        # The GPU workers load their models (and compile) while the first shards are read.
+        with gpu_workers_warmed_up(client, warm_ups(cfg) if gpu else []):
+            return _run(cfg, layout, files, DaskExecutor(client, retries=cfg.dask.retries), gpu_options,
+                        cpu_options, progress_options, started)
 
 
 def _run(cfg: RunConfig, layout: RunLayout, files: list[str], executor, gpu_options: dict, cpu_options: dict,

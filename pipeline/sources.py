@@ -26,7 +26,7 @@ from curate.pipeline.config import RunConfig
 from curate.pipeline.image import image_rejection, normalize_image, read_header
 from curate.pipeline.layout import RunLayout
 from curate.pipeline.records import Rejection, sample_meta
-from curate.pipeline.score_reader import Batch, ReaderPool, read_batches
+from curate.pipeline.score_reader import Batch, ReaderError, ReaderPool, read_batches
 from curate.pipeline.shards import is_done, read_marker, shard_name
 from curate.pipeline.tarshard import iter_tar_samples
 
@@ -99,6 +99,8 @@ def _input_batches(tar: np.ndarray, keys: list[str], offsets: np.ndarray, sizes:
     """Batches of views of the mapped input tar; the captions are tokenized by the reader
     processes (which hold the GIL, not this process) or here."""
     tokens = pool.tokenize(captions, batch_size) if pool is not None else None
+    if tokens is not None and len(tokens) != -(-len(keys) // batch_size):
+        raise ReaderError(f"the reader processes sent {len(tokens)} token batches for {len(keys)} captions")
     for number, start in enumerate(range(0, len(keys), batch_size)):
         end = start + batch_size
         images = [tar[o:o + s] for o, s in zip(offsets[start:end].tolist(), sizes[start:end].tolist())]

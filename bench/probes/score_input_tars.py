@@ -68,7 +68,7 @@ def score_pass(stage_dir: Path, shards: list[int], out: Path, clip_cfg, at_once:
             "task_mean": sum(tasks) / len(tasks), "task_max": max(tasks),
             "after_mean": sum(after) / len(after), "after_max": max(after),
             "reserved": max(r.get("gpu_peak_reserved_gib", 0) for r in results),
-            "retries": sum(r.get("gpu_alloc_retries", 0) for r in results)}
+            "retries": max(r.get("gpu_alloc_retries", 0) for r in results)}  # the process's count so far
 
 
 def main() -> None:
@@ -120,7 +120,7 @@ def main() -> None:
     print(f"\nscore stage alone over {len(tars)} input tars of {shard_size:,} ({info['images']:,} images, "
           f"mean {info.get('mean_kb', 0):.1f} KB), {model}, batch {batch}, {device} ({name})\n")
     print("| score tasks at once | images/s | task s (mean / max) | after embedding s (mean / max) "
-          "| peak reserved GiB | allocator retries |")
+          "| peak reserved GiB | allocator retries (process, so far) |")
     print("|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['at_once']} | {r['rate']:,.0f} | {r['task_mean']:.2f} / {r['task_max']:.2f} | "

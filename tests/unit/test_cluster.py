@@ -28,7 +28,8 @@ def test_gpu_cluster_layout_each_gpu_worker_sees_one_device_and_cpu_workers_none
 
         profiling = client.run(lambda: dask.config.get("distributed.worker.profile.enabled"))
         by_name = {info["name"]: profiling[addr] for addr, info in client.scheduler_info()["workers"].items()}
-        assert by_name == {"cpu-0": True, "gpu-0": False, "gpu-1": False}
+        default = dask.config.get("distributed.worker.profile.enabled")  # what a CPU worker keeps
+        assert by_name == {"cpu-0": default, "gpu-0": False, "gpu-1": False}
         assert gpu_resources(client) == {"GPU": 1}
         # Each GPU worker runs SCORE_TASKS_PER_GPU score tasks at once; the CPU worker none.
         infos = {info["name"]: info for info in client.scheduler_info()["workers"].values()}
@@ -51,7 +52,7 @@ def test_gpu_cluster_layout_each_gpu_worker_sees_one_device_and_cpu_workers_none
         import time
         from pathlib import Path
 
-        from curate.pipeline.cluster import warm_up_gpu_workers
+        from curate.pipeline.cluster import WarmUp, gpu_workers_warmed_up
 
         with tempfile.TemporaryDirectory() as folder:
             def fails():
@@ -61,12 +62,18 @@ def test_gpu_cluster_layout_each_gpu_worker_sees_one_device_and_cpu_workers_none
                 import threading
                 Path(where, f"gpu{os.environ['CUDA_VISIBLE_DEVICES']}-{threading.current_thread().name}").touch()
 
-            warm_up_gpu_workers(client, [(fails, ()), (mark, (folder,))])
-            deadline = time.time() + 30
-            while len(list(Path(folder).iterdir())) < 2 and time.time() < deadline:
-                time.sleep(0.1)
-            time.sleep(0.5)  # a CPU worker's mark, were there one, would be there by now
-            assert sorted(p.name for p in Path(folder).iterdir()) == ["gpu0-curate-warm-up", "gpu1-curate-warm-up"]
+            def plugins(dask_worker):
+                return list(dask_worker.plugins)
+
+            with gpu_workers_warmed_up(client, [(fails, ()), (mark, (folder,))]):
+                deadline = time.time() + 30
+                while len(list(Path(folder).iterdir())) < 2 and time.time() < deadline:
+                    time.sleep(0.1)
+                time.sleep(0.5)  # a CPU worker's mark, were there one, would be there by now
+                assert sorted(p.name for p in Path(folder).iterdir()) == ["gpu0-curate-warm-up", "gpu1-curate-warm-up"]
+                assert all(WarmUp.name in names for names in client.run(plugins).values())
+            # Taken off after the run: a GPU worker joining the cluster later loads nothing of it.
+            assert not any(WarmUp.name in names for names in client.run(plugins).values())
 
 
 def test_gpu_cluster_layout_leaves_cores_to_each_gpu_worker(monkeypatch):
@@ -77,6 +84,21 @@ def test_gpu_cluster_layout_leaves_cores_to_each_gpu_worker(monkeypatch):
     names = sorted(gpu_layout(DaskConfig(), gpus=2))
     assert names.count("gpu-0") == names.count("gpu-1") == 1
     assert len([n for n in names if n.startswith("cpu-")]) == 16 - 2 * CORES_PER_GPU_WORKER
+
+
+@pytest.mark.parametrize("visible, expected", [(None, ["0", "1"]), ("2,3", ["2", "3"]),
+                                               ("GPU-aa, GPU-bb", ["GPU-aa", "GPU-bb"])])
+def test_each_gpu_worker_gets_one_of_the_devices_this_process_was_given(monkeypatch, visible, expected):
+    from curate.pipeline.cluster import gpu_layout
+    from curate.pipeline.config import DaskConfig
+
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    layout = gpu_layout(DaskConfig(n_workers=1), gpus=2)
+    assert [layout[f"gpu-{j}"]["options"]["env"]["CUDA_VISIBLE_DEVICES"] for j in range(2)] == expected
+    assert layout["cpu-0"]["options"]["env"]["CUDA_VISIBLE_DEVICES"] == ""
 
 
 def _listening() -> set:

@@ -271,6 +271,7 @@ def test_warm_up_loads_what_the_first_gpu_task_would(monkeypatch):
                                     "clip": {"enabled": False}, "filters": [{"name": "caption_length"}, spec]})
     calls = warm_ups(cfg)
     assert len(calls) == 1  # the GPU filter only: no CLIP scoring in this run
+    assert calls[0][1][1] == {"buckets": False}  # square crops: the warm-up encodes a batch of them
     for fn, args in calls:
         fn(*args)
 
@@ -304,4 +305,26 @@ def test_warm_up_of_a_scoring_run_loads_the_scorer_model():
     # Scoring on the CPU by choice: no GPU worker, nothing to warm up.
     assert warm_ups(RunConfig.model_validate({"input": {"paths": ["x.parquet"]}, "output": {"path": "out"},
                                               "clip": {"enabled": True, "model": TINY_CLIP, "pretrained": None, "device": "cpu"}})) == []
+    cache.forget()
+
+
+def test_warm_up_in_a_bucketed_run_loads_the_vae_but_encodes_no_square_batch(monkeypatch):
+    """With aspect buckets no batch has the square crop's shape: compiling it would be wasted."""
+    from curate.pipeline.models import cache, latents, vae as vae_module
+    from curate.pipeline.plan import warm_ups
+
+    cache.forget()
+    spec = {"name": "vae_latents", "vae": "tiny", "resolution": 16, "batch_size": 3, "tiny_seed": 6}
+    cfg = RunConfig.model_validate({"input": {"paths": ["x.parquet"]}, "output": {"path": "out"},
+                                    "resize": {"mode": "buckets", "size": 64}, "filters": [spec]})
+    (fn, args), = warm_ups(cfg)
+    assert args[1] == {"buckets": True}
+
+    def no_encode(*a, **k):
+        raise AssertionError("the warm-up encoded a batch")
+
+    monkeypatch.setattr(latents, "encode", no_encode)
+    fn(*args)
+    monkeypatch.setattr(vae_module, "load_vae", no_encode)  # loaded once, by the warm-up
+    assert vae_module.cached_vae("tiny", 6, "auto", "auto", False).name == "tiny:6"
     cache.forget()
