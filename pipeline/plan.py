@@ -27,27 +27,35 @@ from curate.pipeline.stages.score import score_shard, warm_up_scoring
 from curate.pipeline.stages.write import write_shard
 
 
-def needs_gpu_filter(specs: list[dict]) -> bool:
-    """Whether a sample filter of `specs` needs a GPU (vae_latents): its batches go to GPU workers.
+def gpu_filter_specs(specs: list[dict]) -> list[dict]:
+    """The specs of the sample filters that need a GPU (vae_latents): their batches go to GPU workers.
     Asked of the filter classes (both are class attributes): the driver asks it for every shard,
     and building the chain would construct every filter each time."""
-    return any(FILTERS[spec["name"]].needs_gpu and FILTERS[spec["name"]].stage == "sample" for spec in specs)
+    return [spec for spec in specs if FILTERS[spec["name"]].needs_gpu and FILTERS[spec["name"]].stage == "sample"]
+
+
+def needs_gpu_filter(specs: list[dict]) -> bool:
+    return bool(gpu_filter_specs(specs))
+
+
+def scores_on_gpu(cfg: RunConfig) -> bool:
+    """CLIP scoring, unless put on the CPU."""
+    return cfg.clip.enabled and cfg.clip.device in ("auto", "cuda")
 
 
 def uses_gpu(cfg: RunConfig) -> bool:
     """Whether the run has GPU work, so that the embedded cluster gets GPU workers and GPU tasks
-    ask for them: CLIP scoring (unless put on the CPU), or a sample filter that needs a GPU."""
-    return (cfg.clip.enabled and cfg.clip.device in ("auto", "cuda")) or needs_gpu_filter(cfg.filter_specs())
+    ask for them: CLIP scoring on the GPU, or a sample filter that needs a GPU."""
+    return scores_on_gpu(cfg) or needs_gpu_filter(cfg.filter_specs())
 
 
 def warm_ups(cfg: RunConfig) -> list[tuple]:
     """(function, args) calls a GPU worker makes as soon as it joins the run (pipeline/cluster.py
     `WarmUp`): the imports, model loads and compiling its first GPU task would otherwise wait for."""
     calls = []
-    if cfg.clip.enabled and cfg.clip.device in ("auto", "cuda"):
+    if scores_on_gpu(cfg):
         calls.append((warm_up_scoring, (cfg.clip,)))
-    gpu_filters = [spec for spec in cfg.filter_specs()
-                   if FILTERS[spec["name"]].needs_gpu and FILTERS[spec["name"]].stage == "sample"]
+    gpu_filters = gpu_filter_specs(cfg.filter_specs())
     if gpu_filters:
         calls.append((warm_up_filters, (gpu_filters, {"buckets": cfg.resize.mode == "buckets"})))
     return calls

@@ -392,12 +392,20 @@ def _scorer(cfg: ClipConfig) -> ClipScorer:
     return cached(("scorer", *key), lambda: ClipScorer(cfg))
 
 
+def _ready(cfg: ClipConfig) -> tuple[Optional[ReaderPool], ClipScorer]:
+    """The process's reader pool (started first, so that its processes start while the model loads)
+    and its scorer with the model loaded (or its loading, by another thread, waited for)."""
+    pool = _reader_pool(cfg)
+    scorer = _scorer(cfg)
+    scorer.clip
+    return pool, scorer
+
+
 def warm_up_scoring(cfg: ClipConfig) -> None:
     """What the first score task of a process would wait for, done before it comes (a GPU worker
     joining the run: pipeline/cluster.py `WarmUp`): the reader processes started, torch and
     open_clip imported, the model loaded onto the device."""
-    _reader_pool(cfg)
-    _scorer(cfg).clip
+    _ready(cfg)
 
 
 def score_shard(shard_id: int, downloaded: dict, download_dir: str, emb_dir: str, marker_dir: str, cfg: ClipConfig) -> dict:
@@ -409,9 +417,7 @@ def score_shard(shard_id: int, downloaded: dict, download_dir: str, emb_dir: str
         for path in out.values():
             storage.make_dirs(storage.parent(path))
         started = time.time()
-        pool = _reader_pool(cfg)
-        scorer = _scorer(cfg)
-        scorer.clip  # loaded (or its loading, by the warm-up or the other task, waited for)
+        pool, scorer = _ready(cfg)
         ready = time.time() - started
         keys, sims, img_parts, txt_parts = [], [], [], []
         # The readers map the tar (the download's, or the input tar: pipeline/sources.py), a local file
