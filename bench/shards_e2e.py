@@ -385,13 +385,14 @@ def _score_window(out: Path, started_epoch: float) -> dict:
     """From the score stage's done markers (work/score/NNNNN.done.json: `seconds` of the task,
     written at its end): when the first score task started and the last ended, relative to the
     start of the subprocess, and the images scored in between (those the header filter kept)."""
-    spans, scored, tasks = [], 0, []
+    spans, scored, tasks, helped = [], 0, [], 0
     try:
         for marker in (out / "work" / "score").glob("*.done.json"):
             info = json.loads(marker.read_text())
             end = marker.stat().st_mtime - started_epoch
             spans.append((end - float(info["seconds"]), end))
             scored += int(info.get("scored", 0)) + int(info.get("decode_errors", 0))
+            helped += int(info.get("helper_decoded", 0))
             tasks.append({"shard": marker.name.split(".")[0], "start": round(end - float(info["seconds"]), 1),
                           "seconds": round(float(info["seconds"]), 2), "embed": info.get("embed_seconds"),
                           "ready": info.get("ready_seconds"),
@@ -403,6 +404,8 @@ def _score_window(out: Path, started_epoch: float) -> dict:
     first, last = min(a for a, _ in spans), max(b for _, b in spans)
     return {"score_first_start": first, "score_last_end": last, "score_scored": scored,
             "score_rate": scored / (last - first) if last > first else None, "score_tasks": len(spans),
+            # Of the scored images: decoded by the decoding helpers on the host's cores.
+            "score_helper_decoded": helped,
             # The slowest score tasks (outliers of 23-32 s against ~2 s were seen in earlier runs).
             "score_slowest": sorted(tasks, key=lambda t: -t["seconds"])[:4]}
 
@@ -618,6 +621,9 @@ def render(rows: list[dict], args, info: dict, device: str, device_name: str, to
                 f"{t['shard']} {t['seconds']} s (embedding {t['embed']} s, of which {t['ready']} s until the model was "
                 f"ready, from {t['start']} s, "
                 f"{t['retries']} allocator retries in the process so far, {t['reserved']} GiB reserved)" for t in c["score_slowest"]))
+        if c and c.get("score_scored"):
+            notes.append(f"{r['label']}: {c.get('score_helper_decoded', 0):,} of the {c['score_scored']:,} scored images "
+                         f"decoded by the decoding helpers on the host's cores")
         if "alone_trim_error" in r and "alone" in r:
             notes.append(f"{r['label']}: model alone, trimmed: failed: {_cell(r['alone_trim_error'])}")
         part = r.get("curate") or r.get("curate_partial") or {}

@@ -159,11 +159,15 @@ class ClipConfig(Section):
     # Helper processes that read shards and tokenize captions beside the scoring process
     # (pipeline/score_reader.py); 0 reads in-process. auto → 2 on a GPU, 0 on the CPU.
     reader_processes: Union[Literal["auto"], int] = "auto"
+    # Helper processes that decode part of each batch on the host's idle cores while the GPU decodes
+    # the rest (pipeline/decode_helpers.py); 0: none. auto → on a GPU, the host's cores per GPU less 3
+    # (at most 16); 0 on the CPU.
+    decode_processes: Union[Literal["auto"], int] = "auto"
     # The most GPU memory a scoring process may hold (PyTorch's allocator frees its cache and
     # retries before going past it), so that scoring can share a GPU with training; null: no limit.
     gpu_memory_limit_gib: Optional[float] = Field(16.0, gt=0)
 
-    @field_validator("reader_processes")
+    @field_validator("reader_processes", "decode_processes")
     @classmethod
     def _not_negative(cls, value):
         if value != "auto" and value < 0:

@@ -32,6 +32,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 
+from curate.pipeline import frames
 from curate.pipeline.tarshard import iter_sample_spans, iter_tar_samples
 
 
@@ -64,36 +65,6 @@ def _caption(json_bytes) -> str:
 
 class ReaderError(RuntimeError):
     pass
-
-
-def _send(stream, header: dict, arrays: tuple[np.ndarray, ...] = ()) -> None:
-    """One frame: the json header's length, the header (with each array's dtype and shape), the
-    arrays' bytes."""
-    header = dict(header, arrays=[[a.dtype.str, list(a.shape)] for a in arrays])
-    data = json.dumps(header).encode()
-    stream.write(struct.pack("<Q", len(data)))
-    stream.write(data)
-    for a in arrays:
-        stream.write(np.ascontiguousarray(a).tobytes())
-    stream.flush()
-
-
-def _read_exactly(stream, n: int) -> bytes:
-    data = stream.read(n)
-    if data is None or len(data) < n:
-        raise EOFError
-    return data
-
-
-def _receive_frame(stream) -> tuple[dict, list[np.ndarray]]:
-    (length,) = struct.unpack("<Q", _read_exactly(stream, 8))
-    header = json.loads(_read_exactly(stream, length))
-    arrays = []
-    for dtype, shape in header.pop("arrays"):
-        dtype = np.dtype(dtype)
-        count = int(np.prod(shape))
-        arrays.append(np.frombuffer(_read_exactly(stream, count * dtype.itemsize), dtype=dtype).reshape(shape))
-    return header, arrays
 
 
 class ReaderPool:
@@ -163,7 +134,7 @@ class ReaderPool:
     def _tokenize(self, captions: list[str], batch_size: int) -> Iterator[Any]:
         chunks = list(_in_batches(captions, batch_size))
         for part, helper in enumerate(self._helpers):
-            _send(helper.stdin, {"captions": chunks[part::self.processes]})
+            frames.send(helper.stdin, {"captions": chunks[part::self.processes]})
         for number in range(len(chunks)):
             header, arrays = self._receive(self._helpers[number % self.processes])
             if header["kind"] != "batch":
@@ -177,7 +148,7 @@ class ReaderPool:
         tar = np.memmap(tar_path, dtype=np.uint8, mode="c") if tar_path.stat().st_size else np.zeros(0, np.uint8)
         tar = tar.view(np.ndarray)  # plain ndarray slices are several times cheaper than memmap ones
         for part, helper in enumerate(self._helpers):
-            _send(helper.stdin, {"tar": str(tar_path), "batch_size": batch_size, "part": part, "parts": self.processes})
+            frames.send(helper.stdin, {"tar": str(tar_path), "batch_size": batch_size, "part": part, "parts": self.processes})
         number = 0
         while True:
             header, arrays = self._receive(self._helpers[number % self.processes])
@@ -194,7 +165,7 @@ class ReaderPool:
 
     def _receive(self, helper: subprocess.Popen) -> tuple[dict, list[np.ndarray]]:
         try:
-            header, arrays = _receive_frame(helper.stdout)
+            header, arrays = frames.receive(helper.stdout)
         except (EOFError, ValueError, struct.error) as exc:
             raise ReaderError(f"score reader process exited (code {helper.poll()})") from exc
         if header["kind"] == "error":
@@ -227,16 +198,16 @@ def serve(model: str, requests, answers) -> None:
     tokenizer = load_tokenizer(model)
     while True:
         try:
-            request, _ = _receive_frame(requests)
+            request, _ = frames.receive(requests)
         except EOFError:
             return
         if "captions" in request:  # token ids only, one frame per batch of captions
             try:
                 for chunk in request["captions"]:
-                    _send(answers, {"kind": "batch", "keys": []}, (tokenizer(chunk).numpy(),))
-                _send(answers, {"kind": "end"})
+                    frames.send(answers, {"kind": "batch", "keys": []}, (tokenizer(chunk).numpy(),))
+                frames.send(answers, {"kind": "end"})
             except Exception as exc:
-                _send(answers, {"kind": "error", "message": f"{type(exc).__name__}: {exc}"[:500]})
+                frames.send(answers, {"kind": "error", "message": f"{type(exc).__name__}: {exc}"[:500]})
             continue
         tar_path, batch_size, part, parts = request["tar"], request["batch_size"], request["part"], request["parts"]
         try:
@@ -251,10 +222,10 @@ def serve(model: str, requests, answers) -> None:
                     tokens = tokenizer(captions).numpy()
                     offsets = np.array([o for o, _ in jpgs], dtype=np.int64)
                     sizes = np.array([s for _, s in jpgs], dtype=np.int64)
-                    _send(answers, {"kind": "batch", "keys": keys}, (offsets, sizes, tokens))
-            _send(answers, {"kind": "end"})
+                    frames.send(answers, {"kind": "batch", "keys": keys}, (offsets, sizes, tokens))
+            frames.send(answers, {"kind": "end"})
         except Exception as exc:  # reported to the scoring process, which raises it for the shard
-            _send(answers, {"kind": "error", "message": f"{type(exc).__name__}: {exc}"[:500]})
+            frames.send(answers, {"kind": "error", "message": f"{type(exc).__name__}: {exc}"[:500]})
 
 
 def _main() -> None:

@@ -68,6 +68,7 @@ def score_pass(stage_dir: Path, shards: list[int], out: Path, clip_cfg, at_once:
             "task_mean": sum(tasks) / len(tasks), "task_max": max(tasks),
             "after_mean": sum(after) / len(after), "after_max": max(after),
             "reserved": max(r.get("gpu_peak_reserved_gib", 0) for r in results),
+            "helped": sum(r.get("helper_decoded", 0) for r in results),
             "retries": max(r.get("gpu_alloc_retries", 0) for r in results)}  # the process's count so far
 
 
@@ -79,6 +80,8 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="open_clip name (default ViT-B-32)")
     parser.add_argument("--batch", type=int, default=None, help="clip.batch_size (default 1024; quick 64)")
     parser.add_argument("--at-once", default="1,2,3", help="score tasks at a time, one pass each (default 1,2,3)")
+    parser.add_argument("--decode-processes", default="auto",
+                        help="clip.decode_processes, one pass per value and per --at-once (e.g. 0,auto)")
     parser.add_argument("--quick", action="store_true", help="CPU dry run: curate's tiny CLIP, 2,000 images")
     args = parser.parse_args()
     from curate.pipeline.models.clip import TINY_CLIP
@@ -112,18 +115,21 @@ def main() -> None:
     warm = score_pass(stage_dir, shards[:1], WORK / "warm-up", clip_cfg, 1)
     log(f"warm-up: one shard in {warm['seconds']:.1f} s (model load included)")
     rows = []
-    for k in [int(x) for x in args.at_once.split(",") if x.strip()]:
-        result = score_pass(stage_dir, shards, WORK / f"pass-{k}", clip_cfg, k)
-        rows.append(result)
-        log(f"{k} at a time: {result['images']:,} images in {result['seconds']:.1f} s = {result['rate']:,.0f} images/s")
+    for helpers in [x.strip() for x in args.decode_processes.split(",") if x.strip()]:
+        cfg = clip_cfg.model_copy(update={"decode_processes": helpers if helpers == "auto" else int(helpers)})
+        for k in [int(x) for x in args.at_once.split(",") if x.strip()]:
+            result = dict(score_pass(stage_dir, shards, WORK / f"pass-{k}", cfg, k), helpers=helpers)
+            rows.append(result)
+            log(f"{k} at a time, decode_processes {helpers}: {result['images']:,} images in {result['seconds']:.1f} s "
+                f"= {result['rate']:,.0f} images/s, {result['helped']:,} decoded by helpers")
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"\nscore stage alone over {len(tars)} input tars of {shard_size:,} ({info['images']:,} images, "
           f"mean {info.get('mean_kb', 0):.1f} KB), {model}, batch {batch}, {device} ({name})\n")
-    print("| score tasks at once | images/s | task s (mean / max) | after embedding s (mean / max) "
+    print("| decode_processes | images decoded by helpers | score tasks at once | images/s | task s (mean / max) | after embedding s (mean / max) "
           "| peak reserved GiB | allocator retries (process, so far) |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['at_once']} | {r['rate']:,.0f} | {r['task_mean']:.2f} / {r['task_max']:.2f} | "
+        print(f"| {r['helpers']} | {r['helped']:,} | {r['at_once']} | {r['rate']:,.0f} | {r['task_mean']:.2f} / {r['task_max']:.2f} | "
               f"{r['after_mean']:.2f} / {r['after_max']:.2f} | {r['reserved']} | {r['retries']} |")
 
 

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from curate.pipeline import storage
 from curate.pipeline.config import ClipConfig
+from curate.pipeline.decode_helpers import OFFER_AHEAD, BatchShare, DecodePool, default_count
 from curate.pipeline.embeddings import histogram
 from curate.pipeline.layout import embedding_files
 from curate.pipeline.models.cache import cached
@@ -97,6 +98,18 @@ def _prefetched(batches: Iterator[Batch], depth: int = 2) -> Iterator[Batch]:
         stop.set()
 
 
+def _offered(batches: Iterator[Batch], share: BatchShare, ahead: int) -> Iterator[tuple[int, Batch]]:
+    """(number, batch) in order, each offered to the decoding helpers `ahead` batches before it is
+    given out, so that they can decode its end while earlier batches are prepared."""
+    pending: deque = deque()
+    for number, batch in enumerate(batches):
+        share.offer(number, batch.jpgs)
+        pending.append((number, batch))
+        if len(pending) > ahead:
+            yield pending.popleft()
+    yield from pending
+
+
 def _decode_cpu(jpg: bytes):
     from PIL import Image
 
@@ -123,51 +136,63 @@ class ClipScorer:
     def on_gpu(self) -> bool:
         return self.clip.device.startswith("cuda")
 
-    def embed(self, batch: Batch) -> tuple[np.ndarray, np.ndarray, list[Optional[str]]]:
+    def embed(self, batch: Batch, share: Optional[BatchShare] = None,
+              number: int = 0) -> tuple[np.ndarray, np.ndarray, list[Optional[str]]]:
         """(image embeddings, text embeddings, per-sample decode error or None) of one batch;
-        rows of failed images are zeros."""
+        rows of failed images are zeros. With `share`, decoding helpers may have done part of it."""
         import torch
 
         with torch.inference_mode():
-            pixels, tokens, errors = self._inputs(batch)
+            pixels, tokens, errors = self._inputs(batch, share, number)
             image, text = self._forward(pixels, tokens, errors)
         return image.float().cpu().numpy(), text.float().cpu().numpy(), errors
 
-    def embed_all(self, batches: Iterator[Batch]) -> Iterator[tuple[Batch, np.ndarray, np.ndarray, list[Optional[str]]]]:
+    def embed_all(self, batches: Iterator[Batch], helpers: Optional[DecodePool] = None,
+                  counts: Optional[dict] = None) -> Iterator[tuple[Batch, np.ndarray, np.ndarray, list[Optional[str]]]]:
         """`embed` over many batches, in order. On a GPU, decoding and preprocessing run in
         PREPARE_THREADS threads, each on its own CUDA stream, while the model computes the
         previous batch; results stay on the GPU until the end, so nothing waits for a copy
-        per batch."""
+        per batch. With `helpers` (pipeline/decode_helpers.py), their processes decode the ends of
+        batches offered to them ahead; `counts["helper_decoded"]` adds up the images they did."""
+        if helpers is None:
+            yield from self._embed_all(enumerate(batches), None)
+            return
+        squash = self.clip.model.visual.preprocess_cfg.get("resize_mode") == "squash"
+        with helpers.share(self.clip.image_size, squash, pinned=self.on_gpu) as share:
+            yield from self._embed_all(_offered(batches, share, OFFER_AHEAD), share)
+            if counts is not None:
+                counts["helper_decoded"] = counts.get("helper_decoded", 0) + share.helped_images
+
+    def _embed_all(self, numbered: Iterator[tuple[int, Batch]], share: Optional[BatchShare]):
         if not self.on_gpu:
-            for batch in batches:
-                yield (batch, *self.embed(batch))
+            for number, batch in numbered:
+                yield (batch, *self.embed(batch, share, number))
             return
         import torch
 
         device = self.clip.device
         local = threading.local()
 
-        def prepare(batch: Batch):  # runs in a pool thread, on that thread's own CUDA stream
+        def prepare(number: int, batch: Batch):  # runs in a pool thread, on that thread's own CUDA stream
             stream = getattr(local, "stream", None)
             if stream is None:
                 stream = local.stream = torch.cuda.Stream(device=device)
             with torch.cuda.stream(stream), torch.inference_mode():
-                pixels, tokens, errors = self._inputs(batch)
+                pixels, tokens, errors = self._inputs(batch, share, number)
                 ready = torch.cuda.Event()
                 ready.record(stream)
             return batch, pixels, tokens, errors, ready
 
         results = []
         main = torch.cuda.current_stream(device)
-        source = iter(batches)
         with ThreadPoolExecutor(PREPARE_THREADS) as pool:
             # In order, a few batches ahead: the model never waits for a decode it could overlap.
-            window = deque(pool.submit(prepare, b) for b in itertools.islice(source, PREPARE_THREADS + 1))
+            window = deque(pool.submit(prepare, *item) for item in itertools.islice(numbered, PREPARE_THREADS + 1))
             while window:
                 batch, pixels, tokens, errors, ready = window.popleft().result()
-                following = next(source, None)
+                following = next(numbered, None)
                 if following is not None:
-                    window.append(pool.submit(prepare, following))
+                    window.append(pool.submit(prepare, *following))
                 main.wait_event(ready)
                 for t in (pixels, tokens):
                     if t is not None:
@@ -178,13 +203,24 @@ class ClipScorer:
         for batch, image, text, errors in results:
             yield batch, image.float().cpu().numpy(), text.float().cpu().numpy(), errors
 
-    def _inputs(self, batch: Batch):
-        """(pixels on device or None, token ids on device, per-image decode errors)."""
+    def _inputs(self, batch: Batch, share: Optional[BatchShare] = None, number: int = 0):
+        """(pixels on device or None, token ids on device, per-image decode errors). With `share`,
+        the images the helpers did not take are decoded here first, then theirs are added."""
+        import torch
+
         clip = self.clip
-        if self.on_gpu and self.cfg.gpu_decode:
-            pixels, errors = self._pixels_gpu(batch.jpgs)
-        else:
-            pixels, errors = self._pixels_cpu(batch.jpgs)
+        here = len(batch.jpgs) if share is None else share.take(number)
+        pixels, errors = self._pixels(batch.jpgs[:here])
+        parts = [] if pixels is None else [pixels]
+        for start, end, helped, helped_errors in (share.helped(number) if share is not None else ()):
+            if helped is None:  # the helper could not: decoded here
+                part, part_errors = self._pixels(batch.jpgs[start:end])
+            else:
+                part, part_errors = (self._helper_pixels(helped) if len(helped) else None), helped_errors
+            if part is not None:
+                parts.append(part)
+            errors.extend(part_errors)
+        pixels = None if not parts else parts[0] if len(parts) == 1 else torch.cat(parts)
         if pixels is not None:
             pixels = pixels.to(clip.dtype)
         tokens = batch.tokens if batch.tokens is not None else clip.tokenizer(batch.captions)
@@ -192,6 +228,17 @@ class ClipScorer:
         if clip.device.startswith("cuda"):
             tokens = tokens.pin_memory()
         return pixels, tokens.to(clip.device, non_blocking=True), errors
+
+    def _pixels(self, jpgs: list):
+        """(pixels of the images that decoded, or None; per-image errors), decoded in this process."""
+        if self.on_gpu and self.cfg.gpu_decode:
+            return self._pixels_gpu(jpgs)
+        return self._pixels_cpu(jpgs)
+
+    def _helper_pixels(self, pixels):
+        """A helper's uint8 [k, size, size, 3] (pinned on a GPU host) as model input on the device."""
+        x = pixels.to(self.clip.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        return normalize_pixels(x, self.clip)
 
     def _forward(self, pixels, tokens, errors):
         """(image, text) embeddings in fp32 on the device; rows of failed images are zeros.
@@ -285,11 +332,8 @@ def gpu_preprocess(images: list, clip: LoadedClip):
     import torch.nn.functional as F
 
     size = clip.image_size
-    cfg = clip.model.visual.preprocess_cfg
-    squash = cfg.get("resize_mode") == "squash"
+    squash = clip.model.visual.preprocess_cfg.get("resize_mode") == "squash"
     device = images[0].device
-    mean = _on_device(list(cfg["mean"]), device).view(1, 3, 1, 1)
-    std = _on_device(list(cfg["std"]), device).view(1, 3, 1, 1)
     groups: dict[tuple[int, int], list[int]] = {}
     crops = []
     for i, im in enumerate(images):
@@ -321,7 +365,15 @@ def gpu_preprocess(images: list, clip: LoadedClip):
             row_of[i] = row
         out = grouped[_on_device(row_of, device)]
         del grouped  # the batch twice over is ~1.2 GB at 1,024 images: not kept while normalizing
-    return (out.clamp_(0, 255) / 255.0 - mean) / std
+    return normalize_pixels(out, clip)
+
+
+def normalize_pixels(pixels, clip: LoadedClip):
+    """Float pixels of 0..255 (N, 3, H, W) as the model's input: scaled to [0, 1], then open_clip's mean/std."""
+    cfg = clip.model.visual.preprocess_cfg
+    mean = _on_device(list(cfg["mean"]), pixels.device).view(1, 3, 1, 1)
+    std = _on_device(list(cfg["std"]), pixels.device).view(1, 3, 1, 1)
+    return (pixels.clamp_(0, 255) / 255.0 - mean) / std
 
 
 def _on_device(values: list, device):
@@ -387,24 +439,38 @@ def _reader_pool(cfg: ClipConfig) -> Optional[ReaderPool]:
     return pool
 
 
+def _decode_pool(cfg: ClipConfig) -> Optional[DecodePool]:
+    """The decoding helpers for this config (started now, beside the model's loading), or None."""
+    processes = cfg.decode_processes
+    if processes == "auto":  # on a GPU only: on the CPU the model is the bottleneck, and needs the cores
+        processes = default_count() if resolve_device(cfg.device).startswith("cuda") else 0
+    if not processes:
+        return None
+    pool = cached(("decode_pool", processes), lambda: DecodePool(processes))
+    pool.start()
+    return pool
+
+
 def _scorer(cfg: ClipConfig) -> ClipScorer:
     key = (cfg.model, cfg.pretrained, cfg.device, cfg.precision, cfg.gpu_decode)
     return cached(("scorer", *key), lambda: ClipScorer(cfg))
 
 
-def _ready(cfg: ClipConfig) -> tuple[Optional[ReaderPool], ClipScorer]:
-    """The process's reader pool (started first, so that its processes start while the model loads)
-    and its scorer with the model loaded (or its loading, by another thread, waited for)."""
+def _ready(cfg: ClipConfig) -> tuple[Optional[ReaderPool], Optional[DecodePool], ClipScorer]:
+    """The process's reader pool and decoding helpers (started first, so that their processes start
+    while the model loads) and its scorer with the model loaded (or its loading, by another thread,
+    waited for)."""
     pool = _reader_pool(cfg)
+    helpers = _decode_pool(cfg)
     scorer = _scorer(cfg)
     scorer.clip
-    return pool, scorer
+    return pool, helpers, scorer
 
 
 def warm_up_scoring(cfg: ClipConfig) -> None:
     """What the first score task of a process would wait for, done before it comes (a GPU worker
-    joining the run: pipeline/cluster.py `WarmUp`): the reader processes started, torch and
-    open_clip imported, the model loaded onto the device."""
+    joining the run: pipeline/cluster.py `WarmUp`): the reader processes and decoding helpers
+    started, torch and open_clip imported, the model loaded onto the device."""
     _ready(cfg)
 
 
@@ -417,15 +483,16 @@ def score_shard(shard_id: int, downloaded: dict, download_dir: str, emb_dir: str
         for path in out.values():
             storage.make_dirs(storage.parent(path))
         started = time.time()
-        pool, scorer = _ready(cfg)
+        pool, helpers, scorer = _ready(cfg)
         ready = time.time() - started
+        counts = {"helper_decoded": 0}
         keys, sims, img_parts, txt_parts = [], [], [], []
         # The readers map the tar (the download's, or the input tar: pipeline/sources.py), a local file
         # (in object storage, a temporary copy of it). Reading the tar and tokenizing run beside the
         # model: in reader processes, or in the prefetch thread.
         tokenizer = scorer.clip.tokenizer if pool is None else None
         with score_batches(download_dir, shard_id, cfg.batch_size, tokenizer, pool) as batches:
-            for batch, img, txt, errors in scorer.embed_all(_prefetched(batches)):
+            for batch, img, txt, errors in scorer.embed_all(_prefetched(batches), helpers, counts):
                 sim = (img * txt).sum(axis=1)
                 keys.extend(batch.keys)
                 sims.extend(None if e else float(s) for s, e in zip(sim, errors))
@@ -461,6 +528,8 @@ def score_shard(shard_id: int, downloaded: dict, download_dir: str, emb_dir: str
             # Of embed_seconds: until the reader processes and the model were there. For download shards
             # it also holds the wait for the other score task's shard, which holds the reader pool.
             "ready_seconds": round(ready, 3),
+            # Of the images: decoded by the decoding helpers on the host's cores (pipeline/decode_helpers.py).
+            "helper_decoded": counts["helper_decoded"],
             **_gpu_memory(scorer),
         }
 
