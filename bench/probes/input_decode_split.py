@@ -4,12 +4,14 @@ scoring costs, to tell how much of the decoding could move to the CPU cores.
 Measures, on the first input tar in batches of --batch:
 - on the CPU, before CUDA is touched, in P processes: PIL decode alone; PIL decode, center square
   crop and bicubic antialiased resize to 224 (what the GPU path computes); the same with
-  Pillow's `reducing_gap` (an integer box reduction first: faster, not the same pixels);
+  Pillow's `reducing_gap` (an integer box reduction first: faster, not the same pixels); what the
+  decoding helpers do (pipeline/decode_helpers.py: PIL decode, torch's uint8 resize);
 - on the GPU, one thread: torchvision's batched nvJPEG decode; the same plus curate's GPU
   preprocessing; the preprocessing alone on decoded images; the model alone (ViT-B-32, as curate
   runs it); decode + preprocess + model one after the other.
 
     python bench/probes/input_decode_split.py [--processes 1,4,8,12,15]
+    python bench/probes/input_decode_split.py --cpu-only  # the CPU rates only
     python bench/probes/input_decode_split.py --quick     # CPU only, small data
 """
 
@@ -53,13 +55,21 @@ def _crop_resize(jpg: bytes, reducing_gap=None):
 
 
 def _cpu_job(args: tuple) -> int:
+    from curate.pipeline.decode_helpers import decode_for_clip
+
     kind, start, count = args
+    if kind.startswith("decode_for_clip"):
+        import torch
+
+        torch.set_num_threads(1)  # as a helper runs
     for i in range(start, start + count):
         jpg = _JPGS[i % len(_JPGS)]
         if kind == "decode":
             _decode(jpg)
         elif kind == "decode+crop+resize":
             _crop_resize(jpg)
+        elif kind == "decode_for_clip (helpers)":
+            decode_for_clip(jpg, SIZE, False)
         else:
             _crop_resize(jpg, reducing_gap=2.0)
     return count
@@ -68,7 +78,7 @@ def _cpu_job(args: tuple) -> int:
 def cpu_rates(processes: list[int], images: int) -> list[tuple[str, int, float]]:
     rows = []
     ctx = multiprocessing.get_context("fork")
-    for kind in ("decode", "decode+crop+resize", "crop+resize reducing_gap 2"):
+    for kind in ("decode", "decode+crop+resize", "crop+resize reducing_gap 2", "decode_for_clip (helpers)"):
         for p in processes:
             per = max(1, images // p)
             with ctx.Pool(p) as pool:
@@ -126,6 +136,7 @@ def main() -> None:
     parser.add_argument("--processes", default=None, help="CPU process counts (default 1,4,8,12,cores-1)")
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--quick", action="store_true", help="CPU only, 2,000 images")
+    parser.add_argument("--cpu-only", action="store_true", help="the CPU rates only")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     images, shard_size, unique = (2_000, 500, 200) if args.quick else (100_000, 10_000, 4_000)
@@ -138,7 +149,7 @@ def main() -> None:
     processes = [int(p) for p in args.processes.split(",")] if args.processes else \
         sorted({1, min(4, cores), min(8, cores), min(12, cores), max(1, cores - 1)})
     cpu_rates(processes, 600 if args.quick else 6_000)
-    if not args.quick:
+    if not (args.quick or args.cpu_only):
         gpu_rates(_JPGS, args.batch)
 
 

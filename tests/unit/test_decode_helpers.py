@@ -64,14 +64,18 @@ def test_decode_for_clip_gives_the_gpu_paths_pixels(squash):
     clip = load_clip(TINY_CLIP, None, "cpu", "fp32")
     cfg = clip.model.visual.preprocess_cfg
     size = clip.image_size
-    jpgs = _jpegs(12, seed=1)
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.open(io.BytesIO(_jpegs(1, seed=2)[0])).save(png, "PNG")  # other formats: decoded by Pillow
+    jpgs = _jpegs(12, seed=1) + [png.getvalue()]
     try:
         clip.model.visual.preprocess_cfg = {**cfg, "resize_mode": "squash" if squash else "shortest"}
         images, errors = decode_batch(jpgs, "cpu")
-        assert errors == [None] * 12
+        assert errors == [None] * 13
         expected = gpu_preprocess(images, clip)
         helped = np.stack([decode_for_clip(j, size, squash) for j in jpgs])
-        assert helped.shape == (12, size, size, 3) and helped.dtype == np.uint8
+        assert helped.shape == (13, size, size, 3) and helped.dtype == np.uint8
         got = normalize_pixels(torch.from_numpy(helped).permute(0, 3, 1, 2).float(), clip)
     finally:
         clip.model.visual.preprocess_cfg = cfg
