@@ -160,9 +160,10 @@ class ClipConfig(Section):
     # (pipeline/score_reader.py); 0 reads in-process. auto → 2 on a GPU, 0 on the CPU.
     reader_processes: Union[Literal["auto"], int] = "auto"
     # Helper processes that decode part of each batch on the host's idle cores while the GPU decodes
-    # the rest (pipeline/decode_helpers.py); 0: none. auto → on a GPU, the host's cores per GPU less 3
-    # (at most 16); 0 on the CPU.
-    decode_processes: Union[Literal["auto"], int] = "auto"
+    # the rest (pipeline/decode_helpers.py); auto → on a GPU, the host's cores per GPU less 3 (at most
+    # 16), 0 on the CPU. Off by default: on an H200 host with 16 cores they did not measurably speed up
+    # ViT-B-32 or ViT-L-14 scoring (BENCHMARKS.md); a host whose cores are fast against its GPU may gain.
+    decode_processes: Union[Literal["auto"], int] = 0
     # The most GPU memory a scoring process may hold (PyTorch's allocator frees its cache and
     # retries before going past it), so that scoring can share a GPU with training; null: no limit.
     gpu_memory_limit_gib: Optional[float] = Field(16.0, gt=0)
