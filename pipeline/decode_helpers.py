@@ -30,6 +30,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
@@ -48,8 +49,9 @@ HELPER_NICENESS = 5
 # Cores left to the scoring process and its reader processes when the count is "auto".
 CORES_KEPT = 3
 MAX_HELPERS = 16
-# How a JPEG file starts (SOI, then a marker).
-JPEG_MAGIC = b"\xff\xd8\xff"
+# Seconds a preparing thread waits for a helper's chunk before it kills the helper and decodes the chunk
+# itself (a chunk takes ~50 ms; a new helper's first one waits for its imports, seconds).
+CHUNK_TIMEOUT = 60.0
 # Linux's fcntl for a pipe's buffer size: a chunk's pixels (~5 MB) in 1 MB reads instead of 64 KB ones.
 F_SETPIPE_SZ = 1031
 
@@ -60,19 +62,18 @@ def decode_for_clip(data, size: int, squash: bool) -> np.ndarray:
     JPEGs it refuses by Pillow."""
     import torch
     import torch.nn.functional as F
+    from PIL import Image
+    from torchvision.io import ImageReadMode, decode_jpeg
 
-    x = None
-    if bytes(data[:3]) == JPEG_MAGIC:
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        with contextlib.suppress(Exception):
-            x = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    if x is None:
-        from PIL import Image
-
-        with Image.open(io.BytesIO(data)) as im:
-            rgb = np.array(im.convert("RGB"))  # writable: torch warns on read-only arrays
-        x = torch.from_numpy(rgb).permute(2, 0, 1)
+    # Pillow reads the header first, for every format: its decompression-bomb limit applies as on the
+    # in-process CPU path (torchvision's decoder has none).
+    with Image.open(io.BytesIO(data)) as im:
+        x = None
+        if im.format == "JPEG":
+            with contextlib.suppress(Exception):
+                x = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        if x is None:
+            x = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)  # writable: torch warns on read-only
     # Both are (3, H, W) over H, W, 3 memory: channels-last, the layout of torch's vectorized uint8 resize.
     _, h, w = x.shape
     if not squash:
@@ -112,15 +113,15 @@ class _Offer:
     jpgs: list
     helpers_from: int  # images [helpers_from, n) are the helpers'
     taken: bool = False  # the preparing thread has come: nothing more is given to helpers
-    in_flight: int = 0
+    in_flight: dict = field(default_factory=dict)  # start -> the helper decoding that chunk
     done: dict = field(default_factory=dict)  # start -> Helped
 
 
 class BatchShare:
     """One run of batches (a shard's) offered to a DecodePool. Batches are named by their number."""
 
-    def __init__(self, pool: "DecodePool", size: int, squash: bool, pinned: bool):
-        self.size, self.squash, self.pinned = size, squash, pinned
+    def __init__(self, pool: "DecodePool", size: int, squash: bool):
+        self.size, self.squash = size, squash
         self._pool = pool
         self._cond = pool.cond
         self._offers: dict[int, _Offer] = {}
@@ -139,16 +140,22 @@ class BatchShare:
             return offer.helpers_from
 
     def helped(self, number: int) -> list[Helped]:
-        """The helpers' part of batch `number` (after `take`), in order: waits for chunks in flight."""
+        """The helpers' part of batch `number` (after `take`), in order: waits for chunks in flight. A helper
+        that has not answered a chunk within CHUNK_TIMEOUT is killed; its chunk comes back as None."""
         with self._cond:
             offer = self._offers[number]
+            deadline: Optional[float] = time.monotonic() + CHUNK_TIMEOUT
             while offer.in_flight:
-                self._cond.wait()
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not self._cond.wait(timeout=remaining):
+                    for helper in offer.in_flight.values():
+                        helper.kill()  # its thread then finds the pipe closed and gives the chunk back
+                    deadline = None
             del self._offers[number]
         return [offer.done[start] for start in sorted(offer.done)]
 
-    def _claim(self) -> Optional[tuple[int, int, int, list]]:
-        """(number, start, end, jpgs) of the next chunk for a helper: the end of the newest batch that
+    def _claim(self, helper: subprocess.Popen) -> Optional[tuple[int, int, int, list]]:
+        """(number, start, end, jpgs) of the next chunk for `helper`: the end of the newest batch that
         still has images no one took. Called with the pool's lock held."""
         for number in sorted(self._offers, reverse=True):
             offer = self._offers[number]
@@ -156,7 +163,7 @@ class BatchShare:
                 end = offer.helpers_from
                 start = max(0, end - CHUNK)
                 offer.helpers_from = start
-                offer.in_flight += 1
+                offer.in_flight[start] = helper
                 return number, start, end, offer.jpgs[start:end]
         return None
 
@@ -166,7 +173,7 @@ class BatchShare:
         if offer is None:  # the shard stopped early (an error): nobody waits for it
             return
         offer.done[result[0]] = result
-        offer.in_flight -= 1
+        del offer.in_flight[result[0]]
         if result[2] is not None:
             self.helped_images += result[1] - result[0]
         self._cond.notify_all()
@@ -175,7 +182,7 @@ class BatchShare:
 class DecodePool:
     """`processes` helper processes, each with a thread here that gives it chunks of the batches of every
     open BatchShare (the score tasks a GPU worker runs at once share one pool). Started on first use; a
-    pool with a helper that died is restarted at the next `start`."""
+    pool that lost a helper is restarted at the next `start`."""
 
     def __init__(self, processes: int):
         self.processes = processes
@@ -186,7 +193,7 @@ class DecodePool:
 
     def start(self) -> None:
         with self.cond:
-            if self._helpers and all(h.poll() is None for h in self._helpers):
+            if len(self._helpers) == self.processes and all(h.poll() is None for h in self._helpers):
                 return
             self._close_locked()
             env = dict(os.environ)  # the helpers import curate as this process did
@@ -205,15 +212,14 @@ class DecodePool:
 
     def _close_locked(self) -> None:
         for helper in self._helpers:
-            helper.kill()
-            helper.wait()
+            _stop(helper)
         self._helpers = []
         self.cond.notify_all()
 
     @contextlib.contextmanager
-    def share(self, size: int, squash: bool, pinned: bool) -> Iterator[BatchShare]:
+    def share(self, size: int, squash: bool) -> Iterator[BatchShare]:
         """A BatchShare open to the helpers for the `with` block."""
-        share = BatchShare(self, size, squash, pinned)
+        share = BatchShare(self, size, squash)
         with self.cond:
             self._shares.append(share)
         try:
@@ -228,7 +234,7 @@ class DecodePool:
             while helper in self._helpers:
                 for i in range(len(self._shares)):
                     share = self._shares[(self._turn + i) % len(self._shares)]
-                    claim = share._claim()
+                    claim = share._claim(helper)
                     if claim is not None:
                         self._turn += 1
                         return (share, *claim)
@@ -245,7 +251,7 @@ class DecodePool:
                     share._finish(number, (start, end, None, None))
                     if helper in self._helpers:
                         self._helpers.remove(helper)
-                        helper.kill()
+                _stop(helper)
                 return
             with self.cond:
                 share._finish(number, (start, end, pixels, errors))
@@ -259,8 +265,10 @@ class DecodePool:
         frames.send(helper.stdin, {"size": share.size, "squash": share.squash}, (sizes, data))
         made = []
 
-        def into(dtype, shape):  # straight into (pinned) memory the GPU copy reads from
-            tensor = torch.empty(shape, dtype=torch.uint8, pin_memory=share.pinned)
+        # Pageable memory: pinned blocks, one per chunk decoded ahead, would stay with PyTorch's host
+        # allocator for good (~1-2 GiB per GPU process); the copy to the GPU is in a preparing thread anyway.
+        def into(dtype, shape):  # straight into the tensor the GPU copy reads from
+            tensor = torch.empty(shape, dtype=torch.uint8)
             made.append(tensor)
             return tensor.numpy()
 
@@ -269,6 +277,14 @@ class DecodePool:
         if len(made) != 1 or len(errors) != len(jpgs) or made[0].shape[0] != errors.count(None):
             raise RuntimeError("decode helper: an answer that does not match its request")
         return made[0], errors
+
+
+def _stop(helper: subprocess.Popen) -> None:
+    helper.kill()
+    helper.wait()
+    for pipe in (helper.stdin, helper.stdout):
+        with contextlib.suppress(OSError):  # a write still buffered for a dead helper
+            pipe.close()
 
 
 def serve(requests, answers) -> None:

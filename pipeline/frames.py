@@ -24,7 +24,8 @@ def send(stream, header: dict, arrays: tuple[np.ndarray, ...] = ()) -> None:
     stream.write(struct.pack("<Q", len(data)))
     stream.write(data)
     for a in arrays:
-        stream.write(memoryview(np.ascontiguousarray(a)).cast("B"))
+        if a.nbytes:  # (a memoryview of an empty array of several dimensions cannot be cast to bytes)
+            stream.write(memoryview(np.ascontiguousarray(a)).cast("B"))
     stream.flush()
 
 
@@ -36,6 +37,8 @@ def read_exactly(stream, n: int) -> bytes:
 
 
 def _read_into(stream, out: np.ndarray) -> None:
+    if not out.nbytes:
+        return
     view = memoryview(out).cast("B")
     done = 0
     while done < len(view):

@@ -158,7 +158,7 @@ class ClipScorer:
             yield from self._embed_all(enumerate(batches), None)
             return
         squash = self.clip.model.visual.preprocess_cfg.get("resize_mode") == "squash"
-        with helpers.share(self.clip.image_size, squash, pinned=self.on_gpu) as share:
+        with helpers.share(self.clip.image_size, squash) as share:
             yield from self._embed_all(_offered(batches, share, OFFER_AHEAD), share)
             if counts is not None:
                 counts["helper_decoded"] = counts.get("helper_decoded", 0) + share.helped_images
@@ -236,7 +236,7 @@ class ClipScorer:
         return self._pixels_cpu(jpgs)
 
     def _helper_pixels(self, pixels):
-        """A helper's uint8 [k, size, size, 3] (pinned on a GPU host) as model input on the device."""
+        """A helper's uint8 [k, size, size, 3] as model input on the device."""
         x = pixels.to(self.clip.device, non_blocking=True).permute(0, 3, 1, 2).float()
         return normalize_pixels(x, self.clip)
 

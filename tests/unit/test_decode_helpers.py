@@ -4,7 +4,9 @@ and without them (on the CPU device, with the tiny CLIP the project ships)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import time
 
 import numpy as np
@@ -87,7 +89,7 @@ def test_decode_for_clip_gives_the_gpu_paths_pixels(squash):
 def test_helpers_decode_offered_batches_from_their_ends(pool):
     size = 24
     batches = [_jpegs(70, seed=s, corrupt={65} if s == 1 else ()) for s in range(3)]
-    with pool.share(size, squash=False, pinned=False) as share:
+    with pool.share(size, squash=False) as share:
         for number, jpgs in enumerate(batches):
             share.offer(number, jpgs)
         _wait_until_all_claimed(share, range(3))
@@ -110,7 +112,7 @@ def test_helpers_decode_offered_batches_from_their_ends(pool):
 
 
 def test_what_the_preparing_thread_takes_and_the_helpers_did_cover_each_batch_once(pool):
-    with pool.share(16, squash=True, pinned=False) as share:
+    with pool.share(16, squash=True) as share:
         for round_ in range(5):  # taken at once, mid-way, late: whatever the helpers got to
             jpgs = _jpegs(100, seed=10 + round_)
             share.offer(round_, jpgs)
@@ -120,6 +122,33 @@ def test_what_the_preparing_thread_takes_and_the_helpers_did_cover_each_batch_on
             covered = [(0, here)] + spans if here else spans
             assert covered[0][0] == 0 and covered[-1][1] == 100
             assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
+
+
+@pytest.mark.parametrize("into", [False, True])
+def test_frames_carry_empty_arrays_of_any_shape(into):
+    """A helper answers a chunk whose images all failed with pixels of shape (0, size, size, 3)."""
+    from curate.pipeline import frames
+
+    buffer = io.BytesIO()
+    arrays = (np.zeros((0, 16, 16, 3), np.uint8), np.arange(6, dtype=np.int64).reshape(2, 3))
+    frames.send(buffer, {"kind": "pixels"}, arrays)
+    buffer.seek(0)
+    header, got = frames.receive(buffer, into=(lambda dtype, shape: np.empty(shape, dtype)) if into else None)
+    assert header == {"kind": "pixels"}
+    assert [a.shape for a in got] == [(0, 16, 16, 3), (2, 3)] and np.array_equal(got[1], arrays[1])
+
+
+def test_a_chunk_of_images_that_all_fail_comes_back_as_their_errors(pool):
+    jpgs = _jpegs(CHUNK + 1, seed=20, corrupt={0})  # chunks [1, 33) and [0, 1): the second all corrupt
+    with pool.share(16, squash=False) as share:
+        share.offer(0, jpgs)
+        _wait_until_all_claimed(share, [0])
+        assert share.take(0) == 0
+        (s0, e0, p0, errors0), (s1, e1, p1, errors1) = share.helped(0)
+    assert (s0, e0, s1, e1) == (0, 1, 1, CHUNK + 1)
+    assert tuple(p0.shape) == (0, 16, 16, 3) and errors0[0].startswith("UnidentifiedImageError")
+    assert tuple(p1.shape) == (CHUNK, 16, 16, 3) and errors1 == [None] * CHUNK
+    assert len(pool._helpers) == 2 and all(h.poll() is None for h in pool._helpers)  # no helper lost
 
 
 def _scores(scorer, tar, pool=None, counts=None, pause=0.0):
@@ -170,6 +199,56 @@ def test_a_dead_helpers_chunks_are_decoded_by_the_scorer(tmp_path, pool):
     ok = [e is None for e in alone_errors]
     assert np.abs(again[ok] - alone[ok]).max() < 1e-5  # the same decoder, in this process
     pool.start()  # the next shard's start brings them back
+    assert len(pool._helpers) == 2 and all(h.poll() is None for h in pool._helpers)
+
+
+def test_one_lost_helper_is_replaced_at_the_next_start(pool):
+    lost = pool._helpers[0]
+    lost.kill()
+    lost.wait()
+    with pool.share(16, squash=False) as share:
+        number = 0
+        deadline = time.time() + 60
+        while lost in pool._helpers and time.time() < deadline:  # until its thread has met the dead pipe
+            share.offer(number, _jpegs(2 * CHUNK, seed=30))
+            time.sleep(0.05)
+            share.take(number)
+            spans = [(s, e) for s, e, _, _ in share.helped(number)]
+            assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+            number += 1
+    assert lost not in pool._helpers and len(pool._helpers) == 1
+    pool.start()
+    assert len(pool._helpers) == 2 and all(h.poll() is None for h in pool._helpers)
+
+
+def test_a_helper_that_stops_answering_is_killed_and_its_chunk_given_back(pool, monkeypatch):
+    import signal
+
+    from curate.pipeline import decode_helpers
+
+    with pool.share(16, squash=False) as share:  # both helpers past their imports (seconds) first
+        share.offer(0, _jpegs(4 * CHUNK, seed=41))
+        _wait_until_all_claimed(share, [0])
+        share.take(0)
+        share.helped(0)
+    monkeypatch.setattr(decode_helpers, "CHUNK_TIMEOUT", 1.0)
+    stuck = pool._helpers[0]
+    os.kill(stuck.pid, signal.SIGSTOP)  # alive, never answering
+    try:
+        with pool.share(16, squash=False) as share:
+            share.offer(0, _jpegs(2 * CHUNK, seed=40))
+            _wait_until_all_claimed(share, [0])
+            assert share.take(0) == 0
+            started = time.time()
+            helped = share.helped(0)
+            waited = time.time() - started
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # (killed and reaped as it should be: no pid left to wake)
+            os.kill(stuck.pid, signal.SIGCONT)
+    assert 0.9 < waited < 30
+    assert sorted(p is None for _, _, p, _ in helped) == [False, True]  # one chunk done, the stuck one given back
+    assert stuck.wait(timeout=30) is not None  # killed
+    pool.start()
     assert len(pool._helpers) == 2 and all(h.poll() is None for h in pool._helpers)
 
 
