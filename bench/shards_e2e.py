@@ -182,7 +182,11 @@ def make_shards(n_images: int, shard_size: int, n_unique: int, processes: int) -
 
 class GpuMemoryPoller:
     """`nvidia-smi --query-compute-apps=pid,used_memory` every `every` seconds in a thread: the
-    peak MiB of each process and of their total (one poll's sum)."""
+    peak MiB of each process and of their total (one poll's sum). Every GPU_EVERY polls also the
+    GPU's utilization, SM clock and power (`gpu_samples`: seconds after start, %, MHz, W), to tell
+    a run whose GPU slowed (clocks, power) from one that left it idle."""
+
+    GPU_EVERY = 5
 
     def __init__(self, every: float = 0.2):
         self.every = every
@@ -191,6 +195,7 @@ class GpuMemoryPoller:
         self.peak_total_at: Optional[float] = None  # seconds after the poller started
         self.polls = 0
         self.error: Optional[str] = None
+        self.gpu_samples: list[tuple[float, float, float, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -211,11 +216,24 @@ class GpuMemoryPoller:
                 found[int(parts[0])] = found.get(int(parts[0]), 0) + int(parts[1])
         return found
 
+    @staticmethod
+    def _poll_gpu() -> Optional[tuple[float, float, float]]:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=utilization.gpu,clocks.sm,power.draw", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=10)
+        try:  # the first GPU's line
+            util, clock, power = (float(p) for p in out.stdout.splitlines()[0].split(","))
+            return util, clock, power
+        except (IndexError, ValueError):
+            return None
+
     def _run(self) -> None:
         while not self._stop.is_set():
             started = time.perf_counter()
             try:
                 found = self._poll()
+                if self.polls % self.GPU_EVERY == 0 and (gpu := self._poll_gpu()) is not None:
+                    self.gpu_samples.append((round(started - self._started, 2), *gpu))
             except Exception as exc:  # keep polling: one slow or failed call is not the end
                 self.error = _short_error(exc)
                 found = {}
@@ -372,6 +390,8 @@ def run_curate(model: str, tars_dir: Path, device: str, batch: int, timeout: flo
             "gpu_run_pids": sorted(ours), "gpu_pids_matched": bool(ours), "gpu_poll_error": poller.error,
         })
     result.update(_score_window(out, started_epoch))
+    if poller and result.get("score_first_start") is not None:
+        result.update(_gpu_in_window(poller.gpu_samples, result["score_first_start"], result["score_last_end"]))
     stats = finished_stats(run, out, timeout, result)
     result.update({
         "stats": stats, "images": stats.get("rows_in"), "written": stats.get("written"),
@@ -408,6 +428,18 @@ def _score_window(out: Path, started_epoch: float) -> dict:
             "score_helper_decoded": helped,
             # The slowest score tasks (outliers of 23-32 s against ~2 s were seen in earlier runs).
             "score_slowest": sorted(tasks, key=lambda t: -t["seconds"])[:4]}
+
+
+def _gpu_in_window(samples: list, first: float, last: float) -> dict:
+    """The GPU's utilization, SM clock and power over the scoring span (poller seconds ≈ run seconds:
+    both start as the subprocess does)."""
+    inside = [s for s in samples if first <= s[0] <= last]
+    if not inside:
+        return {}
+    clocks = sorted(s[2] for s in inside)
+    return {"gpu_util_mean": sum(s[1] for s in inside) / len(inside), "gpu_clock_min": clocks[0],
+            "gpu_clock_median": clocks[len(clocks) // 2], "gpu_clock_max": clocks[-1],
+            "gpu_power_mean": sum(s[3] for s in inside) / len(inside), "gpu_samples_in_span": len(inside)}
 
 
 class CurateRunFailed(RuntimeError):
@@ -621,6 +653,10 @@ def render(rows: list[dict], args, info: dict, device: str, device_name: str, to
                 f"{t['shard']} {t['seconds']} s (embedding {t['embed']} s, of which {t['ready']} s until the model was "
                 f"ready, from {t['start']} s, "
                 f"{t['retries']} allocator retries in the process so far, {t['reserved']} GiB reserved)" for t in c["score_slowest"]))
+        if c and c.get("gpu_samples_in_span"):
+            notes.append(f"{r['label']}: over the scoring span the GPU was {c['gpu_util_mean']:.0f}% utilized on average, "
+                         f"SM clock {c['gpu_clock_min']:.0f} / {c['gpu_clock_median']:.0f} / {c['gpu_clock_max']:.0f} MHz "
+                         f"(min / median / max), {c['gpu_power_mean']:.0f} W on average ({c['gpu_samples_in_span']} samples)")
         if c and c.get("score_scored"):
             notes.append(f"{r['label']}: {c.get('score_helper_decoded', 0):,} of the {c['score_scored']:,} scored images "
                          f"decoded by the decoding helpers on the host's cores")
