@@ -122,7 +122,6 @@ class BatchShare:
 
     def __init__(self, pool: "DecodePool", size: int, squash: bool):
         self.size, self.squash = size, squash
-        self._pool = pool
         self._cond = pool.cond
         self._offers: dict[int, _Offer] = {}
         self.helped_images = 0  # decoded by helpers so far

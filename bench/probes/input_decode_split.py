@@ -92,8 +92,6 @@ def cpu_rates(processes: list[int], images: int) -> list[tuple[str, int, float]]
 
 
 def gpu_rates(jpgs: list, batch: int) -> list[tuple[str, float]]:
-    import torch
-
     from bench.clip_score import clip_cfg, make_captions
     from bench.probes.timing import images_per_second
     from curate.pipeline.stages.score import ClipScorer, decode_batch, gpu_preprocess

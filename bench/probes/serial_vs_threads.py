@@ -31,23 +31,17 @@ from bench.shards_e2e import make_shards  # noqa: E402
 
 
 def load_batches(tars: list[Path], images: int, batch: int, clip) -> list:
-    import json
+    """Batches of whole tars (as the score stage makes them per shard) until `images` are held, tokenized."""
+    from curate.pipeline.score_reader import read_batches
 
-    from curate.pipeline.score_reader import Batch
-    from curate.pipeline.tarshard import iter_tar_samples
-
-    keys, jpgs, captions = [], [], []
+    batches, held = [], 0
     for tar in tars:
-        for key, fields in iter_tar_samples(tar):
-            keys.append(key)
-            jpgs.append(bytes(fields["jpg"]))
-            captions.append(json.loads(bytes(fields["json"])).get("caption") or "")
-            if len(keys) == images:
-                break
-        if len(keys) == images:
-            break
-    return [Batch(keys[i:i + batch], jpgs[i:i + batch], None, clip.tokenizer(captions[i:i + batch]))
-            for i in range(0, len(keys), batch)]
+        for b in read_batches(tar, batch, clip.tokenizer):
+            batches.append(b)
+            held += len(b.keys)
+            if held >= images:
+                return batches
+    return batches
 
 
 def run_stage(scorer, batches: list) -> int:

@@ -157,8 +157,7 @@ class ClipScorer:
         if helpers is None:
             yield from self._embed_all(enumerate(batches), None)
             return
-        squash = self.clip.model.visual.preprocess_cfg.get("resize_mode") == "squash"
-        with helpers.share(self.clip.image_size, squash) as share:
+        with helpers.share(self.clip.image_size, _squashes(self.clip)) as share:
             yield from self._embed_all(_offered(batches, share, OFFER_AHEAD), share)
             if counts is not None:
                 counts["helper_decoded"] = counts.get("helper_decoded", 0) + share.helped_images
@@ -332,7 +331,7 @@ def gpu_preprocess(images: list, clip: LoadedClip):
     import torch.nn.functional as F
 
     size = clip.image_size
-    squash = clip.model.visual.preprocess_cfg.get("resize_mode") == "squash"
+    squash = _squashes(clip)
     device = images[0].device
     groups: dict[tuple[int, int], list[int]] = {}
     crops = []
@@ -366,6 +365,12 @@ def gpu_preprocess(images: list, clip: LoadedClip):
         out = grouped[_on_device(row_of, device)]
         del grouped  # the batch twice over is ~1.2 GB at 1,024 images: not kept while normalizing
     return normalize_pixels(out, clip)
+
+
+def _squashes(clip: LoadedClip) -> bool:
+    """Whether the model's preprocessing resizes the whole image to a square (open_clip's "squash"),
+    rather than its center square ("shortest", the default)."""
+    return clip.model.visual.preprocess_cfg.get("resize_mode") == "squash"
 
 
 def normalize_pixels(pixels, clip: LoadedClip):
