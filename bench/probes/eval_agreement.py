@@ -34,7 +34,7 @@ PROMPTS = ["a red cube on a blue floor", "two green spheres in a white room",
            "a yellow triangle above a black square", "a purple cylinder beside an orange cone"]
 
 
-def pixels(images) -> "np.ndarray":
+def pixels(images):
     import numpy as np
 
     return np.asarray(images, dtype=np.float64)
