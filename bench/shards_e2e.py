@@ -32,6 +32,12 @@ the ceiling for curate's own forward pass).
 
     python bench/shards_e2e.py                        # GPU run; writes BENCHMARKS.md after each model
     python bench/shards_e2e.py --quick --no-write     # CPU dry run: tiny CLIP, 2,000 images in 2 tars
+    python bench/shards_e2e.py --pycache /tmp/pyc     # where this host writes no bytecode (see bytecode_state)
+
+The table's header says whether fresh processes import from cached bytecode: on the H200 host of session
+13, PYTHONDONTWRITEBYTECODE was set and torch had no .pyc files, so every GPU worker compiled torch,
+torchvision and open_clip from source (`import open_clip` 13.8-15.5 s), seconds of the start that a
+normal install does not pay; --pycache measures the run as from one.
 
 --quick runs everything on the CPU with curate's shipped tiny CLIP (`local-dir:` model, so the
 Dask workers of the `curate run` subprocess load it too: an open_clip architecture registered in
@@ -276,6 +282,48 @@ def _descendants(root: int) -> set[int]:
 
 
 # ---------------------------------------------------------------- curate run
+
+
+# What a `curate run` and its GPU worker import: the packages compiled by --pycache are those these pull in.
+IMPORTED_BY_A_RUN = ("curate.pipeline.cli", "curate.pipeline.run", "curate.pipeline.stages.score", "open_clip",
+                     "torchvision.io", "distributed", "pandas", "pyarrow.parquet")
+
+
+def bytecode_state() -> str:
+    """Whether fresh processes here import from cached bytecode. Where PYTHONDONTWRITEBYTECODE is set
+    and the packages were installed without their .pyc files (seen on the H200 host, session 13),
+    every fresh process compiles torch, torchvision and open_clip from source: seconds of a run's
+    start that a user's pip install (which writes the .pyc files) does not pay."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("torch")
+    cached = bool(spec and spec.origin and Path(importlib.util.cache_from_source(spec.origin)).exists())
+    writes = not sys.flags.dont_write_bytecode
+    prefix = sys.pycache_prefix
+    return (f"bytecode {'written' if writes else 'not written (PYTHONDONTWRITEBYTECODE)'}, torch's "
+            f"{'cached' if cached else 'not cached'}" + (f" (prefix {prefix})" if prefix else ""))
+
+
+def compile_to_prefix(prefix: Path) -> float:
+    """Compiles every package a `curate run` imports (IMPORTED_BY_A_RUN and what they pull in, found
+    in a child process) into PYTHONPYCACHEPREFIX=prefix, then sets that for this process's children
+    (the curate runs and their Dask workers): they import as from a normal install. Returns the seconds."""
+    started = time.perf_counter()
+    finder = ("import importlib, sys\n"
+              f"for name in {IMPORTED_BY_A_RUN!r}: importlib.import_module(name)\n"
+              "for module in list(sys.modules.values()):\n"
+              "    if '.' in getattr(module, '__name__', '.'): continue\n"
+              "    for path in list(getattr(module, '__path__', None) or [getattr(module, '__file__', None)]):\n"
+              "        if path and path.endswith('.py') or os.path.isdir(path or ''): print(path)\n")
+    found = subprocess.run([sys.executable, "-c", "import os\n" + finder], capture_output=True, text=True, check=False)
+    # The standard library too: under a prefix, Python looks for bytecode there and nowhere else.
+    paths = sorted({line for line in found.stdout.splitlines() if os.path.exists(line)}
+                   | {str(REPO / folder) for folder in ("pipeline", "filters", "train")})
+    env = {**os.environ, "PYTHONPYCACHEPREFIX": str(prefix)}
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", str(os.cpu_count() or 1), *paths],
+                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    os.environ["PYTHONPYCACHEPREFIX"] = str(prefix)
+    return time.perf_counter() - started
 
 
 def curate_config(model: str, tars_dir: Path, out: Path, device: str, batch: int) -> dict:
@@ -562,7 +610,7 @@ def render(rows: list[dict], args, info: dict, device: str, device_name: str, to
         f"{info['shards']} img2dataset-style tars of {info['shard_size']:,} (`jpg` + `txt` + `json`, "
         f"{info['tar_mb']:,.0f} MB); captions of 10–20 words. Random weights (`pretrained: null`). "
         f"{cpu_name()}, {cores} cores; torch {torch.__version__}, open_clip {_version('open_clip_torch')}, "
-        f"dask {_version('dask')}. Whole run {total_s / 60:.1f} min.",
+        f"dask {_version('dask')}; {info.get('bytecode', 'bytecode not checked')}. Whole run {total_s / 60:.1f} min.",
         "",
         f"- **curate run**: `curate run CONFIG --progress-every 2` in a subprocess, as a user runs it: `input.format: "
         f"webdataset` over the tars, clip on {device} ({'bf16' if gpu else 'fp32'}), filter `resolution` "
@@ -687,6 +735,10 @@ def main() -> None:
                         help="seconds before a curate run is stopped and its row marked failed (default 180; quick 240)")
     parser.add_argument("--quick", action="store_true", help="CPU dry run: curate's tiny CLIP, 2,000 images in 2 tars")
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    parser.add_argument("--pycache", default=None, metavar="DIR",
+                        help="compile every package a curate run imports (torch, open_clip, dask, ...) into DIR and "
+                             "run curate with PYTHONPYCACHEPREFIX=DIR: its workers import as from a normal install, "
+                             "where this host writes no bytecode")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     from curate.pipeline.models.clip import TINY_CLIP
@@ -707,8 +759,12 @@ def main() -> None:
 
     device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
     device_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU only: {cpu_name()}"
+    if args.pycache:
+        log(f"bytecode: compiled into {args.pycache} in {compile_to_prefix(Path(args.pycache)):.1f} s "
+            "(PYTHONPYCACHEPREFIX for the curate runs)")
+    info["bytecode"] = bytecode_state() if not args.pycache else f"{bytecode_state()}; compiled into {args.pycache} for the curate runs"
     log(f"device: {device_name}; torch {torch.__version__}; baseline workers {args.workers}; "
-        f"nvidia-smi {'found' if GpuMemoryPoller.available() else 'not found'}")
+        f"nvidia-smi {'found' if GpuMemoryPoller.available() else 'not found'}; {info['bytecode']}")
     if device == "cpu" and not args.quick:
         log("warning: no GPU; the default sizes are meant for a GPU (use --quick on a CPU)")
     captions = make_captions(1024, seed=1)
