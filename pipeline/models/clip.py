@@ -201,8 +201,8 @@ def _load(model: str, pretrained: Optional[str], device: str, precision: str) ->
     check_model_source(model, pretrained)
     has_schema = model.startswith(("hf-hub:", "local-dir:"))
     # Built on the device it will run on: open_clip initializes every weight at random before
-    # loading a checkpoint, which on a host's CPU cores takes seconds (ViT-L-14: ~3 s of a GPU
-    # worker's start, BENCHMARKS.md) and on the GPU a few milliseconds.
+    # loading a checkpoint, which on a host's CPU cores takes seconds and on the GPU milliseconds
+    # (H200 host: ViT-L-14 4.5-5.0 s against 0.04-0.08 s, BENCHMARKS.md).
     with torch.device(device):
         clip, _, preprocess = open_clip.create_model_and_transforms(
             model, pretrained=None if has_schema else pretrained, device=device, weights_only=True
