@@ -309,15 +309,15 @@ def compile_to_prefix(prefix: Path) -> float:
     in a child process) into PYTHONPYCACHEPREFIX=prefix, then sets that for this process's children
     (the curate runs and their Dask workers): they import as from a normal install. Returns the seconds."""
     started = time.perf_counter()
+    # Each top-level module's folders (a package) or file, the standard library's too: under a
+    # prefix, Python looks for bytecode there and nowhere else.
     finder = ("import importlib, sys\n"
               f"for name in {IMPORTED_BY_A_RUN!r}: importlib.import_module(name)\n"
               "for module in list(sys.modules.values()):\n"
-              "    if '.' in getattr(module, '__name__', '.'): continue\n"
-              "    for path in list(getattr(module, '__path__', None) or [getattr(module, '__file__', None)]):\n"
-              "        if path and path.endswith('.py') or os.path.isdir(path or ''): print(path)\n")
-    found = subprocess.run([sys.executable, "-c", "import os\n" + finder], capture_output=True, text=True, check=False)
-    # The standard library too: under a prefix, Python looks for bytecode there and nowhere else.
-    paths = sorted({line for line in found.stdout.splitlines() if os.path.exists(line)}
+              "    if '.' not in module.__name__:\n"
+              "        print(*(getattr(module, '__path__', None) or [getattr(module, '__file__', None)]), sep='\\n')\n")
+    found = subprocess.run([sys.executable, "-c", finder], capture_output=True, text=True, check=False)
+    paths = sorted({line for line in found.stdout.splitlines() if os.path.isdir(line) or line.endswith(".py")}
                    | {str(REPO / folder) for folder in ("pipeline", "filters", "train")})
     env = {**os.environ, "PYTHONPYCACHEPREFIX": str(prefix)}
     subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", str(os.cpu_count() or 1), *paths],
@@ -762,7 +762,7 @@ def main() -> None:
     if args.pycache:
         log(f"bytecode: compiled into {args.pycache} in {compile_to_prefix(Path(args.pycache)):.1f} s "
             "(PYTHONPYCACHEPREFIX for the curate runs)")
-    info["bytecode"] = bytecode_state() if not args.pycache else f"{bytecode_state()}; compiled into {args.pycache} for the curate runs"
+    info["bytecode"] = bytecode_state() + (f"; compiled into {args.pycache} for the curate runs" if args.pycache else "")
     log(f"device: {device_name}; torch {torch.__version__}; baseline workers {args.workers}; "
         f"nvidia-smi {'found' if GpuMemoryPoller.available() else 'not found'}; {info['bytecode']}")
     if device == "cpu" and not args.quick:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,27 +24,12 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 
-def _setup(quick: bool, images: int, batch: int):
-    from bench.probes.serial_vs_threads import load_batches
-    from bench.shards_e2e import make_shards
-    from curate.pipeline.config import ClipConfig
-    from curate.pipeline.models.clip import TINY_CLIP
-    from curate.pipeline.stages.score import ClipScorer
-
-    n, size, unique = (2_000, 500, 200) if quick else (100_000, 10_000, 4_000)  # shards_e2e's data
-    tars_dir, _ = make_shards(n, size, unique, os.cpu_count() or 1)
-    cfg = ClipConfig(enabled=True, model=TINY_CLIP if quick else "ViT-B-32", pretrained=None,
-                     device="cpu" if quick else "cuda", batch_size=batch)
-    scorer = ClipScorer(cfg)
-    return scorer, load_batches(sorted(tars_dir.glob("*.tar")), images, batch, scorer.clip)
-
-
 def _process(conn, quick: bool, images: int, batch: int) -> None:
     """One scoring process: loads the model and the batches, then runs each round it is sent."""
     sys.path.insert(0, str(REPO))
-    from bench.probes.serial_vs_threads import timed
+    from bench.probes.serial_vs_threads import scorer_and_batches, timed
 
-    scorer, batches = _setup(quick, images, batch)
+    scorer, batches = scorer_and_batches(quick, images, batch)
     timed("stage", scorer, batches[:2], 1)  # warm-up: kernels, nvJPEG, allocator
     conn.send("ready")
     while True:
@@ -69,7 +53,9 @@ def main() -> None:
     images = args.images or (600 if args.quick else 40_000)
     batch = args.batch or (64 if args.quick else 1024)
     configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")]
-    _setup(args.quick, 0, batch)  # the data, made once before the processes read it
+    from bench.probes.serial_vs_threads import scorer_and_batches
+
+    scorer_and_batches(args.quick, 0, batch)  # the data, made once before the processes read it
     context = multiprocessing.get_context("spawn")
     pipes = []
     for _ in range(max(p for p, _ in configs)):

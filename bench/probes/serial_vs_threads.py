@@ -44,6 +44,21 @@ def load_batches(tars: list[Path], images: int, batch: int, clip) -> list:
     return batches
 
 
+def scorer_and_batches(quick: bool, images: int, batch: int):
+    """The probes' scorer (ViT-B-32 on cuda; quick: the tiny CLIP on the CPU) and `images` of
+    shards_e2e's data (made once, then reused) in batches of `batch`, tokenized."""
+    from curate.pipeline.config import ClipConfig
+    from curate.pipeline.models.clip import TINY_CLIP
+    from curate.pipeline.stages.score import ClipScorer
+
+    n, size, unique = (2_000, 500, 200) if quick else (100_000, 10_000, 4_000)  # shards_e2e's data
+    tars_dir, _ = make_shards(n, size, unique, os.cpu_count() or 1)
+    cfg = ClipConfig(enabled=True, model=TINY_CLIP if quick else "ViT-B-32", pretrained=None,
+                     device="cpu" if quick else "cuda", batch_size=batch)
+    scorer = ClipScorer(cfg)
+    return scorer, load_batches(sorted(tars_dir.glob("*.tar")), images, batch, scorer.clip)
+
+
 def run_stage(scorer, batches: list) -> int:
     return sum(len(b.keys) for b, *_ in scorer.embed_all(iter(batches)))
 
@@ -78,21 +93,13 @@ def main() -> None:
     parser.add_argument("--order", default="stage,serial,serial,stage")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    from curate.pipeline.config import ClipConfig
-    from curate.pipeline.models.clip import TINY_CLIP
-    from curate.pipeline.stages.score import ClipScorer
-
     images = args.images or (600 if args.quick else 40_000)
     batch = args.batch or (64 if args.quick else 1024)
-    n, size, unique = (2_000, 500, 200) if args.quick else (100_000, 10_000, 4_000)  # shards_e2e's data
-    tars_dir, _ = make_shards(n, size, unique, os.cpu_count() or 1)
-    cfg = ClipConfig(enabled=True, model=TINY_CLIP if args.quick else "ViT-B-32", pretrained=None,
-                     device="cpu" if args.quick else "cuda", batch_size=batch)
-    scorer = ClipScorer(cfg)
-    batches = load_batches(sorted(tars_dir.glob("*.tar")), images, batch, scorer.clip)
+    scorer, batches = scorer_and_batches(args.quick, images, batch)
     timed("serial", scorer, batches[:2], 1)  # warm-up: kernels, nvJPEG, allocator
     timed("stage", scorer, batches[:2], 1)
-    print(f"{sum(len(b.keys) for b in batches):,} images in {len(batches)} batches of {batch}, {cfg.model}, {cfg.device}")
+    print(f"{sum(len(b.keys) for b in batches):,} images in {len(batches)} batches of {batch}, "
+          f"{scorer.cfg.model}, {scorer.cfg.device}")
     for at_once in [int(x) for x in args.at_once.split(",")]:
         for kind in args.order.split(","):
             print(f"{kind:7s} {at_once} at once: {timed(kind, scorer, batches, at_once):9,.0f} images/s", flush=True)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -33,8 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from bench.probes.serial_vs_threads import load_batches, timed  # noqa: E402
-from bench.shards_e2e import make_shards  # noqa: E402
+from bench.probes.serial_vs_threads import scorer_and_batches, timed  # noqa: E402
 
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 
@@ -133,21 +131,13 @@ def main() -> None:
     parser.add_argument("--trace-dir", default=None, help="also keep each trace there, gzipped")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    from curate.pipeline.config import ClipConfig
-    from curate.pipeline.models.clip import TINY_CLIP
-    from curate.pipeline.stages.score import ClipScorer
-
     images = args.images or (300 if args.quick else 16_000)
     batch = args.batch or (64 if args.quick else 1024)
-    n, size, unique = (2_000, 500, 200) if args.quick else (100_000, 10_000, 4_000)  # shards_e2e's data
-    tars_dir, _ = make_shards(n, size, unique, os.cpu_count() or 1)
-    cfg = ClipConfig(enabled=True, model=TINY_CLIP if args.quick else "ViT-B-32", pretrained=None,
-                     device="cpu" if args.quick else "cuda", batch_size=batch)
-    scorer = ClipScorer(cfg)
-    batches = load_batches(sorted(tars_dir.glob("*.tar")), images, batch, scorer.clip)
+    scorer, batches = scorer_and_batches(args.quick, images, batch)
     for kind in args.kinds.split(","):
         timed(kind, scorer, batches[:2], 1)  # warm-up: kernels, nvJPEG, allocator
-    print(f"{sum(len(b.keys) for b in batches):,} images in {len(batches)} batches of {batch}, {cfg.model}, {cfg.device}")
+    print(f"{sum(len(b.keys) for b in batches):,} images in {len(batches)} batches of {batch}, "
+          f"{scorer.cfg.model}, {scorer.cfg.device}")
     for kind in args.kinds.split(","):
         profiled(kind, scorer, batches, args.at_once, scorer.on_gpu, args.trace_dir)
 
