@@ -294,12 +294,7 @@ def decode_batch(jpgs: list, device: str) -> tuple[list, list[Optional[str]]]:
     datas = {i: torch.from_numpy(jpgs[i]) if isinstance(jpgs[i], np.ndarray)
              else torch.frombuffer(bytearray(jpgs[i]), dtype=torch.uint8) for i in jpeg}
     decoded = None
-    if jpeg and GPU_JPEG_DECODER == "nvimgcodec" and torch.device(device).type == "cuda":
-        decoded = _decode_nvimgcodec([jpgs[i] for i in jpeg], device)  # None where it could not
-        for i, image in zip(jpeg, decoded):
-            images[i] = image
-        decoded = [im for im in decoded if im is not None] if None not in decoded else None
-    elif jpeg:
+    if jpeg:
         try:
             decoded = decode_jpeg([datas[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
         except Exception:
@@ -321,27 +316,6 @@ def decode_batch(jpgs: list, device: str) -> tuple[list, list[Optional[str]]]:
         except Exception as exc:
             errors[i] = f"{type(exc).__name__}: {exc}"[:200]
     return images, errors
-
-
-GPU_JPEG_DECODER = "torchvision"  # or "nvimgcodec" (experiment)
-_nvimgcodec = threading.local()
-
-
-def _decode_nvimgcodec(jpgs: list, device: str) -> list:
-    import torch
-    from nvidia import nvimgcodec
-
-    state = getattr(_nvimgcodec, "state", None)
-    if state is None:
-        index = torch.device(device).index
-        decoder = nvimgcodec.Decoder(device_id=torch.cuda.current_device() if index is None else index)
-        params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB,
-                                         sample_format=nvimgcodec.SampleFormat.P_RGB)
-        state = _nvimgcodec.state = (decoder, params)
-    decoder, params = state
-    streams = [nvimgcodec.CodeStream(j if isinstance(j, np.ndarray) else np.frombuffer(j, np.uint8)) for j in jpgs]
-    out = decoder.decode(streams, params=params, cuda_stream=torch.cuda.current_stream(device).cuda_stream)
-    return [None if im is None else torch.as_tensor(im, device=device) for im in out]
 
 
 def gpu_preprocess(images: list, clip: LoadedClip):
