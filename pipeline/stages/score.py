@@ -278,18 +278,22 @@ class ClipScorer:
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
-def decode_batch(jpgs: list, device: str) -> tuple[list, list[Optional[str]]]:
+def decode_batch(jpgs: list, device: str, progressive_on_cpu: Optional[bool] = None) -> tuple[list, list[Optional[str]]]:
     """Images (uint8 CHW tensors on `device`, None where one did not decode) and per-image errors,
     in order. The JPEGs go to nvJPEG (`decode_jpeg` on `device`) in one batched call; other
-    formats (PNG, WebP: input shards hold them) are decoded on the CPU from the start, since one
-    of them in the batch would make the batched call fail. Only when the batched call still fails
-    (a JPEG nvJPEG refuses) is each JPEG tried alone, and then on the CPU."""
+    formats (PNG, WebP: input shards hold them) and, on a GPU (`progressive_on_cpu` None), progressive
+    JPEGs (`is_progressive`) are decoded on the host's cores from the start, in CPU_DECODE_THREADS
+    threads: one other format in the batch would make the batched call fail. Only when the batched
+    call still fails (a JPEG nvJPEG refuses) is each JPEG tried alone, and then on the CPU."""
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
     images: list = [None] * len(jpgs)
     errors: list[Optional[str]] = [None] * len(jpgs)
-    jpeg = [i for i, j in enumerate(jpgs) if bytes(j[:3]) == JPEG_MAGIC]
+    if progressive_on_cpu is None:
+        progressive_on_cpu = torch.device(device).type == "cuda"
+    jpeg = [i for i, j in enumerate(jpgs)
+            if bytes(j[:3]) == JPEG_MAGIC and not (progressive_on_cpu and is_progressive(j))]
     # Views of the mapped tar (ReaderPool) go to nvJPEG as they are; bytes are copied once.
     datas = {i: torch.from_numpy(jpgs[i]) if isinstance(jpgs[i], np.ndarray)
              else torch.frombuffer(bytearray(jpgs[i]), dtype=torch.uint8) for i in jpeg}
@@ -302,20 +306,80 @@ def decode_batch(jpgs: list, device: str) -> tuple[list, list[Optional[str]]]:
     if decoded is not None:
         for i, image in zip(jpeg, decoded):
             images[i] = image
-    batched = set(jpeg) if decoded is None else set()  # JPEGs whose batch failed
-    for i in [i for i in range(len(jpgs)) if images[i] is None]:
-        if i in batched:
-            try:  # the batch failed: this one alone
+    if decoded is None:  # the batch failed: each JPEG alone
+        for i in jpeg:
+            try:
                 images[i] = decode_jpeg(datas[i], mode=ImageReadMode.RGB, device=device)
-                continue
             except Exception:
                 pass
-        try:  # other formats, and JPEGs nvJPEG refuses that the CPU decoder accepts
-            im = np.asarray(_decode_cpu(jpgs[i]))
-            images[i] = torch.from_numpy(im).permute(2, 0, 1).to(device)
-        except Exception as exc:
-            errors[i] = f"{type(exc).__name__}: {exc}"[:200]
+    # Other formats, progressive JPEGs, and JPEGs nvJPEG refuses that the CPU decoder accepts.
+    on_cpu = [i for i in range(len(jpgs)) if images[i] is None]
+    for i, (pixels, error) in zip(on_cpu, _decoded_on_cpu([jpgs[i] for i in on_cpu])):
+        if pixels is None:
+            errors[i] = error
+        else:
+            images[i] = torch.from_numpy(pixels).permute(2, 0, 1).to(device)
     return images, errors
+
+
+# Threads that decode a batch's images on the host's cores (Pillow releases the GIL while it
+# decodes): progressive JPEGs and other formats, which nvJPEG would decode one at a time.
+CPU_DECODE_THREADS = 8
+_cpu_pool: Optional[ThreadPoolExecutor] = None
+_cpu_pool_lock = threading.Lock()
+
+
+def _decoded_on_cpu(jpgs: list) -> list[tuple[Optional[np.ndarray], Optional[str]]]:
+    """(RGB pixels [h, w, 3] or None, error or None) of each image, decoded by Pillow, in order;
+    more than one at a time in a shared pool of CPU_DECODE_THREADS threads."""
+    global _cpu_pool
+
+    if len(jpgs) < 2:
+        return [_decode_pixels(j) for j in jpgs]
+    with _cpu_pool_lock:
+        if _cpu_pool is None:
+            _cpu_pool = ThreadPoolExecutor(CPU_DECODE_THREADS, thread_name_prefix="cpu-decode")
+    return list(_cpu_pool.map(_decode_pixels, jpgs))
+
+
+def _decode_pixels(jpg) -> tuple[Optional[np.ndarray], Optional[str]]:
+    try:
+        return np.array(_decode_cpu(jpg)), None  # a writable copy: torch.from_numpy warns on read-only arrays
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {exc}"[:200]
+
+
+# JPEG start-of-frame markers (C0-CF, less DHT C4, JPG C8 and DAC CC), and those of progressive coding.
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_PROGRESSIVE_SOF = frozenset((0xC2, 0xC6, 0xCA, 0xCE))
+
+
+def is_progressive(jpg) -> bool:
+    """Whether a JPEG's frame is progressive, from its segment headers (nothing is decoded).
+
+    nvJPEG's hardware engines take baseline JPEGs only; torchvision's batched call decodes the others
+    one at a time in software, with a synchronization each: 637-933 progressive images/s on an H200
+    against 23,000-36,000 baseline ones (bench/probes/nvjpeg_path.py), so a batch with a few
+    progressive images would wait for them. Web images are often progressive (curate passes an
+    upright RGB JPEG that needs no resize through unchanged; published shards keep their originals).
+    A malformed header reads as not progressive: the decoders then judge it."""
+    data = memoryview(jpg)
+    pos, end = 2, len(data) - 3
+    while pos < end:
+        if data[pos] != 0xFF:
+            return False
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+        elif marker in _SOF:
+            return marker in _PROGRESSIVE_SOF
+        elif marker in (0xDA, 0xD9):  # start of scan, end of image: no frame header before them
+            return False
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            pos += 2
+        else:
+            pos += 2 + (data[pos + 2] << 8 | data[pos + 3])
+    return False
 
 
 def gpu_preprocess(images: list, clip: LoadedClip):

@@ -129,6 +129,75 @@ def test_decode_batch_tries_each_jpeg_alone_when_the_batch_fails():
     assert images[1] is None and tuple(images[0].shape) == tuple(images[2].shape) == (3, 16, 24)
 
 
+def _reencoded(jpg: bytes, **save) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(jpg)).save(buffer, "JPEG", **save)
+    return buffer.getvalue()
+
+
+def test_is_progressive_reads_the_frame_marker():
+    import io
+    import random
+
+    from PIL import Image
+
+    from curate.pipeline.demo.synthetic import photo_like_jpeg
+    from curate.pipeline.stages.score import is_progressive
+
+    baseline = photo_like_jpeg(300, 200, random.Random(3), quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    grey = io.BytesIO()
+    Image.open(io.BytesIO(baseline)).convert("L").save(grey, "JPEG")
+    not_progressive = [baseline, _reencoded(baseline, quality=80, optimize=True), grey.getvalue(),
+                       _reencoded(baseline, quality=90, exif=exif.tobytes(), icc_profile=b"\xff\xc2" * 3000)]
+    progressive = [_reencoded(baseline, quality=90, progressive=True),
+                   _reencoded(baseline, quality=90, progressive=True, exif=exif.tobytes(), icc_profile=b"x" * 70_000)]
+    assert [is_progressive(j) for j in not_progressive] == [False] * 4
+    assert [is_progressive(j) for j in progressive] == [True, True]
+    assert is_progressive(np.frombuffer(bytearray(progressive[0]), dtype=np.uint8))  # a view of a mapped tar
+    # Cut or malformed headers are "not progressive" (the decoders judge them), never an error.
+    for cut in (b"\xff\xd8\xff", progressive[0][:20], b"\xff\xd8\xff\xe0\xff\xff\xff", b"\xff\xd8" + b"\x00" * 50):
+        assert is_progressive(cut) is False
+
+
+def test_progressive_jpegs_are_decoded_on_the_cpu_beside_the_batch(monkeypatch):
+    # On a GPU, progressive JPEGs stay out of nvJPEG's batched call (its hardware engines take baseline
+    # ones only, and the rest are decoded one at a time): here forced on the CPU device.
+    import random
+
+    import torchvision.io
+
+    from curate.pipeline.demo.synthetic import photo_like_jpeg
+    from curate.pipeline.stages.score import decode_batch
+
+    calls = []
+    real = torchvision.io.decode_jpeg
+
+    def counted(data, *args, **kwargs):
+        calls.append(len(data) if isinstance(data, list) else 1)
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", counted)
+    rng = random.Random(5)
+    baseline = [photo_like_jpeg(64 + 8 * i, 48, rng, quality=90) for i in range(4)]
+    progressive = [_reencoded(j, quality=95, progressive=True) for j in baseline[:3]]
+    batch = [baseline[0], progressive[0], baseline[1], progressive[1], progressive[2], baseline[2], baseline[3]]
+    images, errors = decode_batch(batch, "cpu", progressive_on_cpu=True)
+    assert calls == [4] and errors == [None] * 7
+    assert [tuple(im.shape) for im in images] == [(3, 48, 64), (3, 48, 64), (3, 48, 72), (3, 48, 72), (3, 48, 80),
+                                                  (3, 48, 80), (3, 48, 88)]
+    for a, b in ((0, 1), (2, 3)):  # a progressive image has its baseline twin's pixels
+        assert (images[a].float() - images[b].float()).abs().mean() < 2.0
+    calls.clear()
+    decode_batch(batch, "cpu")  # on the CPU device nvJPEG is not involved: all JPEGs in one call
+    assert calls == [7]
+
+
 def test_gpu_preprocess_of_images_of_many_sizes_keeps_each_image_in_its_row():
     """The GPU path's crop-resize-normalize over a batch whose images come in several sizes (an input
     tar's), in the batch's order: each row as if that image were preprocessed alone."""
