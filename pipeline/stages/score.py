@@ -38,6 +38,7 @@ from curate.pipeline import storage
 from curate.pipeline.config import ClipConfig
 from curate.pipeline.decode_helpers import OFFER_AHEAD, BatchShare, DecodePool, default_count
 from curate.pipeline.embeddings import histogram
+from curate.pipeline.image import DECODE_BUDGET
 from curate.pipeline.layout import embedding_files
 from curate.pipeline.models.cache import cached
 from curate.pipeline.models.clip import LoadedClip, load_clip
@@ -343,8 +344,14 @@ def _decoded_on_cpu(jpgs: list) -> list[tuple[Optional[np.ndarray], Optional[str
 
 
 def _decode_pixels(jpg) -> tuple[Optional[np.ndarray], Optional[str]]:
+    """One image's RGB pixels (a writable copy: torch.from_numpy warns on read-only arrays) or its
+    error. The threads decode within the process's DECODE_BUDGET, as the download stage's do: every
+    image passed the read stage's area check alone, but eight large ones at once need not fit."""
+    from PIL import Image
+
     try:
-        return np.array(_decode_cpu(jpg)), None  # a writable copy: torch.from_numpy warns on read-only arrays
+        with Image.open(io.BytesIO(jpg)) as im, DECODE_BUDGET.hold(im.width * im.height):
+            return np.array(im.convert("RGB")), None
     except Exception as exc:
         return None, f"{type(exc).__name__}: {exc}"[:200]
 

@@ -198,6 +198,21 @@ def test_progressive_jpegs_are_decoded_on_the_cpu_beside_the_batch(monkeypatch):
     assert calls == [7]
 
 
+def test_images_decoded_on_the_cpu_are_decoded_in_order_within_the_pixel_budget(monkeypatch):
+    # Other formats (and, on a GPU, progressive JPEGs) are decoded by a pool of threads, within the
+    # process's pixel budget, as the download stage decodes.
+    from curate.pipeline import image
+    from curate.pipeline.stages import score
+
+    budget = image.PixelBudget(2 * 64 * 48)
+    monkeypatch.setattr(score, "DECODE_BUDGET", budget)
+    pngs = [_encoded("PNG", (i, 2, 3), (64, 48)) for i in range(12)]
+    images, errors = score.decode_batch(pngs[:5] + [b"\x89PNG broken"] + pngs[5:], "cpu")
+    assert errors[5].startswith("UnidentifiedImageError") and errors[:5] + errors[6:] == [None] * 12
+    assert [im[:, 0, 0].tolist() for i, im in enumerate(images) if i != 5] == [[i, 2, 3] for i in range(12)]
+    assert 0 < budget.peak <= 2 * 64 * 48 and budget.in_use == 0
+
+
 def test_gpu_preprocess_of_images_of_many_sizes_keeps_each_image_in_its_row():
     """The GPU path's crop-resize-normalize over a batch whose images come in several sizes (an input
     tar's), in the batch's order: each row as if that image were preprocessed alone."""
