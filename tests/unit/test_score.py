@@ -91,13 +91,10 @@ def _encoded(fmt: str, color, size=(24, 16)) -> bytes:
     return buffer.getvalue()
 
 
-def test_decode_batch_keeps_other_formats_out_of_the_jpeg_batch(monkeypatch):
-    # The GPU path's decoding, run on the CPU device: a PNG and a WebP among JPEGs are decoded on
-    # the CPU and the JPEGs in ONE batched decode_jpeg call (a mixed batch made that call fail, and
-    # then every JPEG was decoded alone); garbage gets an error; the order is kept.
+@pytest.fixture
+def decode_jpeg_calls(monkeypatch) -> list:
+    """The images in each call of torchvision's decode_jpeg (which still decodes), as they come."""
     import torchvision.io
-
-    from curate.pipeline.stages.score import decode_batch
 
     calls = []
     real = torchvision.io.decode_jpeg
@@ -107,6 +104,16 @@ def test_decode_batch_keeps_other_formats_out_of_the_jpeg_batch(monkeypatch):
         return real(data, *args, **kwargs)
 
     monkeypatch.setattr(torchvision.io, "decode_jpeg", counted)
+    return calls
+
+
+def test_decode_batch_keeps_other_formats_out_of_the_jpeg_batch(decode_jpeg_calls):
+    # The GPU path's decoding, run on the CPU device: a PNG and a WebP among JPEGs are decoded on
+    # the CPU and the JPEGs in ONE batched decode_jpeg call (a mixed batch made that call fail, and
+    # then every JPEG was decoded alone); garbage gets an error; the order is kept.
+    from curate.pipeline.stages.score import decode_batch
+
+    calls = decode_jpeg_calls
     jpg_a, jpg_b = _encoded("JPEG", (200, 10, 10)), _encoded("JPEG", (10, 200, 10), (8, 30))
     png, webp = _encoded("PNG", (1, 2, 250)), _encoded("WEBP", (90, 90, 90))
     view = np.frombuffer(bytearray(jpg_b), dtype=np.uint8)  # the ReaderPool hands views of the mapped tar
@@ -165,24 +172,15 @@ def test_is_progressive_reads_the_frame_marker():
         assert is_progressive(cut) is False
 
 
-def test_progressive_jpegs_are_decoded_on_the_cpu_beside_the_batch(monkeypatch):
+def test_progressive_jpegs_are_decoded_on_the_cpu_beside_the_batch(decode_jpeg_calls):
     # On a GPU, progressive JPEGs stay out of nvJPEG's batched call (its hardware engines take baseline
     # ones only, and the rest are decoded one at a time): here forced on the CPU device.
     import random
 
-    import torchvision.io
-
     from curate.pipeline.demo.synthetic import photo_like_jpeg
     from curate.pipeline.stages.score import decode_batch
 
-    calls = []
-    real = torchvision.io.decode_jpeg
-
-    def counted(data, *args, **kwargs):
-        calls.append(len(data) if isinstance(data, list) else 1)
-        return real(data, *args, **kwargs)
-
-    monkeypatch.setattr(torchvision.io, "decode_jpeg", counted)
+    calls = decode_jpeg_calls
     rng = random.Random(5)
     baseline = [photo_like_jpeg(64 + 8 * i, 48, rng, quality=90) for i in range(4)]
     progressive = [_reencoded(j, quality=95, progressive=True) for j in baseline[:3]]
