@@ -313,14 +313,21 @@ def decode_batch(jpgs: list, device: str, progressive_on_cpu: Optional[bool] = N
                 images[i] = decode_jpeg(datas[i], mode=ImageReadMode.RGB, device=device)
             except Exception:
                 pass
-    # Other formats, progressive JPEGs, and JPEGs nvJPEG refuses that the CPU decoder accepts.
+    # Other formats, progressive JPEGs, and JPEGs nvJPEG refuses that the CPU decoder accepts;
+    # each moved to the device as it comes, so that its host copy is freed.
     on_cpu = [i for i in range(len(jpgs)) if images[i] is None]
     for i, (pixels, error) in zip(on_cpu, _decoded_on_cpu([jpgs[i] for i in on_cpu])):
-        if pixels is None:
-            errors[i] = error
-        else:
+        try:
+            if pixels is None:
+                raise _NotDecoded(error)
             images[i] = torch.from_numpy(pixels).permute(2, 0, 1).to(device)
+        except Exception as exc:  # one image's error (a device out of memory too), never the batch's
+            errors[i] = str(exc) if isinstance(exc, _NotDecoded) else f"{type(exc).__name__}: {exc}"[:200]
     return images, errors
+
+
+class _NotDecoded(Exception):
+    pass
 
 
 # Threads that decode a batch's images on the host's cores (Pillow releases the GIL while it
@@ -330,17 +337,25 @@ _cpu_pool: Optional[ThreadPoolExecutor] = None
 _cpu_pool_lock = threading.Lock()
 
 
-def _decoded_on_cpu(jpgs: list) -> list[tuple[Optional[np.ndarray], Optional[str]]]:
+def _decoded_on_cpu(jpgs: list) -> Iterator[tuple[Optional[np.ndarray], Optional[str]]]:
     """(RGB pixels [h, w, 3] or None, error or None) of each image, decoded by Pillow, in order;
-    more than one at a time in a shared pool of CPU_DECODE_THREADS threads."""
+    more than one at a time in a shared pool of CPU_DECODE_THREADS threads, with at most twice
+    that many decoded and not yet taken (a batch of large originals is not held whole)."""
     global _cpu_pool
 
     if len(jpgs) < 2:
-        return [_decode_pixels(j) for j in jpgs]
+        yield from map(_decode_pixels, jpgs)
+        return
     with _cpu_pool_lock:
         if _cpu_pool is None:
             _cpu_pool = ThreadPoolExecutor(CPU_DECODE_THREADS, thread_name_prefix="cpu-decode")
-    return list(_cpu_pool.map(_decode_pixels, jpgs))
+    window: deque = deque()
+    for jpg in jpgs:
+        window.append(_cpu_pool.submit(_decode_pixels, jpg))
+        if len(window) >= 2 * CPU_DECODE_THREADS:
+            yield window.popleft().result()
+    while window:
+        yield window.popleft().result()
 
 
 def _decode_pixels(jpg) -> tuple[Optional[np.ndarray], Optional[str]]:

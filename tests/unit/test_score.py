@@ -166,6 +166,7 @@ def test_is_progressive_reads_the_frame_marker():
                    _reencoded(baseline, quality=90, progressive=True, exif=exif.tobytes(), icc_profile=b"x" * 70_000)]
     assert [is_progressive(j) for j in not_progressive] == [False] * 4
     assert [is_progressive(j) for j in progressive] == [True, True]
+    assert is_progressive(progressive[0][:2] + b"\xff\xff" + progressive[0][2:])  # fill bytes before a marker
     assert is_progressive(np.frombuffer(bytearray(progressive[0]), dtype=np.uint8))  # a view of a mapped tar
     # Cut or malformed headers are "not progressive" (the decoders judge them), never an error.
     for cut in (b"\xff\xd8\xff", progressive[0][:20], b"\xff\xd8\xff\xe0\xff\xff\xff", b"\xff\xd8" + b"\x00" * 50):
@@ -196,19 +197,31 @@ def test_progressive_jpegs_are_decoded_on_the_cpu_beside_the_batch(decode_jpeg_c
     assert calls == [7]
 
 
-def test_images_decoded_on_the_cpu_are_decoded_in_order_within_the_pixel_budget(monkeypatch):
-    # Other formats (and, on a GPU, progressive JPEGs) are decoded by a pool of threads, within the
-    # process's pixel budget, as the download stage decodes.
+def test_images_decoded_on_the_cpu_are_decoded_in_order_by_the_pool_within_the_pixel_budget(monkeypatch):
+    # Other formats (and, on a GPU, progressive JPEGs) are decoded by a pool of threads, each image
+    # within the process's pixel budget, as the download stage decodes; more images than the pool's
+    # window of 2 x CPU_DECODE_THREADS, so that results are taken while others are decoded.
+    import threading
+
     from curate.pipeline import image
     from curate.pipeline.stages import score
 
-    budget = image.PixelBudget(2 * 64 * 48)
+    held_by = []
+
+    class Recording(image.PixelBudget):
+        def hold(self, pixels: int):
+            held_by.append(threading.current_thread().name)
+            return super().hold(pixels)
+
+    budget = Recording(2 * 64 * 48)
     monkeypatch.setattr(score, "DECODE_BUDGET", budget)
-    pngs = [_encoded("PNG", (i, 2, 3), (64, 48)) for i in range(12)]
+    n = 2 * score.CPU_DECODE_THREADS + 5
+    pngs = [_encoded("PNG", (i, 2, 3), (64, 48)) for i in range(n)]
     images, errors = score.decode_batch(pngs[:5] + [b"\x89PNG broken"] + pngs[5:], "cpu")
-    assert errors[5].startswith("UnidentifiedImageError") and errors[:5] + errors[6:] == [None] * 12
-    assert [im[:, 0, 0].tolist() for i, im in enumerate(images) if i != 5] == [[i, 2, 3] for i in range(12)]
-    assert 0 < budget.peak <= 2 * 64 * 48 and budget.in_use == 0
+    assert errors[5].startswith("UnidentifiedImageError") and errors[:5] + errors[6:] == [None] * n
+    assert [im[:, 0, 0].tolist() for i, im in enumerate(images) if i != 5] == [[i, 2, 3] for i in range(n)]
+    assert len(held_by) == n and all(name.startswith("cpu-decode") for name in held_by)
+    assert budget.in_use == 0
 
 
 def test_gpu_preprocess_of_images_of_many_sizes_keeps_each_image_in_its_row():
