@@ -112,9 +112,12 @@ def _offered(batches: Iterator[Batch], share: BatchShare, ahead: int) -> Iterato
 
 
 def _decode_cpu(jpg: bytes):
+    """The image as RGB, decoded by Pillow within the process's DECODE_BUDGET, as the download
+    stage's decodes are: every image passed the read stage's area check alone, but decode_batch's
+    threads decode several at once."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(jpg)) as im:
+    with Image.open(io.BytesIO(jpg)) as im, DECODE_BUDGET.hold(im.width * im.height):
         return im.convert("RGB")
 
 
@@ -317,17 +320,14 @@ def decode_batch(jpgs: list, device: str, progressive_on_cpu: Optional[bool] = N
     # each moved to the device as it comes, so that its host copy is freed.
     on_cpu = [i for i in range(len(jpgs)) if images[i] is None]
     for i, (pixels, error) in zip(on_cpu, _decoded_on_cpu([jpgs[i] for i in on_cpu])):
+        if pixels is None:
+            errors[i] = error
+            continue
         try:
-            if pixels is None:
-                raise _NotDecoded(error)
             images[i] = torch.from_numpy(pixels).permute(2, 0, 1).to(device)
         except Exception as exc:  # one image's error (a device out of memory too), never the batch's
-            errors[i] = str(exc) if isinstance(exc, _NotDecoded) else f"{type(exc).__name__}: {exc}"[:200]
+            errors[i] = f"{type(exc).__name__}: {exc}"[:200]
     return images, errors
-
-
-class _NotDecoded(Exception):
-    pass
 
 
 # Threads that decode a batch's images on the host's cores (Pillow releases the GIL while it
@@ -359,14 +359,9 @@ def _decoded_on_cpu(jpgs: list) -> Iterator[tuple[Optional[np.ndarray], Optional
 
 
 def _decode_pixels(jpg) -> tuple[Optional[np.ndarray], Optional[str]]:
-    """One image's RGB pixels (a writable copy: torch.from_numpy warns on read-only arrays) or its
-    error. The threads decode within the process's DECODE_BUDGET, as the download stage's do: every
-    image passed the read stage's area check alone, but eight large ones at once need not fit."""
-    from PIL import Image
-
+    """One image's RGB pixels (a writable copy: torch.from_numpy warns on read-only arrays) or its error."""
     try:
-        with Image.open(io.BytesIO(jpg)) as im, DECODE_BUDGET.hold(im.width * im.height):
-            return np.array(im.convert("RGB")), None
+        return np.array(_decode_cpu(jpg)), None
     except Exception as exc:
         return None, f"{type(exc).__name__}: {exc}"[:200]
 
